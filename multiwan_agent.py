@@ -1,0 +1,2019 @@
+#!/usr/bin/env python3
+"""multiwan-agent: multi-uplink failover for Linux routers.
+
+One asyncio process. Per uplink it probes through that uplink's interface
+(ICMP echo or TCP connect, sockets bound with SO_BINDTODEVICE and the uplink's
+address), runs a fall/rise state machine, selects the best healthy uplink by
+priority with hysteresis, and steers traffic through netlink: a routing table
+per uplink, source/fwmark/oif rules into it, and one default route in a
+selection table that is only ever *replaced*. Everything it creates carries
+its own route protocol id, lives in its own tables and its own rule priority
+range, and nothing else is ever touched. Conntrack is never flushed.
+
+The module reads in order: constants, errors, config, the pure core (health
+state machine, selection, route plan and diff), probes, netlink, status and
+systemd notification, the daemon, the command line, main().
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import statistics
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__version__: Final = "0.1.0"
+
+log = logging.getLogger("multiwan")
+
+
+# Constants ###################################################################
+
+#: Exit code for a configuration that does not validate (nothing was changed).
+EXIT_CONFIG: Final = 2
+#: Exit code when the agent refuses to start (collision, missing privilege).
+EXIT_REFUSED: Final = 3
+
+#: Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+IFNAME_MAX: Final = 15
+#: Tables the kernel reserves: unspec, compat, default, main, local.
+RESERVED_TABLES: Final = frozenset({0, 252, 253, 254, 255})
+#: Route protocol ids 0-4 belong to the kernel (unspec, redirect, kernel, boot, static).
+FIRST_FREE_PROTOCOL: Final = 5
+#: The rule priority block the agent owns starts at `rule_priority` and is this long.
+RULE_BLOCK: Final = 100
+#: Offsets inside that block (see plan_network for why this order).
+RULE_MAIN_OFFSET: Final = 0
+RULE_OIF_OFFSET: Final = 10
+RULE_SOURCE_OFFSET: Final = 40
+RULE_MARK_OFFSET: Final = 70
+RULE_DEFAULT_OFFSET: Final = 99
+#: Per-group slots between the offsets above bound the number of uplinks.
+MAX_UPLINKS: Final = 29
+
+#: Probe outcomes kept per uplink for the loss figure in status.
+LOSS_WINDOW_PROBES: Final = 20
+#: Status metrics (rtt, loss) are rewritten at most this often; transitions at once.
+STATUS_METRICS_PERIOD_S: Final = 1.0
+#: A full netlink reconcile also runs this often, to repair what events missed.
+RESYNC_PERIOD_S: Final = 30.0
+
+# Kernel constants not exported by the socket module on every Python.
+SO_BINDTODEVICE: Final = getattr(socket, "SO_BINDTODEVICE", 25)
+NETLINK_ROUTE: Final = 0
+RTMGRP_LINK: Final = 0x1
+RTMGRP_IPV4_IFADDR: Final = 0x10
+RTMGRP_IPV4_ROUTE: Final = 0x40
+RTMGRP_IPV4_RULE: Final = 0x80
+IFF_UP: Final = 0x1
+IFF_LOWER_UP: Final = 0x10000
+IFA_F_SECONDARY: Final = 0x80
+RT_TABLE_MAIN: Final = 254
+NLMSG_HEADER: Final = struct.Struct("=IHHII")
+
+DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+IFNAME_RE: Final = re.compile(r"^[^\s/:]{1,15}$")
+
+
+# Errors ######################################################################
+
+
+class ConfigError(Exception):
+    """A configuration problem, rendered as `file: key.path: message`."""
+
+    def __init__(self, source: str, key_path: str, message: str) -> None:
+        self.source = source
+        self.key_path = key_path
+        self.message = message
+        where = f"{source}: {key_path}: " if key_path else f"{source}: "
+        super().__init__(where + message)
+
+
+class StartupRefused(Exception):
+    """The agent will not touch the system (a collision, missing privilege)."""
+
+
+# Config ######################################################################
+
+
+class Method(str, Enum):
+    ICMP = "icmp"
+    TCP = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckConfig:
+    method: Method = Method.ICMP
+    targets: tuple[str, ...] = ()
+    port: int | None = None
+    interval_s: float = 1.0
+    timeout_s: float = 1.0
+    fall: int = 3
+    rise: int = 3
+    reliability: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkConfig:
+    name: str
+    interface: str
+    #: "auto" (follow the DHCP/RA default route), "none" (point-to-point) or an address.
+    gateway: str
+    priority: int
+    table: int
+    mark: int
+    check: CheckConfig
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    state_dir: str = "/run/multiwan-agent"
+    hysteresis_s: float = 30.0
+    default_table: int = 200
+    rule_priority: int = 5000
+    route_protocol: int = 240
+    mark_mask: int = 0xFF00
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    agent: AgentConfig
+    uplinks: tuple[UplinkConfig, ...]
+
+    def uplink(self, name: str) -> UplinkConfig:
+        for uplink in self.uplinks:
+            if uplink.name == name:
+                return uplink
+        raise KeyError(name)
+
+    @property
+    def tables(self) -> frozenset[int]:
+        return frozenset({self.agent.default_table} | {u.table for u in self.uplinks})
+
+
+def parse_duration(value: object) -> float:
+    """'250ms', '1s', '2m', '1.5s' -> seconds. Raises ValueError."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError
+    match = DURATION_RE.match(value)
+    if not match:
+        raise ValueError
+    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 1 or seconds != int(seconds):
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+class _Reader:
+    """Typed access to one TOML table, collecting the dotted key path for errors."""
+
+    def __init__(self, source: str, path: str, table: Mapping[str, Any]) -> None:
+        self.source = source
+        self.path = path
+        self.table = table
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str, expected: str, got: object) -> ConfigError:
+        return ConfigError(self.source, self.key(name), f"expected {expected}, got {_show(got)}")
+
+    def has(self, name: str) -> bool:
+        return name in self.table
+
+    def raw(self, name: str) -> Any:
+        self.used.add(name)
+        return self.table[name]
+
+    def string(self, name: str, default: str | None = None) -> str:
+        if name not in self.table:
+            if default is None:
+                raise ConfigError(self.source, self.key(name), "is required")
+            return default
+        value = self.raw(name)
+        if not isinstance(value, str) or not value:
+            raise self.error(name, "a non-empty string", value)
+        return value
+
+    def integer(self, name: str, default: int | None, low: int, high: int) -> int:
+        if name not in self.table:
+            if default is None:
+                raise ConfigError(self.source, self.key(name), "is required")
+            return default
+        value = self.raw(name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.error(name, f"an integer from {low} to {high}", value)
+        return value
+
+    def duration(self, name: str, default: float, minimum_s: float = 0.0) -> float:
+        if name not in self.table:
+            return default
+        value = self.raw(name)
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            raise self.error(name, 'a duration such as "500ms" or "2s"', value) from None
+        if seconds < minimum_s:
+            raise self.error(name, f"a duration of at least {format_duration(minimum_s)}", value)
+        return seconds
+
+    def sub(self, name: str) -> _Reader | None:
+        if name not in self.table:
+            return None
+        value = self.raw(name)
+        if not isinstance(value, dict):
+            raise self.error(name, "a table", value)
+        return _Reader(self.source, self.key(name), value)
+
+    def finish(self) -> None:
+        """Unknown keys are errors: a typo must not silently fall back to a default."""
+        for name in self.table:
+            if name not in self.used:
+                raise ConfigError(self.source, self.key(name), "unknown key")
+
+
+def _show(value: object) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return repr(value)
+
+
+def _read_check(reader: _Reader | None, base: CheckConfig, explicit_targets: bool) -> CheckConfig:
+    """Read a [check] table over `base`; the result is validated as a whole later."""
+    if reader is None:
+        return base
+    values: dict[str, Any] = {}
+    if reader.has("method"):
+        method = reader.raw("method")
+        if method not in [m.value for m in Method]:
+            raise reader.error("method", '"icmp" or "tcp"', method)
+        values["method"] = Method(method)
+    if reader.has("targets"):
+        targets = reader.raw("targets")
+        if not isinstance(targets, list) or not targets:
+            raise reader.error("targets", "a non-empty array of IPv4 addresses", targets)
+        parsed: list[str] = []
+        for index, target in enumerate(targets):
+            try:
+                address = ipaddress.ip_address(target) if isinstance(target, str) else None
+            except ValueError:
+                address = None
+            if address is None:
+                raise reader.error(f"targets[{index}]", "an IPv4 address", target)
+            if address.version != 4:
+                raise ConfigError(
+                    reader.source,
+                    reader.key(f"targets[{index}]"),
+                    f"IPv6 targets are not supported yet (IPv4 only), got {_show(target)}",
+                )
+            if str(address) in parsed:
+                raise ConfigError(
+                    reader.source, reader.key(f"targets[{index}]"), f"duplicate target {target}"
+                )
+            parsed.append(str(address))
+        values["targets"] = tuple(parsed)
+    if reader.has("port"):
+        values["port"] = reader.integer("port", None, 1, 65535)
+    values["interval_s"] = reader.duration("interval", base.interval_s, minimum_s=0.05)
+    values["timeout_s"] = reader.duration("timeout", base.timeout_s, minimum_s=0.01)
+    values["fall"] = reader.integer("fall", base.fall, 1, 1000)
+    values["rise"] = reader.integer("rise", base.rise, 1, 1000)
+    values["reliability"] = reader.integer("reliability", base.reliability, 1, 64)
+    reader.finish()
+    del explicit_targets
+    return dataclasses.replace(base, **values)
+
+
+def _validate_check(source: str, path: str, check: CheckConfig) -> None:
+    if not check.targets:
+        raise ConfigError(source, f"{path}.targets", "is required (in [check] or here)")
+    if check.method is Method.TCP and check.port is None:
+        raise ConfigError(source, f"{path}.port", 'is required when method = "tcp"')
+    if check.reliability > len(check.targets):
+        raise ConfigError(
+            source,
+            f"{path}.reliability",
+            f"expected at most the number of targets ({len(check.targets)}), got {check.reliability}",
+        )
+
+
+def parse_config(text: str, source: str) -> Config:
+    """Parse and validate a whole config. Raises ConfigError; has no side effect."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        # tomllib renders the position as "(at line 3, column 5)": keep it.
+        raise ConfigError(source, "", f"invalid TOML: {err}") from None
+    root = _Reader(source, "", document)
+
+    agent_reader = root.sub("agent") or _Reader(source, "agent", {})
+    defaults = AgentConfig()
+    state_dir = agent_reader.string("state_dir", defaults.state_dir)
+    if not state_dir.startswith("/"):
+        raise agent_reader.error("state_dir", "an absolute path", state_dir)
+    agent = AgentConfig(
+        state_dir=state_dir,
+        hysteresis_s=agent_reader.duration("hysteresis", defaults.hysteresis_s),
+        default_table=agent_reader.integer("default_table", defaults.default_table, 1, 2**31 - 1),
+        rule_priority=agent_reader.integer("rule_priority", defaults.rule_priority, 1, 32765 - RULE_BLOCK),
+        route_protocol=agent_reader.integer(
+            "route_protocol", defaults.route_protocol, FIRST_FREE_PROTOCOL, 255
+        ),
+        mark_mask=agent_reader.integer("mark_mask", defaults.mark_mask, 1, 0xFFFFFFFF),
+    )
+    if agent.default_table in RESERVED_TABLES:
+        raise agent_reader.error(
+            "default_table", "a table id other than 0, 252, 253, 254, 255", agent.default_table
+        )
+    agent_reader.finish()
+
+    base_check = _read_check(root.sub("check"), CheckConfig(), explicit_targets=False)
+
+    raw_uplinks = root.raw("uplink") if root.has("uplink") else None
+    if not isinstance(raw_uplinks, list) or not raw_uplinks:
+        raise ConfigError(source, "uplink", "expected at least one [[uplink]] table")
+    if len(raw_uplinks) > MAX_UPLINKS:
+        raise ConfigError(source, "uplink", f"expected at most {MAX_UPLINKS} uplinks")
+
+    mark_shift = (agent.mark_mask & -agent.mark_mask).bit_length() - 1
+    uplinks: list[UplinkConfig] = []
+    seen: dict[str, dict[object, int]] = {"name": {}, "interface": {}, "table": {}, "mark": {}}
+    for index, raw in enumerate(raw_uplinks):
+        path = f"uplink[{index}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(source, path, f"expected a table, got {_show(raw)}")
+        reader = _Reader(source, path, raw)
+        name = reader.string("name")
+        if not NAME_RE.match(name):
+            raise reader.error("name", "letters, digits, '-' or '_' (at most 32)", name)
+        interface = reader.string("interface")
+        if not IFNAME_RE.match(interface):
+            raise reader.error("interface", "an interface name of at most 15 characters", interface)
+        gateway = reader.string("gateway", "auto")
+        if gateway not in ("auto", "none"):
+            try:
+                gateway_address = ipaddress.ip_address(gateway)
+            except ValueError:
+                raise reader.error("gateway", '"auto", "none" or an IPv4 address', gateway) from None
+            if gateway_address.version != 4:
+                raise reader.error("gateway", "an IPv4 address (IPv6 is not supported yet)", gateway)
+            gateway = str(gateway_address)
+        priority = reader.integer("priority", 1, 0, 1_000_000)
+        table = reader.integer("table", agent.default_table + 1 + index, 1, 2**31 - 1)
+        if table in RESERVED_TABLES or table == agent.default_table:
+            raise reader.error(
+                "table", f"a table id other than the reserved ones and {agent.default_table}", table
+            )
+        default_mark = ((index + 1) << mark_shift) & agent.mark_mask
+        mark = reader.integer("mark", default_mark or None, 1, 0xFFFFFFFF)
+        if mark & ~agent.mark_mask:
+            raise reader.error("mark", f"a mark inside mark_mask {agent.mark_mask:#x}", mark)
+        check_reader = reader.sub("check")
+        check = _read_check(check_reader, base_check, explicit_targets=True)
+        reader.finish()
+        _validate_check(source, f"{path}.check", check)
+        for key, value in (("name", name), ("interface", interface), ("table", table), ("mark", mark)):
+            if value in seen[key]:
+                other = seen[key][value]
+                raise ConfigError(
+                    source, f"{path}.{key}", f"{_show(value)} is already used by uplink[{other}]"
+                )
+            seen[key][value] = index
+        uplinks.append(
+            UplinkConfig(
+                name=name,
+                interface=interface,
+                gateway=gateway,
+                priority=priority,
+                table=table,
+                mark=mark,
+                check=check,
+            )
+        )
+    root.finish()
+    return Config(source=source, agent=agent, uplinks=tuple(uplinks))
+
+
+def load_config(path: str) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(path, "", f"cannot read: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "cannot read: not UTF-8 text") from None
+    return parse_config(text, path)
+
+
+# Core: health state machine ##################################################
+#
+# Everything in this section and the next two is pure: data and a clock in,
+# decisions out. The daemon feeds observations and carries decisions out.
+
+
+class State(str, Enum):
+    UNKNOWN = "unknown"
+    UP = "up"
+    DOWN = "down"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    target: str
+    ok: bool
+    rtt_ms: float | None = None
+    #: "ok", "timeout", "unreachable (from 203.0.113.1)", "refused", "error: ..."
+    reason: str = "ok"
+
+
+@dataclass(frozen=True, slots=True)
+class RoundResult:
+    uplink: str
+    seq: int
+    started_at: float
+    probes: tuple[ProbeResult, ...]
+    required: int = 1
+
+    @property
+    def answered(self) -> int:
+        return sum(1 for probe in self.probes if probe.ok)
+
+    @property
+    def ok(self) -> bool:
+        return self.answered >= self.required
+
+    @property
+    def rtt_ms(self) -> float | None:
+        rtts = [p.rtt_ms for p in self.probes if p.ok and p.rtt_ms is not None]
+        return statistics.median(rtts) if rtts else None
+
+    @property
+    def reason(self) -> str:
+        """The failure reasons, most common first, e.g. 'timeout' or 'timeout, refused'."""
+        reasons: dict[str, int] = {}
+        for probe in self.probes:
+            if not probe.ok:
+                reasons[probe.reason] = reasons.get(probe.reason, 0) + 1
+        return ", ".join(sorted(reasons, key=lambda r: -reasons[r])) or "ok"
+
+
+@dataclass(frozen=True, slots=True)
+class LinkObservation:
+    """What netlink says about an uplink's interface right now."""
+
+    #: True when the interface exists, is up, has carrier, an IPv4 address and
+    #: (unless point-to-point) a gateway: the uplink can carry traffic.
+    usable: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    name: str
+    state: State = State.UNKNOWN
+    #: Monotonic time of the last state change.
+    since: float = 0.0
+    good_rounds: int = 0
+    bad_rounds: int = 0
+    #: False while netlink says the interface cannot carry traffic.
+    link_usable: bool = True
+    #: Came up from DOWN: the selection makes it prove itself for `hysteresis`.
+    recovered: bool = False
+    reason: str = "starting"
+    rtt_ms: float | None = None
+    #: Recent probe outcomes (True = answered), newest last, for the loss figure.
+    recent: tuple[bool, ...] = ()
+
+    @property
+    def loss_pct(self) -> float | None:
+        if not self.recent:
+            return None
+        return 100.0 * sum(1 for ok in self.recent if not ok) / len(self.recent)
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    uplink: str
+    old: State
+    new: State
+    reason: str
+    at: float
+
+
+def observe_round(
+    health: Health, result: RoundResult, check: CheckConfig, now: float
+) -> tuple[Health, list[Transition]]:
+    """Fold one probe round into an uplink's health."""
+    if not health.link_usable:
+        # A round that was in flight when the link went away says nothing new.
+        return health, []
+    recent = (health.recent + tuple(p.ok for p in result.probes))[-LOSS_WINDOW_PROBES:]
+    rtt = result.rtt_ms if result.rtt_ms is not None else health.rtt_ms
+    if result.ok:
+        good, bad = health.good_rounds + 1, 0
+    else:
+        good, bad = 0, health.bad_rounds + 1
+    updated = dataclasses.replace(health, good_rounds=good, bad_rounds=bad, rtt_ms=rtt, recent=recent)
+    if health.state is not State.UP and good >= check.rise:
+        reason = f"{good} consecutive good rounds"
+        return _transition(updated, State.UP, reason, now, recovered=health.state is State.DOWN)
+    if health.state is not State.DOWN and bad >= check.fall:
+        reason = f"{bad} consecutive failed rounds ({result.reason})"
+        return _transition(updated, State.DOWN, reason, now)
+    return updated, []
+
+
+def observe_link(health: Health, link: LinkObservation, now: float) -> tuple[Health, list[Transition]]:
+    """Carrier loss, a vanished interface or a lost address make an uplink down at once."""
+    if link.usable == health.link_usable:
+        return health, []
+    if not link.usable:
+        updated = dataclasses.replace(health, link_usable=False, good_rounds=0, bad_rounds=0)
+        if health.state is State.DOWN:
+            return dataclasses.replace(updated, reason=link.reason), []
+        return _transition(updated, State.DOWN, link.reason, now)
+    # The link is back: it must prove itself again through `rise` good rounds.
+    return dataclasses.replace(health, link_usable=True, good_rounds=0, bad_rounds=0), []
+
+
+def _transition(
+    health: Health, state: State, reason: str, now: float, recovered: bool = False
+) -> tuple[Health, list[Transition]]:
+    updated = dataclasses.replace(
+        health, state=state, since=now, reason=reason, recovered=recovered, good_rounds=0, bad_rounds=0
+    )
+    if state is State.UP:
+        # Keep counting from here: a later failure needs `fall` bad rounds.
+        updated = dataclasses.replace(updated, good_rounds=0)
+    return updated, [Transition(health.name, health.state, state, reason, now)]
+
+
+def remap_health(health: Health, check: CheckConfig) -> Health:
+    """Carry a health across a reload whose rise/fall changed (as keepalived does)."""
+    return dataclasses.replace(
+        health,
+        good_rounds=min(health.good_rounds, max(check.rise - 1, 0)),
+        bad_rounds=min(health.bad_rounds, max(check.fall - 1, 0)),
+    )
+
+
+# Core: selection #############################################################
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    selected: str | None
+    reason: str
+    #: True when no uplink is up (the last route is kept; say so loudly).
+    stranded: bool = False
+    #: Monotonic time at which the selection must be evaluated again (hysteresis).
+    wake_at: float | None = None
+
+
+def select(
+    healths: Mapping[str, Health],
+    uplinks: Sequence[UplinkConfig],
+    current: str | None,
+    hysteresis_s: float,
+    now: float,
+) -> Decision:
+    """Choose the uplink that carries new traffic.
+
+    Leaving a down uplink is immediate. Moving back to a better uplink waits
+    until it has been up for `hysteresis_s` if it came back from down; one
+    that was merely unknown (at start) takes over as soon as it is confirmed.
+    Among equal priorities the current one stays (no flapping between equals).
+    """
+    order = {u.name: (u.priority, i) for i, u in enumerate(uplinks)}
+    up = sorted((n for n in order if healths.get(n, Health(n)).state is State.UP), key=order.__getitem__)
+    if current is not None and current not in order:
+        current = None  # removed by a reload
+    if not up:
+        if current is None:
+            return Decision(None, "no uplink is up yet", stranded=True)
+        return Decision(current, f"no uplink is up; keeping {current}", stranded=True)
+    best = up[0]
+    if current is None or current not in up:
+        why = "first uplink up" if current is None else f"{current} is {healths[current].state.value}"
+        return Decision(best, f"{why}; {best} is the best uplink up")
+    if best == current or order[best][0] >= order[current][0]:
+        return Decision(current, f"{current} is the best uplink up")
+    candidate = healths[best]
+    ready_at = candidate.since + hysteresis_s
+    if candidate.recovered and now < ready_at:
+        return Decision(
+            current,
+            f"{best} is better but up only {now - candidate.since:.1f}s of {hysteresis_s:g}s hysteresis",
+            wake_at=ready_at,
+        )
+    if candidate.recovered:
+        return Decision(best, f"{best} has been up for the {hysteresis_s:g}s hysteresis")
+    return Decision(best, f"{best} is confirmed up and preferred over {current}")
+
+
+# Core: route plan ############################################################
+
+
+@dataclass(frozen=True, slots=True)
+class Interface:
+    """One interface as netlink reports it."""
+
+    name: str
+    index: int
+    admin_up: bool
+    carrier: bool
+    #: Primary IPv4 address, if any.
+    address: str | None
+    #: Gateway of a default route in main that is not ours (what DHCP/RA keeps).
+    dhcp_gateway: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    table: int
+    interface: str
+    gateway: str | None  # None: point-to-point (scope link)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSpec:
+    priority: int
+    table: int
+    fwmark: int | None = None
+    fwmask: int | None = None
+    source: str | None = None
+    oifname: str | None = None
+    suppress_prefixlength: int | None = None
+
+    def describe(self) -> str:
+        parts = [f"{self.priority}:"]
+        if self.source:
+            parts.append(f"from {self.source}")
+        else:
+            parts.append("from all")
+        if self.fwmark is not None:
+            parts.append(f"fwmark {self.fwmark:#x}/{self.fwmask or 0xFFFFFFFF:#x}")
+        if self.oifname:
+            parts.append(f"oif {self.oifname}")
+        parts.append(f"lookup {'main' if self.table == RT_TABLE_MAIN else self.table}")
+        if self.suppress_prefixlength is not None:
+            parts.append(f"suppress_prefixlength {self.suppress_prefixlength}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteEntry:
+    """A default route found in one of our tables (from a dump)."""
+
+    table: int
+    oif: int | None
+    gateway: str | None
+    protocol: int
+
+
+@dataclass(frozen=True, slots=True)
+class RuleEntry:
+    """An IPv4 rule found in a dump."""
+
+    priority: int
+    table: int
+    protocol: int
+    fwmark: int | None = None
+    fwmask: int | None = None
+    source: str | None = None
+    oifname: str | None = None
+    suppress_prefixlength: int | None = None
+
+    def spec(self) -> RuleSpec:
+        return RuleSpec(
+            self.priority,
+            self.table,
+            self.fwmark,
+            self.fwmask,
+            self.source,
+            self.oifname,
+            self.suppress_prefixlength,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NetPlan:
+    """What the agent wants installed: per-uplink table routes, rules, the selected default."""
+
+    uplink_routes: tuple[RouteSpec, ...]
+    rules: tuple[RuleSpec, ...]
+    default_route: RouteSpec | None
+
+
+def uplink_gateway(uplink: UplinkConfig, interface: Interface | None) -> str | None:
+    if uplink.gateway == "none":
+        return None
+    if uplink.gateway == "auto":
+        return interface.dhcp_gateway if interface else None
+    return uplink.gateway
+
+
+def link_observation(uplink: UplinkConfig, interface: Interface | None) -> LinkObservation:
+    if interface is None:
+        return LinkObservation(False, f"interface {uplink.interface} is gone")
+    if not interface.admin_up:
+        return LinkObservation(False, f"interface {uplink.interface} is administratively down")
+    if not interface.carrier:
+        return LinkObservation(False, f"carrier lost on {uplink.interface}")
+    if interface.address is None:
+        return LinkObservation(False, f"no IPv4 address on {uplink.interface}")
+    if uplink.gateway == "auto" and interface.dhcp_gateway is None:
+        return LinkObservation(False, f"no default route from DHCP/RA on {uplink.interface} yet")
+    return LinkObservation(True)
+
+
+def plan_network(config: Config, interfaces: Mapping[str, Interface], selected: str | None) -> NetPlan:
+    """The desired routes and rules for these interfaces and this selection.
+
+    Rule order inside our block, lowest priority first:
+    - `lookup main suppress_prefixlength 0`: main's specific routes (LANs,
+      connected nets, VPNs, static routes) keep winning, while main's default
+      routes (the DHCP/RA client's, whatever their metric) never do;
+    - `oif X lookup T`: sockets bound to an uplink (our probes) use its table;
+    - `from ADDR lookup T`: traffic sourced from an uplink's address leaves by it;
+    - `fwmark M/MASK lookup T`: marked traffic (policy, stickiness) uses it;
+    - `lookup <default_table>`: everything else takes the selected uplink.
+    An empty table falls through, so at worst main's own default applies.
+    """
+    agent = config.agent
+    base = agent.rule_priority
+    routes: list[RouteSpec] = []
+    rules: list[RuleSpec] = [RuleSpec(base + RULE_MAIN_OFFSET, RT_TABLE_MAIN, suppress_prefixlength=0)]
+    default_route: RouteSpec | None = None
+    for index, uplink in enumerate(config.uplinks):
+        interface = interfaces.get(uplink.interface)
+        gateway = uplink_gateway(uplink, interface)
+        routable = interface is not None and (uplink.gateway == "none" or gateway is not None)
+        if routable:
+            route = RouteSpec(uplink.table, uplink.interface, gateway)
+            routes.append(route)
+            if uplink.name == selected:
+                default_route = RouteSpec(agent.default_table, uplink.interface, gateway)
+        rules.append(RuleSpec(base + RULE_OIF_OFFSET + index, uplink.table, oifname=uplink.interface))
+        if interface is not None and interface.address is not None:
+            rules.append(RuleSpec(base + RULE_SOURCE_OFFSET + index, uplink.table, source=interface.address))
+        rules.append(
+            RuleSpec(
+                base + RULE_MARK_OFFSET + index,
+                uplink.table,
+                fwmark=uplink.mark,
+                fwmask=agent.mark_mask,
+            )
+        )
+    rules.append(RuleSpec(base + RULE_DEFAULT_OFFSET, agent.default_table))
+    return NetPlan(tuple(routes), tuple(sorted(rules, key=lambda r: r.priority)), default_route)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One netlink operation. `kind`: replace_route, add_rule, del_rule, del_route."""
+
+    kind: str
+    route: RouteSpec | None = None
+    rule: RuleSpec | None = None
+    table: int | None = None
+
+    def describe(self) -> str:
+        if self.route is not None:
+            via = f"via {self.route.gateway}" if self.route.gateway else "scope link"
+            return f"{self.kind} default {via} dev {self.route.interface} table {self.route.table}"
+        if self.rule is not None:
+            return f"{self.kind} {self.rule.describe()}"
+        return f"{self.kind} default table {self.table}"
+
+
+def owns_rule(config: Config, rule: RuleEntry) -> bool:
+    base = config.agent.rule_priority
+    return rule.protocol == config.agent.route_protocol and base <= rule.priority < base + RULE_BLOCK
+
+
+def diff_network(
+    config: Config,
+    plan: NetPlan,
+    rules: Sequence[RuleEntry],
+    routes: Sequence[RouteEntry],
+    indexes: Mapping[str, int],
+    managed_tables: Iterable[int],
+) -> list[Change]:
+    """The changes that turn what is installed into the plan, in a safe order.
+
+    Routes are replaced before the rules that point at them are added, the
+    selected default is replaced in one operation (never deleted and re-added),
+    and only objects carrying our protocol id in our ranges are ever removed.
+    """
+    protocol = config.agent.route_protocol
+    ours = {(r.table): r for r in routes if r.protocol == protocol}
+    changes: list[Change] = []
+    wanted_tables: set[int] = set()
+    for route in plan.uplink_routes + ((plan.default_route,) if plan.default_route else ()):
+        wanted_tables.add(route.table)
+        found = ours.get(route.table)
+        index = indexes.get(route.interface)
+        if found is None or found.oif != index or found.gateway != route.gateway:
+            changes.append(Change("replace_route", route=route))
+    installed = {rule.spec() for rule in rules if owns_rule(config, rule)}
+    wanted = set(plan.rules)
+    for rule in plan.rules:
+        if rule not in installed:
+            changes.append(Change("add_rule", rule=rule))
+    for spec in sorted(installed - wanted, key=lambda r: r.priority):
+        changes.append(Change("del_rule", rule=spec))
+    # The selection table's default is never deleted here: with nothing to
+    # select we keep the last route (see select()).
+    keep = wanted_tables | {config.agent.default_table}
+    for table in sorted(set(managed_tables)):
+        if table in ours and table not in keep:
+            changes.append(Change("del_route", table=table))
+    return changes
+
+
+def find_collisions(config: Config, rules: Sequence[RuleEntry], routes: Sequence[RouteEntry]) -> list[str]:
+    """Objects of others that sit where the agent would write. Any one refuses the start."""
+    agent = config.agent
+    problems: list[str] = []
+    base = agent.rule_priority
+    tables = config.tables
+    marks = {u.mark: u.name for u in config.uplinks}
+    for rule in rules:
+        if owns_rule(config, rule):
+            continue
+        if base <= rule.priority < base + RULE_BLOCK:
+            problems.append(
+                f"rule priority {rule.priority} (protocol {rule.protocol}) is inside the agent's "
+                f"range {base}-{base + RULE_BLOCK - 1}; set [agent] rule_priority elsewhere"
+            )
+        elif rule.table in tables:
+            problems.append(
+                f"rule priority {rule.priority} already uses table {rule.table}; "
+                "choose other table ids ([agent] default_table, [[uplink]] table)"
+            )
+        elif rule.fwmark:
+            mask = rule.fwmask if rule.fwmask is not None else 0xFFFFFFFF
+            for mark, name in marks.items():
+                if (mark & agent.mark_mask & mask) == (rule.fwmark & agent.mark_mask & mask) and (
+                    mask & agent.mark_mask
+                ):
+                    problems.append(
+                        f"rule priority {rule.priority} matches fwmark {rule.fwmark:#x}/{mask:#x}, "
+                        f"which overlaps uplink {name}'s mark {mark:#x}/{agent.mark_mask:#x}"
+                    )
+    for route in routes:
+        if route.table in tables and route.protocol != agent.route_protocol:
+            problems.append(
+                f"table {route.table} already holds a route of protocol {route.protocol}; "
+                "choose other table ids"
+            )
+    return problems
+
+
+# Probes ######################################################################
+
+
+def _parse_icmp(packet: bytes) -> tuple[int, str, int, int] | None:
+    """(type, target, id, seq) of an echo reply or of the echo an ICMP error quotes.
+
+    For an echo reply the target is the sender; for an error (destination
+    unreachable, time exceeded) it is the destination the quoted echo was for.
+    """
+    if len(packet) < 20:
+        return None
+    header_len = (packet[0] & 0x0F) * 4
+    if len(packet) < header_len + 8:
+        return None
+    icmp_type = packet[header_len]
+    if icmp_type == 0:  # echo reply
+        ident, seq = struct.unpack_from("!HH", packet, header_len + 4)
+        return 0, socket.inet_ntoa(packet[12:16]), ident, seq
+    if icmp_type in (3, 11):  # destination unreachable, time exceeded
+        inner = header_len + 8
+        if len(packet) < inner + 20:
+            return None
+        inner_len = (packet[inner] & 0x0F) * 4
+        if packet[inner + 9] != 1 or len(packet) < inner + inner_len + 8:
+            return None
+        if packet[inner + inner_len] != 8:  # the quoted packet must be our echo request
+            return None
+        ident, seq = struct.unpack_from("!HH", packet, inner + inner_len + 4)
+        return icmp_type, socket.inet_ntoa(packet[inner + 16 : inner + 20]), ident, seq
+    return None
+
+
+class IcmpEcho:
+    """ICMP echo through one interface: the one place that knows icmplib.
+
+    icmplib 2.1 (Debian, Ubuntu) has no asyncio API and 3.0's AsyncSocket lets
+    one waiter swallow another's reply, so we use icmplib to open the
+    privileged socket, build and send the echo request, and read replies
+    ourselves from the event loop, matching them by (target, id, sequence).
+    Both versions keep the raw socket in `_sock`. RTTs use the monotonic
+    loop clock, not icmplib's wall-clock times.
+    """
+
+    def __init__(self, interface: str, source: str, ident: int) -> None:
+        import icmplib  # imported here so `check` and `status` work without it
+
+        self._icmplib = icmplib
+        self.interface = interface
+        self.source = source
+        self.ident = ident & 0xFFFF
+        self._socket = icmplib.ICMPv4Socket(address=source, privileged=True)
+        raw: socket.socket = self._socket._sock
+        raw.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
+        raw.setblocking(False)
+        self._raw = raw
+        self._loop = asyncio.get_running_loop()
+        self._waiting: dict[tuple[str, int], tuple[float, asyncio.Future[ProbeResult]]] = {}
+        self._loop.add_reader(raw.fileno(), self._on_readable)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._raw.fileno())
+        for _, waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.cancel()
+        self._waiting.clear()
+        self._socket.close()
+
+    async def ping(self, target: str, seq: int, timeout_s: float) -> ProbeResult:
+        seq &= 0xFFFF
+        waiter: asyncio.Future[ProbeResult] = self._loop.create_future()
+        request = self._icmplib.ICMPRequest(destination=target, id=self.ident, sequence=seq, payload_size=24)
+        sent_at = self._loop.time()
+        self._waiting[(target, seq)] = (sent_at, waiter)
+        try:
+            try:
+                self._socket.send(request)
+            except self._icmplib.ICMPLibError as err:
+                return ProbeResult(target, False, reason=f"error: {err}")
+            try:
+                return await asyncio.wait_for(waiter, timeout_s)
+            except asyncio.TimeoutError:
+                return ProbeResult(target, False, reason="timeout")
+        finally:
+            self._waiting.pop((target, seq), None)
+
+    def _on_readable(self) -> None:
+        for _ in range(64):  # bounded: the rest waits for the next wake-up
+            try:
+                packet, (sender, _port) = self._raw.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            now = self._loop.time()
+            parsed = _parse_icmp(packet)
+            if parsed is None:
+                continue
+            icmp_type, target, ident, seq = parsed
+            if ident != self.ident:
+                continue
+            entry = self._waiting.get((target, seq))
+            if entry is None or entry[1].done():
+                continue
+            sent_at, waiter = entry
+            if icmp_type == 0:
+                waiter.set_result(ProbeResult(target, True, rtt_ms=(now - sent_at) * 1000.0))
+            else:
+                kind = "unreachable" if icmp_type == 3 else "ttl exceeded"
+                waiter.set_result(ProbeResult(target, False, reason=f"{kind} (from {sender})"))
+
+
+async def tcp_probe(interface: str, source: str, target: str, port: int, timeout_s: float) -> ProbeResult:
+    """A TCP handshake through the interface; refused or reset counts as a failure."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
+        sock.bind((source, 0))
+        started = loop.time()
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (target, port)), timeout_s)
+        except asyncio.TimeoutError:
+            return ProbeResult(target, False, reason="timeout")
+        except ConnectionRefusedError:
+            return ProbeResult(target, False, reason="refused")
+        except OSError as err:
+            return ProbeResult(target, False, reason=f"error: {err.strerror or err}")
+        return ProbeResult(target, True, rtt_ms=(loop.time() - started) * 1000.0)
+    except OSError as err:
+        return ProbeResult(target, False, reason=f"error: {err.strerror or err}")
+    finally:
+        sock.close()
+
+
+class UplinkProber:
+    """Sends one round of probes per interval for one uplink, while it is usable."""
+
+    def __init__(
+        self,
+        uplink: UplinkConfig,
+        ident: int,
+        source: Callable[[], str | None],
+        deliver: Callable[[RoundResult], None],
+    ) -> None:
+        self.uplink = uplink
+        self.ident = ident
+        self._source = source
+        self._deliver = deliver
+        self._echo: IcmpEcho | None = None
+        self._seq = 0
+        self._rounds: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.uplink.check.interval_s
+        next_at = loop.time()
+        try:
+            while True:
+                source = self._source()
+                if source is not None:
+                    self._seq += 1
+                    task = asyncio.ensure_future(self._round(self._seq, source))
+                    self._rounds.add(task)
+                    task.add_done_callback(self._rounds.discard)
+                elif self._echo is not None:
+                    self._close_echo()
+                # Rounds start on a fixed schedule; a late wake-up skips slots, never bunches.
+                next_at += interval
+                now = loop.time()
+                if next_at < now:
+                    next_at = now + interval - ((now - next_at) % interval)
+                await asyncio.sleep(next_at - now)
+        finally:
+            for task in list(self._rounds):
+                task.cancel()
+            self._close_echo()
+
+    def _close_echo(self) -> None:
+        if self._echo is not None:
+            self._echo.close()
+            self._echo = None
+
+    async def _round(self, seq: int, source: str) -> None:
+        loop = asyncio.get_running_loop()
+        check = self.uplink.check
+        started = loop.time()
+        try:
+            probes = await asyncio.gather(*(self._probe(t, seq, source) for t in check.targets))
+        except OSError as err:
+            probes = [ProbeResult(t, False, reason=f"error: {err.strerror or err}") for t in check.targets]
+        self._deliver(RoundResult(self.uplink.name, seq, started, tuple(probes), check.reliability))
+
+    async def _probe(self, target: str, seq: int, source: str) -> ProbeResult:
+        check = self.uplink.check
+        if check.method is Method.TCP:
+            assert check.port is not None
+            return await tcp_probe(self.uplink.interface, source, target, check.port, check.timeout_s)
+        if self._echo is None or self._echo.source != source:
+            self._close_echo()
+            self._echo = IcmpEcho(self.uplink.interface, source, self.ident)
+        return await self._echo.ping(target, seq, check.timeout_s)
+
+
+# Netlink #####################################################################
+#
+# pyroute2 0.7 (Debian 12, OpenWrt) has no asyncio API, and 0.9 refuses its
+# synchronous IPRoute inside a running event loop. Both work from a plain
+# thread, so one worker thread owns the IPRoute socket and every request goes
+# through it in order; the loop awaits the result. Events come from our own
+# non-blocking NETLINK_ROUTE socket on the loop: it only needs the message
+# type, and any event triggers a fresh dump, so no parser of ours can drift
+# from what the kernel says.
+
+T = TypeVar("T")
+
+
+class NetlinkWorker:
+    def __init__(self) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netlink")
+        self._local = threading.local()
+
+    def _ipr(self) -> Any:
+        ipr = getattr(self._local, "ipr", None)
+        if ipr is None:
+            from pyroute2 import IPRoute
+
+            ipr = IPRoute()
+            self._local.ipr = ipr
+        return ipr
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(self._ipr(), *args))
+
+    def close(self) -> None:
+        def _close() -> None:
+            ipr = getattr(self._local, "ipr", None)
+            if ipr is not None:
+                ipr.close()
+
+        self._executor.submit(_close).result(timeout=5)
+        self._executor.shutdown(wait=True)
+
+
+def nl_interfaces(ipr: Any, protocol: int) -> dict[str, Interface]:
+    """Links, primary IPv4 addresses and main's foreign default routes, by name."""
+    links: dict[int, tuple[str, int]] = {}
+    for msg in ipr.get_links():
+        links[msg["index"]] = (msg.get_attr("IFLA_IFNAME"), msg["flags"])
+    addresses: dict[int, str] = {}
+    for msg in ipr.get_addr(family=socket.AF_INET):
+        if msg["flags"] & IFA_F_SECONDARY or msg["index"] in addresses:
+            continue
+        address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        if address:
+            addresses[msg["index"]] = address
+    gateways: dict[int, tuple[int, str]] = {}
+    for msg in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
+        if msg["dst_len"] != 0 or msg["proto"] == protocol or _route_table(msg) != RT_TABLE_MAIN:
+            continue
+        oif, gateway = msg.get_attr("RTA_OIF"), msg.get_attr("RTA_GATEWAY")
+        metric = msg.get_attr("RTA_PRIORITY") or 0
+        if oif is None or gateway is None:
+            continue
+        if oif not in gateways or metric < gateways[oif][0]:
+            gateways[oif] = (metric, gateway)
+    result: dict[str, Interface] = {}
+    for index, (name, flags) in links.items():
+        result[name] = Interface(
+            name=name,
+            index=index,
+            admin_up=bool(flags & IFF_UP),
+            carrier=bool(flags & IFF_LOWER_UP),
+            address=addresses.get(index),
+            dhcp_gateway=gateways[index][1] if index in gateways else None,
+        )
+    return result
+
+
+def _route_table(msg: Any) -> int:
+    table = msg.get_attr("RTA_TABLE")
+    return int(table if table is not None else msg["table"])
+
+
+def nl_rules(ipr: Any) -> list[RuleEntry]:
+    entries: list[RuleEntry] = []
+    for msg in ipr.get_rules(family=socket.AF_INET):
+        table = msg.get_attr("FRA_TABLE")
+        suppress = msg.get_attr("FRA_SUPPRESS_PREFIXLEN")
+        entries.append(
+            RuleEntry(
+                priority=int(msg.get_attr("FRA_PRIORITY") or 0),
+                table=int(table if table is not None else msg["table"]),
+                protocol=int(msg.get_attr("FRA_PROTOCOL") or 0),
+                fwmark=msg.get_attr("FRA_FWMARK"),
+                fwmask=msg.get_attr("FRA_FWMASK") if msg.get_attr("FRA_FWMARK") is not None else None,
+                source=msg.get_attr("FRA_SRC") if msg["src_len"] else None,
+                oifname=msg.get_attr("FRA_OIFNAME"),
+                # 0xFFFFFFFF is the kernel's "not set".
+                suppress_prefixlength=None if suppress in (None, 0xFFFFFFFF) else int(suppress),
+            )
+        )
+    return entries
+
+
+def nl_default_routes(ipr: Any, tables: Iterable[int]) -> list[RouteEntry]:
+    entries: list[RouteEntry] = []
+    for table in sorted(set(tables)):
+        for msg in ipr.get_routes(family=socket.AF_INET, table=table):
+            if msg["dst_len"] != 0 or _route_table(msg) != table:
+                continue
+            entries.append(
+                RouteEntry(
+                    table=table,
+                    oif=msg.get_attr("RTA_OIF"),
+                    gateway=msg.get_attr("RTA_GATEWAY"),
+                    protocol=int(msg["proto"]),
+                )
+            )
+    return entries
+
+
+def nl_apply(ipr: Any, changes: Sequence[Change], indexes: Mapping[str, int], protocol: int) -> None:
+    for change in changes:
+        if change.kind == "replace_route" and change.route is not None:
+            route = change.route
+            args: dict[str, Any] = dict(
+                dst="0.0.0.0/0",
+                table=route.table,
+                oif=indexes[route.interface],
+                proto=protocol,
+                family=socket.AF_INET,
+            )
+            if route.gateway is not None:
+                args["gateway"] = route.gateway
+            else:
+                args["scope"] = 253  # link: a point-to-point default needs no gateway
+            ipr.route("replace", **args)
+        elif change.kind in ("add_rule", "del_rule") and change.rule is not None:
+            ipr.rule("add" if change.kind == "add_rule" else "del", **_rule_args(change.rule, protocol))
+        elif change.kind == "del_route" and change.table is not None:
+            ipr.route(
+                "del",
+                dst="0.0.0.0/0",
+                table=change.table,
+                proto=protocol,
+                family=socket.AF_INET,
+            )
+
+
+def _rule_args(rule: RuleSpec, protocol: int) -> dict[str, Any]:
+    args: dict[str, Any] = dict(
+        family=socket.AF_INET, priority=rule.priority, table=rule.table, protocol=protocol
+    )
+    if rule.fwmark is not None:
+        args["fwmark"] = rule.fwmark
+        args["fwmask"] = rule.fwmask if rule.fwmask is not None else 0xFFFFFFFF
+    if rule.source is not None:
+        args["src"] = rule.source
+        args["src_len"] = 32
+    if rule.oifname is not None:
+        args["oifname"] = rule.oifname
+    if rule.suppress_prefixlength is not None:
+        # pyroute2 0.7 drops `suppress_prefixlength=0` (falsy); the raw NLA name works on all versions.
+        args["FRA_SUPPRESS_PREFIXLEN"] = rule.suppress_prefixlength
+    return args
+
+
+def nl_remove_own(ipr: Any, config: Config, tables: Iterable[int]) -> list[str]:
+    """--cleanup: our rules first (traffic falls back to main), then our routes."""
+    done: list[str] = []
+    for rule in nl_rules(ipr):
+        if owns_rule(config, rule):
+            ipr.rule("del", **_rule_args(rule.spec(), config.agent.route_protocol))
+            done.append(f"del_rule {rule.spec().describe()}")
+    for route in nl_default_routes(ipr, tables):
+        if route.protocol == config.agent.route_protocol:
+            ipr.route(
+                "del",
+                dst="0.0.0.0/0",
+                table=route.table,
+                proto=route.protocol,
+                family=socket.AF_INET,
+            )
+            done.append(f"del_route default table {route.table}")
+    return done
+
+
+class NetlinkEvents:
+    """Wakes the daemon on link, address, route and rule changes (no polling)."""
+
+    GROUPS: Final = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE
+
+    def __init__(self, on_event: Callable[[], None]) -> None:
+        self._on_event = on_event
+        self._sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, NETLINK_ROUTE
+        )
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self._sock.bind((0, self.GROUPS))
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        seen = False
+        for _ in range(256):
+            try:
+                data = self._sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                # ENOBUFS: events were lost; a fresh dump covers them.
+                seen = True
+                break
+            if len(data) >= NLMSG_HEADER.size:
+                seen = True
+        if seen:
+            self._on_event()
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
+# Status and systemd ##########################################################
+
+
+def write_json_atomically(path: Path, document: Mapping[str, Any]) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(document, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+class Notifier:
+    """sd_notify: READY/RELOADING/STOPPING/STATUS/WATCHDOG. A no-op outside systemd."""
+
+    def __init__(self) -> None:
+        self._address = os.environ.get("NOTIFY_SOCKET")
+        self._sdnotify: Any = None
+        if self._address:
+            try:
+                import sdnotify
+
+                self._sdnotify = sdnotify.SystemdNotifier()
+            except ImportError:  # OpenWrt has no sdnotify; the protocol is one datagram
+                self._sdnotify = None
+        watchdog_usec = os.environ.get("WATCHDOG_USEC", "")
+        watchdog_pid = os.environ.get("WATCHDOG_PID", "")
+        self.watchdog_s: float | None = None
+        if watchdog_usec.isdigit() and (not watchdog_pid or watchdog_pid == str(os.getpid())):
+            self.watchdog_s = int(watchdog_usec) / 1e6
+
+    def send(self, message: str) -> None:
+        if not self._address:
+            return
+        if self._sdnotify is not None:
+            self._sdnotify.notify(message)
+            return
+        address = "\0" + self._address[1:] if self._address.startswith("@") else self._address
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.connect(address)
+                sock.sendall(message.encode())
+        except OSError as err:
+            log.debug("sd_notify failed: %s", err)
+
+
+# Daemon ######################################################################
+
+
+@dataclass
+class UplinkRuntime:
+    """What the daemon keeps per uplink besides its Health."""
+
+    uplink: UplinkConfig
+    interface: Interface | None = None
+    prober_task: asyncio.Task[None] | None = None
+
+
+class Agent:
+    """Wires the pure core to probes, netlink, status and systemd."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        dry_run: bool = False,
+        cleanup: bool = False,
+        verbose: bool = False,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.dry_run = dry_run
+        self.cleanup = cleanup
+        self.verbose = verbose
+        self.notifier = notifier or Notifier()
+        self.healths: dict[str, Health] = {}
+        self.runtime: dict[str, UplinkRuntime] = {}
+        self.selected: str | None = None
+        self.decision = Decision(None, "starting")
+        self.interfaces: dict[str, Interface] = {}
+        self.managed_tables: set[int] = set(config.tables)
+        self._netlink = NetlinkWorker()
+        self._events: NetlinkEvents | None = None
+        self._sync_wanted = asyncio.Event()
+        self._sync_links = True
+        self._status_dirty = False
+        self._status_forced = False
+        self._wake_at: float | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = time.monotonic()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, reload: asyncio.Event | None = None) -> None:
+        """Run until `stop` is set; `reload` set by SIGHUP re-reads the config."""
+        loop = asyncio.get_running_loop()
+        try:
+            await self._start(loop.time())
+            self.notifier.send("READY=1\nSTATUS=" + self.summary())
+            self._tasks.append(asyncio.ensure_future(self._sync_loop()))
+            self._tasks.append(asyncio.ensure_future(self._status_loop()))
+            if self.notifier.watchdog_s:
+                self._tasks.append(asyncio.ensure_future(self._watchdog_loop(self.notifier.watchdog_s)))
+            self._start_probers()
+            reload = reload or asyncio.Event()
+            while not stop.is_set():
+                stop_wait = asyncio.ensure_future(stop.wait())
+                reload_wait = asyncio.ensure_future(reload.wait())
+                await asyncio.wait({stop_wait, reload_wait}, return_when=asyncio.FIRST_COMPLETED)
+                stop_wait.cancel()
+                reload_wait.cancel()
+                for task in self._tasks:
+                    if task.done() and not task.cancelled() and task.exception():
+                        raise task.exception()  # type: ignore[misc]
+                if reload.is_set() and not stop.is_set():
+                    reload.clear()
+                    await self.reload()
+        finally:
+            self.notifier.send("STOPPING=1")
+            await self._shutdown()
+
+    async def _start(self, now: float) -> None:
+        config = self.config
+        rules = await self._netlink.call(nl_rules)
+        routes = await self._netlink.call(nl_default_routes, config.tables)
+        problems = find_collisions(config, rules, routes)
+        if problems:
+            raise StartupRefused("; ".join(problems))
+        self.interfaces = await self._netlink.call(nl_interfaces, config.agent.route_protocol)
+        previous = self._read_previous_status()
+        adopted = self._adoptable(routes)
+        for uplink in config.uplinks:
+            health = Health(uplink.name, since=now)
+            if uplink.name == adopted:
+                health = dataclasses.replace(
+                    health, state=State.UP, reason="adopted the route a previous run left"
+                )
+            elif previous.get(uplink.name) == State.DOWN.value:
+                health = dataclasses.replace(health, state=State.DOWN, reason="down in the previous run")
+            self.healths[uplink.name] = health
+            self.runtime[uplink.name] = UplinkRuntime(uplink)
+        if adopted is not None:
+            self.selected = adopted
+            log.info("uplink=%s adopted: the selected default route of a previous run points at it", adopted)
+        self._log_effective_config()
+        self._events = NetlinkEvents(self._request_sync)
+        await self._sync(loop_now())
+
+    async def _shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for runtime in self.runtime.values():
+            if runtime.prober_task is not None:
+                runtime.prober_task.cancel()
+        pending = self._tasks + [r.prober_task for r in self.runtime.values() if r.prober_task]
+        await asyncio.gather(*pending, return_exceptions=True)
+        if self._events is not None:
+            self._events.close()
+        if self.cleanup and not self.dry_run:
+            try:
+                done = await self._netlink.call(nl_remove_own, self.config, self.managed_tables)
+                for line in done:
+                    log.info("cleanup: %s", line)
+                log.info("cleanup: removed %d objects of the agent; nothing else was touched", len(done))
+            except Exception:
+                log.exception("cleanup failed")
+        elif self.healths:
+            log.info("stopping: routes and rules stay in place so the router keeps working")
+        if self.healths:
+            self._write_status(running=False)
+        self._netlink.close()
+
+    # -- observations in ----------------------------------------------------
+
+    def _deliver_round(self, result: RoundResult) -> None:
+        health = self.healths.get(result.uplink)
+        runtime = self.runtime.get(result.uplink)
+        if health is None or runtime is None:
+            return
+        now = loop_now()
+        if self.verbose:
+            detail = " ".join(
+                f"{p.target}={_probe_detail(p)}"
+                for p in result.probes
+            )
+            log.debug(
+                "uplink=%s round=%d %s %d/%d %s",
+                result.uplink,
+                result.seq,
+                "ok" if result.ok else "failed",
+                result.answered,
+                len(result.probes),
+                detail,
+            )
+        updated, transitions = observe_round(health, result, runtime.uplink.check, now)
+        self.healths[result.uplink] = updated
+        self._status_dirty = True
+        if transitions:
+            self._on_transitions(transitions)
+            self._request_sync(links=False)
+
+    def _request_sync(self, links: bool = True) -> None:
+        self._sync_links = self._sync_links or links
+        self._sync_wanted.set()
+
+    def _on_transitions(self, transitions: Iterable[Transition]) -> None:
+        for t in transitions:
+            level = logging.WARNING if t.new is State.DOWN else logging.INFO
+            log.log(level, "uplink=%s %s: %s", t.uplink, t.new.value, t.reason)
+        self._status_forced = True
+
+    # -- the one path that changes the system -------------------------------
+
+    async def _sync_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            timeout = RESYNC_PERIOD_S
+            if self._wake_at is not None:
+                timeout = min(timeout, max(self._wake_at - loop.time(), 0.0))
+            try:
+                await asyncio.wait_for(self._sync_wanted.wait(), timeout)
+            except asyncio.TimeoutError:
+                self._sync_links = True  # periodic repair of what events may have missed
+            self._sync_wanted.clear()
+            try:
+                await self._sync(loop.time())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sync failed; will retry on the next event")
+                await asyncio.sleep(0.5)
+                self._sync_wanted.set()
+
+    async def _sync(self, now: float) -> None:
+        """Observe links, select, and reconcile routes and rules with the plan."""
+        config = self.config
+        protocol = config.agent.route_protocol
+        if self._sync_links:
+            self._sync_links = False
+            self.interfaces = await self._netlink.call(nl_interfaces, protocol)
+        now = loop_now()
+        for uplink in config.uplinks:
+            interface = self.interfaces.get(uplink.interface)
+            self.runtime[uplink.name].interface = interface
+            health, transitions = observe_link(
+                self.healths[uplink.name], link_observation(uplink, interface), now
+            )
+            self.healths[uplink.name] = health
+            if transitions:
+                self._on_transitions(transitions)
+        decision = select(self.healths, config.uplinks, self.selected, config.agent.hysteresis_s, now)
+        self._wake_at = decision.wake_at
+        if decision.selected != self.selected:
+            log.warning(
+                "selected=%s (was %s): %s", decision.selected, self.selected or "none", decision.reason
+            )
+            self._status_forced = True
+        elif decision.stranded and not self.decision.stranded:
+            log.error("NO UPLINK IS UP: %s; new traffic may fail until one recovers", decision.reason)
+            self._status_forced = True
+        elif decision.reason != self.decision.reason:
+            log.info("selection: %s", decision.reason)
+            self._status_forced = True
+        self.selected = decision.selected
+        self.decision = decision
+
+        plan = plan_network(config, self.interfaces, self.selected)
+        rules = await self._netlink.call(nl_rules)
+        routes = await self._netlink.call(nl_default_routes, self.managed_tables)
+        indexes = {name: iface.index for name, iface in self.interfaces.items()}
+        changes = diff_network(config, plan, rules, routes, indexes, self.managed_tables)
+        if changes:
+            for change in changes:
+                log.info("%s%s", "dry-run: would " if self.dry_run else "netlink: ", change.describe())
+            if not self.dry_run:
+                try:
+                    await self._netlink.call(nl_apply, changes, indexes, protocol)
+                except Exception as err:
+                    # An interface can vanish between the dump and the change;
+                    # its netlink event brings a fresh sync.
+                    log.warning("netlink change failed (%s); resyncing", err)
+                    self._request_sync()
+        if self._status_forced:
+            self._status_forced = False
+            self._status_dirty = False
+            self._write_status()
+            self.notifier.send("STATUS=" + self.summary())
+
+    def _adoptable(self, routes: Sequence[RouteEntry]) -> str | None:
+        """The uplink the selection table's default (left by a previous run) points at."""
+        for route in routes:
+            if (
+                route.table != self.config.agent.default_table
+                or route.protocol != self.config.agent.route_protocol
+            ):
+                continue
+            for uplink in self.config.uplinks:
+                interface = self.interfaces.get(uplink.interface)
+                if interface is not None and interface.index == route.oif:
+                    return uplink.name
+        return None
+
+    # -- reload -------------------------------------------------------------
+
+    async def reload(self) -> None:
+        self.notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            new = load_config(self.config.source)
+        except ConfigError as err:
+            log.error("reload rejected, keeping the running config: %s", err)
+            self.notifier.send("READY=1")
+            return
+        old = self.config
+        fixed = ("rule_priority", "route_protocol", "mark_mask", "default_table")
+        changed = [k for k in fixed if getattr(old.agent, k) != getattr(new.agent, k)]
+        if changed:
+            log.error(
+                "reload rejected, keeping the running config: [agent] %s cannot change on reload; restart",
+                ", ".join(changed),
+            )
+            self.notifier.send("READY=1")
+            return
+        for runtime in self.runtime.values():
+            if runtime.prober_task is not None:
+                runtime.prober_task.cancel()
+        await asyncio.gather(
+            *(r.prober_task for r in self.runtime.values() if r.prober_task), return_exceptions=True
+        )
+        now = loop_now()
+        healths: dict[str, Health] = {}
+        runtime: dict[str, UplinkRuntime] = {}
+        for uplink in new.uplinks:
+            previous = self.healths.get(uplink.name)
+            healths[uplink.name] = (
+                remap_health(previous, uplink.check) if previous else Health(uplink.name, since=now)
+            )
+            runtime[uplink.name] = UplinkRuntime(
+                uplink, self.runtime[uplink.name].interface if uplink.name in self.runtime else None
+            )
+        self.config = new
+        self.healths = healths
+        self.runtime = runtime
+        self.managed_tables |= new.tables
+        log.info("reloaded %s: %d uplinks", new.source, len(new.uplinks))
+        self._log_effective_config()
+        self._start_probers()
+        self._status_forced = True
+        await self._sync(now)
+        self.notifier.send("READY=1\nSTATUS=" + self.summary())
+
+    # -- helpers ------------------------------------------------------------
+
+    def _start_probers(self) -> None:
+        for name, runtime in self.runtime.items():
+            runtime.prober_task = asyncio.ensure_future(self._run_prober(name))
+
+    async def _run_prober(self, name: str) -> None:
+        """A task boundary: a crash is logged with its traceback and the prober restarts."""
+        index = list(self.runtime).index(name)
+        while True:
+            runtime = self.runtime[name]
+            prober = UplinkProber(
+                runtime.uplink,
+                # ICMP ids tell our echoes apart from other pingers' and each uplink's.
+                ident=(os.getpid() * 31 + index) & 0xFFFF,
+                source=self._probe_source(name),
+                deliver=self._deliver_round,
+            )
+            try:
+                await prober.run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("uplink=%s prober crashed; restarting it in 1s", name)
+                await asyncio.sleep(1.0)
+
+    def _probe_source(self, name: str) -> Callable[[], str | None]:
+        def source() -> str | None:
+            runtime = self.runtime.get(name)
+            health = self.healths.get(name)
+            if runtime is None or health is None or runtime.interface is None or not health.link_usable:
+                return None
+            return runtime.interface.address
+
+        return source
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_METRICS_PERIOD_S)
+            if self._status_dirty:
+                self._status_dirty = False
+                self._write_status()
+
+    async def _watchdog_loop(self, watchdog_s: float) -> None:
+        while True:
+            self.notifier.send("WATCHDOG=1")
+            await asyncio.sleep(watchdog_s / 2)
+
+    def summary(self) -> str:
+        states = ", ".join(f"{n} {h.state.value}" for n, h in self.healths.items())
+        selected = self.selected or "none"
+        return f"selected={selected}; {states}" + ("; NO UPLINK UP" if self.decision.stranded else "")
+
+    def status_document(self, running: bool = True) -> dict[str, Any]:
+        mono_now = time.monotonic()
+        wall_now = time.time()
+        uplinks: dict[str, Any] = {}
+        for uplink in self.config.uplinks:
+            health = self.healths[uplink.name]
+            interface = self.runtime[uplink.name].interface
+            uplinks[uplink.name] = {
+                "state": health.state.value,
+                "since": round(wall_now - (mono_now - health.since), 3),
+                "since_monotonic": round(health.since, 6),
+                "reason": health.reason,
+                "selected": uplink.name == self.selected,
+                "interface": uplink.interface,
+                "link_usable": health.link_usable,
+                "address": interface.address if interface else None,
+                "gateway": uplink_gateway(uplink, interface),
+                "priority": uplink.priority,
+                "table": uplink.table,
+                "mark": uplink.mark,
+                "rtt_ms": None if health.rtt_ms is None else round(health.rtt_ms, 3),
+                "loss_pct": None if health.loss_pct is None else round(health.loss_pct, 1),
+                "good_rounds": health.good_rounds,
+                "bad_rounds": health.bad_rounds,
+            }
+        return {
+            "version": 1,
+            "pid": os.getpid(),
+            "running": running,
+            "dry_run": self.dry_run,
+            "updated": round(wall_now, 3),
+            "updated_monotonic": round(mono_now, 6),
+            "selected": self.selected,
+            "reason": self.decision.reason,
+            "stranded": self.decision.stranded,
+            "uplinks": uplinks,
+        }
+
+    def _write_status(self, running: bool = True) -> None:
+        path = Path(self.config.agent.state_dir) / "status.json"
+        try:
+            write_json_atomically(path, self.status_document(running))
+        except OSError as err:
+            log.warning("cannot write %s: %s", path, err)
+
+    def _read_previous_status(self) -> dict[str, str]:
+        path = Path(self.config.agent.state_dir) / "status.json"
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            return {name: str(u.get("state")) for name, u in document.get("uplinks", {}).items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def _log_effective_config(self) -> None:
+        agent = self.config.agent
+        log.info(
+            "config %s: hysteresis=%s default_table=%d rules=%d-%d protocol=%d mark_mask=%#x%s",
+            self.config.source,
+            format_duration(agent.hysteresis_s),
+            agent.default_table,
+            agent.rule_priority,
+            agent.rule_priority + RULE_BLOCK - 1,
+            agent.route_protocol,
+            agent.mark_mask,
+            " (dry run: no change will be made)" if self.dry_run else "",
+        )
+        for uplink in self.config.uplinks:
+            check = uplink.check
+            log.info(
+                "uplink=%s interface=%s gateway=%s priority=%d table=%d mark=%#x check=%s%s targets=%s "
+                "interval=%s timeout=%s fall=%d rise=%d reliability=%d",
+                uplink.name,
+                uplink.interface,
+                uplink.gateway,
+                uplink.priority,
+                uplink.table,
+                uplink.mark,
+                check.method.value,
+                f":{check.port}" if check.port else "",
+                ",".join(check.targets),
+                format_duration(check.interval_s),
+                format_duration(check.timeout_s),
+                check.fall,
+                check.rise,
+                check.reliability,
+            )
+
+
+def _probe_detail(probe: ProbeResult) -> str:
+    if probe.ok and probe.rtt_ms is not None:
+        return f"{probe.rtt_ms:.1f}ms"
+    return probe.reason
+
+
+def loop_now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+# Command line ################################################################
+
+
+def describe_plan(config: Config) -> str:
+    """`check`: the resolved plan, without touching the system."""
+    agent = config.agent
+    interfaces = {
+        u.interface: Interface(
+            u.interface,
+            0,
+            True,
+            True,
+            "<address of " + u.interface + ">",
+            "<gateway from DHCP/RA>" if u.gateway == "auto" else None,
+        )
+        for u in config.uplinks
+    }
+    plan = plan_network(config, interfaces, config.uplinks[0].name)
+    lines = [
+        f"config {config.source}: OK",
+        f"agent: state_dir={agent.state_dir} hysteresis={format_duration(agent.hysteresis_s)} "
+        f"route_protocol={agent.route_protocol}",
+        f"selection table {agent.default_table}: one default route, replaced in place, "
+        "to the selected uplink",
+        "",
+        "uplinks (lower priority is preferred):",
+    ]
+    for uplink in config.uplinks:
+        check = uplink.check
+        lines.append(
+            f"  {uplink.name}: interface={uplink.interface} gateway={uplink.gateway} "
+            f"priority={uplink.priority} table={uplink.table} mark={uplink.mark:#x}/{agent.mark_mask:#x}"
+        )
+        lines.append(
+            f"    probe: {check.method.value}{':' + str(check.port) if check.port else ''} "
+            f"{', '.join(check.targets)} every {format_duration(check.interval_s)}, "
+            f"timeout {format_duration(check.timeout_s)}, down after {check.fall} failed rounds, "
+            f"up after {check.rise} good rounds, round ok with {check.reliability} answer(s); "
+            f"bound to {uplink.interface}"
+        )
+    lines += [
+        "",
+        f"rules (IPv4, priorities {agent.rule_priority}-{agent.rule_priority + RULE_BLOCK - 1}, "
+        f"protocol {agent.route_protocol}):",
+    ]
+    lines += [f"  {rule.describe()}" for rule in plan.rules]
+    lines += ["", f"routes (protocol {agent.route_protocol}):"]
+    for route in plan.uplink_routes:
+        via = f"via {route.gateway}" if route.gateway else "scope link"
+        lines.append(f"  default {via} dev {route.interface} table {route.table}")
+    lines.append(f"  default via <selected uplink> table {agent.default_table}")
+    return "\n".join(lines)
+
+
+def render_status(document: Mapping[str, Any]) -> str:
+    now = time.time()
+    head = f"selected: {document.get('selected') or 'none'}  ({document.get('reason', '')})"
+    if not document.get("running", True):
+        head += "  [agent not running; last known state]"
+    if document.get("stranded"):
+        head += "  [NO UPLINK UP]"
+    lines = [head, f"{'uplink':<12} {'state':<8} {'for':>8} {'rtt':>9} {'loss':>6}  interface  reason"]
+    for name, u in document.get("uplinks", {}).items():
+        age = now - float(u.get("since", now))
+        rtt = "-" if u.get("rtt_ms") is None else f"{u['rtt_ms']:.1f}ms"
+        loss = "-" if u.get("loss_pct") is None else f"{u['loss_pct']:.0f}%"
+        mark = "*" if u.get("selected") else " "
+        lines.append(
+            f"{mark}{name:<11} {u.get('state', '?'):<8} {_age(age):>8} {rtt:>9} {loss:>6}  "
+            f"{u.get('interface', ''):<9}  {u.get('reason', '')}"
+        )
+    return "\n".join(lines)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multiwan-agent", description="Multi-uplink failover for Linux routers."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the agent")
+    run.add_argument("-c", "--config", required=True, help="TOML config file")
+    run.add_argument("--dry-run", action="store_true", help="probe and decide, change nothing")
+    run.add_argument("--cleanup", action="store_true", help="on exit remove the agent's own routes and rules")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("-v", "--verbose", action="store_true", help="log every probe round")
+    check = sub.add_parser("check", help="validate the config and print the resolved plan")
+    check.add_argument("-c", "--config", required=True)
+    status = sub.add_parser("status", help="show the running agent's status")
+    status.add_argument("-c", "--config", help="config file (for its state_dir)")
+    status.add_argument("--state-dir", help="default: the config's, else /run/multiwan-agent")
+    status.add_argument("--json", action="store_true", help="print status.json as it is")
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    # Under systemd the journal stamps each line; elsewhere we add the time.
+    fmt = (
+        "%(levelname)s %(message)s"
+        if os.environ.get("INVOCATION_ID")
+        else "%(asctime)s %(levelname)s %(message)s"
+    )
+    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, stream=sys.stderr)
+
+
+async def run_agent(agent: Agent) -> None:
+    """The daemon: signals set events (hypercorn style), the Agent does the work."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reload = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+    await agent.run(stop, reload)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    setup_logging("debug" if args.verbose else args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    if os.geteuid() != 0 and not args.dry_run:
+        log.warning("not running as root: netlink changes and raw ICMP need CAP_NET_ADMIN and CAP_NET_RAW")
+    agent = Agent(config, dry_run=args.dry_run, cleanup=args.cleanup, verbose=args.verbose)
+    try:
+        asyncio.run(run_agent(agent))
+    except StartupRefused as err:
+        log.error("refusing to start, nothing was changed: %s", err)
+        return EXIT_REFUSED
+    except PermissionError as err:
+        log.error("refusing to start: %s (needs CAP_NET_ADMIN and CAP_NET_RAW)", err)
+        return EXIT_REFUSED
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(describe_plan(config))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state_dir = args.state_dir
+    if state_dir is None and args.config:
+        try:
+            state_dir = load_config(args.config).agent.state_dir
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_CONFIG
+    path = Path(state_dir or AgentConfig().state_dir) / "status.json"
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        print(f"error: cannot read {path}: {err.strerror} (is the agent running?)", file=sys.stderr)
+        return 1
+    except ValueError as err:
+        print(f"error: {path} is not valid JSON: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(document, indent=2, sort_keys=True) if args.json else render_status(document))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"run": cmd_run, "check": cmd_check, "status": cmd_status}
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Config parsing: every invalid file gives exactly its expected message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import multiwan_agent as mwa
+
+DATA = Path(__file__).parent / "data" / "config"
+ROOT = Path(__file__).parent.parent
+INVALID = sorted((DATA / "invalid").glob("*.toml"))
+VALID = sorted((DATA / "valid").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
+def test_invalid_config_message(path: Path) -> None:
+    expected = path.with_suffix(".err").read_text().strip()
+    with pytest.raises(mwa.ConfigError) as caught:
+        mwa.parse_config(path.read_text(), "multiwan.toml")
+    assert str(caught.value) == expected
+
+
+@pytest.mark.parametrize("path", VALID, ids=[p.stem for p in VALID])
+def test_valid_config_parses(path: Path) -> None:
+    config = mwa.parse_config(path.read_text(), path.name)
+    assert config.uplinks
+
+
+def test_defaults_and_overrides() -> None:
+    config = mwa.parse_config((DATA / "valid" / "full.toml").read_text(), "full.toml")
+    assert config.agent == mwa.AgentConfig(
+        state_dir="/tmp/mwa",
+        hysteresis_s=1.5,
+        default_table=1000,
+        rule_priority=7000,
+        route_protocol=99,
+        mark_mask=0xF0000,
+    )
+    vpn, isp = config.uplinks
+    assert vpn.gateway == "none" and vpn.table == 1001 and vpn.mark == 0x10000
+    assert vpn.check.method is mwa.Method.TCP and vpn.check.port == 443
+    assert vpn.check.interval_s == 0.25 and vpn.check.timeout_s == 0.2
+    assert (vpn.check.fall, vpn.check.rise, vpn.check.reliability) == (2, 4, 2)
+    # per-uplink overrides inherit the rest of [check]
+    assert isp.check.method is mwa.Method.ICMP and isp.check.targets == ("198.18.1.3",)
+    assert isp.check.interval_s == 0.25 and isp.check.reliability == 1
+    assert (isp.table, isp.mark, isp.gateway) == (1234, 0x50000, "203.0.113.1")
+
+
+def test_minimal_defaults() -> None:
+    config = mwa.parse_config((DATA / "valid" / "minimal.toml").read_text(), "m.toml")
+    (fibre,) = config.uplinks
+    assert (fibre.gateway, fibre.priority, fibre.table, fibre.mark) == ("auto", 1, 201, 0x100)
+    assert config.agent.hysteresis_s == 30.0
+    assert fibre.check == mwa.CheckConfig(targets=("198.18.1.1",))
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("250ms", 0.25), ("1s", 1.0), ("2m", 120.0), ("1.5s", 1.5), ("1h", 3600.0)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert mwa.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["fast", "1", "", "1 sec", "-1s", 5])
+def test_bad_durations(text: object) -> None:
+    with pytest.raises(ValueError):
+        mwa.parse_duration(text)
+
+
+def test_check_command_exit_codes(tmp_path: Path) -> None:
+    bad = tmp_path / "multiwan.toml"
+    bad.write_text((DATA / "invalid" / "interval-not-duration.toml").read_text())
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "multiwan_agent.py"), "check", "-c", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode == 2
+    assert f"{bad}: uplink[1].check.interval: expected a duration" in run.stderr
+    good = subprocess.run(
+        [sys.executable, str(ROOT / "multiwan_agent.py"), "check", "-c", str(ROOT / "multiwan.toml.example")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert good.returncode == 0, good.stderr
+    assert "5000: from all lookup main suppress_prefixlength 0" in good.stdout
+    assert "5099: from all lookup 200" in good.stdout
+
+
+def test_run_with_bad_config_exits_2_before_anything(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[agent]\nhysteresis = 'soon'\n")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "multiwan_agent.py"), "run", "-c", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode == 2
+    assert 'agent.hysteresis: expected a duration such as "500ms" or "2s", got "soon"' in run.stderr
+
+
+def test_missing_file() -> None:
+    with pytest.raises(mwa.ConfigError, match="cannot read"):
+        mwa.load_config("/nonexistent/multiwan.toml")

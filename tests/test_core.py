@@ -1,0 +1,182 @@
+"""The pure core, driven with a fake clock: no sleeps, no sockets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import multiwan_agent as mwa
+
+CHECK = mwa.CheckConfig(targets=("198.18.1.1", "198.18.1.2"), fall=3, rise=3)
+
+
+def uplink(name: str, priority: int, index: int) -> mwa.UplinkConfig:
+    return mwa.UplinkConfig(name, f"wan{index}", "auto", priority, 201 + index, (index + 1) << 8, CHECK)
+
+
+UPLINKS = (uplink("fibre", 1, 0), uplink("lte", 2, 1))
+
+
+def round_(ok: bool, name: str = "fibre", reason: str = "timeout") -> mwa.RoundResult:
+    probes = tuple(
+        mwa.ProbeResult(t, ok, rtt_ms=5.0 if ok else None, reason="ok" if ok else reason) for t in CHECK.targets
+    )
+    return mwa.RoundResult(name, 1, 0.0, probes)
+
+
+def feed(health: mwa.Health, results: list[bool], start: float = 0.0) -> tuple[mwa.Health, list[mwa.Transition]]:
+    transitions: list[mwa.Transition] = []
+    for i, ok in enumerate(results):
+        health, new = mwa.observe_round(health, round_(ok, health.name), CHECK, start + i)
+        transitions += new
+    return health, transitions
+
+
+def test_unknown_goes_up_after_rise_good_rounds() -> None:
+    health, transitions = feed(mwa.Health("fibre"), [True, True])
+    assert health.state is mwa.State.UNKNOWN and not transitions
+    health, transitions = feed(health, [True], start=2)
+    assert health.state is mwa.State.UP and health.since == 2
+    assert [(t.old, t.new) for t in transitions] == [(mwa.State.UNKNOWN, mwa.State.UP)]
+    assert transitions[0].reason == "3 consecutive good rounds"
+    assert not health.recovered
+
+
+def test_up_goes_down_after_fall_failed_rounds_with_reason() -> None:
+    health, _ = feed(mwa.Health("fibre"), [True] * 3)
+    health, transitions = feed(health, [False, False, True, False, False], start=10)
+    assert health.state is mwa.State.UP and not transitions  # the good round reset the count
+    health, transitions = feed(health, [False], start=20)
+    assert health.state is mwa.State.DOWN
+    assert transitions[0].reason == "3 consecutive failed rounds (timeout)"
+
+
+def test_down_needs_rise_rounds_and_is_marked_recovered() -> None:
+    health = mwa.Health("fibre", state=mwa.State.DOWN)
+    health, transitions = feed(health, [True, True, False, True, True])
+    assert health.state is mwa.State.DOWN and not transitions
+    health, transitions = feed(health, [True], start=5)
+    assert health.state is mwa.State.UP and health.recovered
+    assert transitions[0].old is mwa.State.DOWN
+
+
+def test_unknown_goes_down_after_fall_failed_rounds() -> None:
+    health, transitions = feed(mwa.Health("fibre"), [False] * 3)
+    assert health.state is mwa.State.DOWN and len(transitions) == 1
+
+
+def test_one_event_per_transition_not_per_round() -> None:
+    health, transitions = feed(mwa.Health("fibre"), [True] * 10 + [False] * 10 + [True] * 10)
+    assert [t.new for t in transitions] == [mwa.State.UP, mwa.State.DOWN, mwa.State.UP]
+
+
+def test_link_loss_is_immediate_and_return_restarts_rise() -> None:
+    health, _ = feed(mwa.Health("fibre"), [True] * 3)
+    health, transitions = mwa.observe_link(health, mwa.LinkObservation(False, "carrier lost on wan0"), 7.0)
+    assert health.state is mwa.State.DOWN and health.since == 7.0
+    assert transitions[0].reason == "carrier lost on wan0"
+    # rounds in flight while the link is down change nothing
+    health, transitions = feed(health, [True] * 5, start=8)
+    assert health.state is mwa.State.DOWN and not transitions
+    health, transitions = mwa.observe_link(health, mwa.LinkObservation(True), 9.0)
+    assert health.state is mwa.State.DOWN and not transitions and health.good_rounds == 0
+    health, transitions = feed(health, [True] * 3, start=10)
+    assert health.state is mwa.State.UP and health.recovered
+
+
+def test_link_loss_of_down_uplink_updates_reason_only() -> None:
+    health = mwa.Health("fibre", state=mwa.State.DOWN, reason="3 consecutive failed rounds (timeout)")
+    health, transitions = mwa.observe_link(health, mwa.LinkObservation(False, "interface wan0 is gone"), 1.0)
+    assert not transitions and health.reason == "interface wan0 is gone"
+
+
+def test_loss_and_rtt_window() -> None:
+    health, _ = feed(mwa.Health("fibre"), [True, False, True, True])
+    assert health.loss_pct == 25.0
+    assert health.rtt_ms == 5.0
+
+
+def test_round_reliability_and_reason() -> None:
+    probes = (
+        mwa.ProbeResult("198.18.1.1", True, 1.0),
+        mwa.ProbeResult("198.18.1.2", False, reason="unreachable (from 203.0.113.1)"),
+    )
+    assert mwa.RoundResult("f", 1, 0.0, probes, required=1).ok
+    assert not mwa.RoundResult("f", 1, 0.0, probes, required=2).ok
+    assert mwa.RoundResult("f", 1, 0.0, probes).reason == "unreachable (from 203.0.113.1)"
+
+
+def healths(**states: tuple[mwa.State, float, bool]) -> dict[str, mwa.Health]:
+    return {n: mwa.Health(n, state=s, since=t, recovered=r) for n, (s, t, r) in states.items()}
+
+
+def test_select_best_priority_up() -> None:
+    h = healths(fibre=(mwa.State.UP, 0, False), lte=(mwa.State.UP, 0, False))
+    assert mwa.select(h, UPLINKS, None, 30, 100).selected == "fibre"
+
+
+def test_select_leaves_down_uplink_immediately() -> None:
+    h = healths(fibre=(mwa.State.DOWN, 50, False), lte=(mwa.State.UP, 0, False))
+    decision = mwa.select(h, UPLINKS, "fibre", 30, 50)
+    assert decision.selected == "lte" and "fibre is down" in decision.reason
+
+
+def test_failback_waits_for_hysteresis() -> None:
+    h = healths(fibre=(mwa.State.UP, 100, True), lte=(mwa.State.UP, 0, False))
+    decision = mwa.select(h, UPLINKS, "lte", 30, 129.9)
+    assert decision.selected == "lte" and decision.wake_at == 130
+    decision = mwa.select(h, UPLINKS, "lte", 30, 130.0)
+    assert decision.selected == "fibre"
+
+
+def test_at_start_backup_carries_then_preferred_takes_over_once_confirmed() -> None:
+    h = healths(fibre=(mwa.State.UNKNOWN, 0, False), lte=(mwa.State.UP, 1, False))
+    assert mwa.select(h, UPLINKS, None, 30, 1).selected == "lte"
+    h = healths(fibre=(mwa.State.UP, 3, False), lte=(mwa.State.UP, 1, False))
+    assert mwa.select(h, UPLINKS, "lte", 30, 3).selected == "fibre"
+
+
+def test_nothing_up_keeps_last_route_and_says_so() -> None:
+    h = healths(fibre=(mwa.State.DOWN, 5, False), lte=(mwa.State.DOWN, 6, False))
+    decision = mwa.select(h, UPLINKS, "lte", 30, 7)
+    assert decision.selected == "lte" and decision.stranded
+    assert decision.reason == "no uplink is up; keeping lte"
+    assert mwa.select(h, UPLINKS, None, 30, 7).selected is None
+
+
+def test_equal_priority_keeps_current() -> None:
+    uplinks = (uplink("a", 1, 0), uplink("b", 1, 1))
+    h = healths(a=(mwa.State.UP, 0, False), b=(mwa.State.UP, 0, False))
+    assert mwa.select(h, uplinks, "b", 30, 10).selected == "b"
+
+
+def test_worse_uplink_recovering_never_takes_over() -> None:
+    h = healths(fibre=(mwa.State.UP, 0, False), lte=(mwa.State.UP, 100, True))
+    assert mwa.select(h, UPLINKS, "fibre", 30, 200).selected == "fibre"
+
+
+def test_full_failover_and_failback_timeline() -> None:
+    """Drive the state machine and the selection together with a fake clock."""
+    interval, hysteresis = 1.0, 10.0
+    hs = {u.name: mwa.Health(u.name) for u in UPLINKS}
+    selected = None
+    switches: list[tuple[float, str | None]] = []
+    fibre_ok = lambda now: not (20 <= now < 30)  # noqa: E731 - fibre fails silently from 20 s to 30 s
+    for step in range(80):
+        now = step * interval
+        for name in hs:
+            ok = fibre_ok(now) if name == "fibre" else True
+            hs[name], _ = mwa.observe_round(hs[name], round_(ok, name), CHECK, now)
+        decision = mwa.select(hs, UPLINKS, selected, hysteresis, now)
+        if decision.selected != selected:
+            switches.append((now, decision.selected))
+            selected = decision.selected
+    assert switches == [(2.0, "fibre"), (22.0, "lte"), (42.0, "fibre")]
+    # failover: fall rounds after the failure; failback: rise rounds + hysteresis after recovery
+    assert switches[1][0] - 20 == CHECK.fall - 1
+    assert switches[2][0] - 30 == CHECK.rise - 1 + hysteresis
+
+
+def test_remap_health_on_reload() -> None:
+    health = dataclasses.replace(mwa.Health("fibre"), good_rounds=4, bad_rounds=2)
+    remapped = mwa.remap_health(health, dataclasses.replace(CHECK, rise=2, fall=2))
+    assert (remapped.good_rounds, remapped.bad_rounds) == (1, 1)
