@@ -89,7 +89,7 @@ RTMGRP_IPV4_ROUTE: Final = 0x40
 RTMGRP_IPV4_RULE: Final = 0x80
 IFF_UP: Final = 0x1
 IFF_LOWER_UP: Final = 0x10000
-IFA_F_SECONDARY: Final = 0x80
+IFA_F_SECONDARY: Final = 0x01
 RT_TABLE_MAIN: Final = 254
 NLMSG_HEADER: Final = struct.Struct("=IHHII")
 
@@ -948,12 +948,13 @@ class IcmpEcho:
     loop clock, not icmplib's wall-clock times.
     """
 
-    def __init__(self, interface: str, source: str, ident: int) -> None:
+    def __init__(self, interface: str, source: str, ident: int, ifindex: int = 0) -> None:
         import icmplib  # imported here so `check` and `status` work without it
 
         self._icmplib = icmplib
         self.interface = interface
         self.source = source
+        self.ifindex = ifindex
         self.ident = ident & 0xFFFF
         self._socket = icmplib.ICMPv4Socket(address=source, privileged=True)
         raw: socket.socket = self._socket._sock
@@ -1047,7 +1048,7 @@ class UplinkProber:
         self,
         uplink: UplinkConfig,
         ident: int,
-        source: Callable[[], str | None],
+        source: Callable[[], tuple[str, int] | None],
         deliver: Callable[[RoundResult], None],
     ) -> None:
         self.uplink = uplink
@@ -1067,7 +1068,7 @@ class UplinkProber:
                 source = self._source()
                 if source is not None:
                     self._seq += 1
-                    task = asyncio.ensure_future(self._round(self._seq, source))
+                    task = asyncio.ensure_future(self._round(self._seq, *source))
                     self._rounds.add(task)
                     task.add_done_callback(self._rounds.discard)
                 elif self._echo is not None:
@@ -1088,24 +1089,26 @@ class UplinkProber:
             self._echo.close()
             self._echo = None
 
-    async def _round(self, seq: int, source: str) -> None:
+    async def _round(self, seq: int, source: str, ifindex: int) -> None:
         loop = asyncio.get_running_loop()
         check = self.uplink.check
         started = loop.time()
         try:
-            probes = await asyncio.gather(*(self._probe(t, seq, source) for t in check.targets))
+            probes = await asyncio.gather(*(self._probe(t, seq, source, ifindex) for t in check.targets))
         except OSError as err:
             probes = [ProbeResult(t, False, reason=f"error: {err.strerror or err}") for t in check.targets]
         self._deliver(RoundResult(self.uplink.name, seq, started, tuple(probes), check.reliability))
 
-    async def _probe(self, target: str, seq: int, source: str) -> ProbeResult:
+    async def _probe(self, target: str, seq: int, source: str, ifindex: int) -> ProbeResult:
         check = self.uplink.check
         if check.method is Method.TCP:
             assert check.port is not None
             return await tcp_probe(self.uplink.interface, source, target, check.port, check.timeout_s)
-        if self._echo is None or self._echo.source != source:
+        # SO_BINDTODEVICE binds to an ifindex: a re-created interface (new
+        # index) or a renumbered one needs a new socket.
+        if self._echo is None or (self._echo.source, self._echo.ifindex) != (source, ifindex):
             self._close_echo()
-            self._echo = IcmpEcho(self.uplink.interface, source, self.ident)
+            self._echo = IcmpEcho(self.uplink.interface, source, self.ident, ifindex)
         return await self._echo.ping(target, seq, check.timeout_s)
 
 
@@ -1589,10 +1592,13 @@ class Agent:
             )
             self._status_forced = True
         elif decision.stranded and not self.decision.stranded:
-            log.error("NO UPLINK IS UP: %s; new traffic may fail until one recovers", decision.reason)
+            if decision.selected is None:
+                log.info("waiting for the first uplink to come up")
+            else:
+                log.error("NO UPLINK IS UP: %s; new traffic may fail until one recovers", decision.reason)
             self._status_forced = True
-        elif decision.reason != self.decision.reason:
-            log.info("selection: %s", decision.reason)
+        elif decision.wake_at is not None and decision.wake_at != self.decision.wake_at:
+            log.info("selection: %s", decision.reason)  # a better uplink is proving itself
             self._status_forced = True
         self.selected = decision.selected
         self.decision = decision
@@ -1708,13 +1714,17 @@ class Agent:
                 log.exception("uplink=%s prober crashed; restarting it in 1s", name)
                 await asyncio.sleep(1.0)
 
-    def _probe_source(self, name: str) -> Callable[[], str | None]:
-        def source() -> str | None:
+    def _probe_source(self, name: str) -> Callable[[], tuple[str, int] | None]:
+        """Where this uplink's probes leave from now: (address, ifindex), or None while unusable."""
+
+        def source() -> tuple[str, int] | None:
             runtime = self.runtime.get(name)
             health = self.healths.get(name)
             if runtime is None or health is None or runtime.interface is None or not health.link_usable:
                 return None
-            return runtime.interface.address
+            if runtime.interface.address is None:
+                return None
+            return runtime.interface.address, runtime.interface.index
 
         return source
 
@@ -1943,7 +1953,10 @@ def setup_logging(level: str) -> None:
         if os.environ.get("INVOCATION_ID")
         else "%(asctime)s %(levelname)s %(message)s"
     )
-    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, stream=sys.stderr)
+    # Libraries log at WARNING and above only: our -v is about probe rounds,
+    # not about every netlink message pyroute2 sees.
+    logging.basicConfig(level=logging.WARNING, format=fmt, stream=sys.stderr)
+    log.setLevel(getattr(logging, level.upper()))
 
 
 async def run_agent(agent: Agent) -> None:

@@ -74,9 +74,7 @@ def attempt(host: str, port: int, timeout_s: float) -> tuple[bool, str]:
         return False, name or type(exc).__name__
 
 
-def run(
-    host: str, port: int, period_s: float, timeout_s: float, duration_s: float, max_attempts: int
-) -> int:
+def run(host: str, port: int, period_s: float, timeout_s: float, duration_s: float, max_attempts: int) -> int:
     t0 = time.monotonic()
     end = t0 + duration_s
     print(f"# start {t0:.6f}", flush=True)

@@ -16,7 +16,7 @@ import argparse
 import asyncio
 import signal
 import sys
-from typing import Final
+from typing import Final, cast
 
 #: Longest line echoed back; a longer one ends the connection.
 MAX_LINE_BYTES: Final = 64 * 1024
@@ -43,8 +43,9 @@ async def handle_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
 
 class UdpEcho(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # The selector transport is not a DatagramTransport subclass on every
+        # Python version, hence a cast rather than an isinstance check.
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.transport.sendto(f"{addr[0]}\n".encode("ascii"), addr)

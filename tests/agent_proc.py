@@ -1,0 +1,139 @@
+"""Run multiwan-agent as a real process inside a lab's router namespace."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Final
+
+from lab import Lab
+
+AGENT: Final = Path(__file__).resolve().parent.parent / "multiwan_agent.py"
+POLL_S: Final = 0.01
+
+#: A lab config: both uplinks probe both targets every 100 ms.
+LAB_CONFIG: Final = """\
+[agent]
+state_dir = "{state_dir}"
+hysteresis = "{hysteresis}"
+
+[check]
+targets = ["198.18.1.1", "198.18.1.2"]
+interval = "{interval}"
+timeout = "{timeout}"
+fall = {fall}
+rise = {rise}
+
+[[uplink]]
+name = "fibre"
+interface = "wan0"
+gateway = "auto"
+priority = 1
+
+[[uplink]]
+name = "lte"
+interface = "wan1"
+gateway = "auto"
+priority = 2
+"""
+
+
+def lab_config(
+    state_dir: Path,
+    hysteresis: str = "1s",
+    interval: str = "100ms",
+    timeout: str = "100ms",
+    fall: int = 3,
+    rise: int = 3,
+    extra: str = "",
+) -> str:
+    return (
+        LAB_CONFIG.format(
+            state_dir=state_dir, hysteresis=hysteresis, interval=interval, timeout=timeout, fall=fall, rise=rise
+        )
+        + extra
+    )
+
+
+class AgentProcess:
+    """`multiwan_agent.py run` in the router namespace, with its log in a file."""
+
+    def __init__(self, lab: Lab, workdir: Path, config_text: str, *args: str, name: str = "agent") -> None:
+        self.lab = lab
+        self.workdir = workdir
+        self.config_path = workdir / f"{name}.toml"
+        self.config_path.write_text(config_text)
+        self.state_dir = workdir / "state"
+        self.log_path = workdir / f"{name}.log"
+        self._log = open(self.log_path, "a")
+        self.proc = lab.popen(
+            "router",
+            [sys.executable, str(AGENT), "run", "-c", str(self.config_path), "-v", *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = json.loads((self.state_dir / "status.json").read_text())
+            return result
+        except (OSError, ValueError):
+            return None
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str = "") -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
+            status = self.status()
+            if status is not None and status.get("pid") == self.agent_pid() and predicate(status):
+                return status
+            time.sleep(POLL_S)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; status={self.status()}\n{self.log()}")
+
+    def wait_selected(self, name: str | None, timeout: float = 10.0) -> dict[str, Any]:
+        return self.wait_for(lambda s: s.get("selected") == name, timeout, f"selected={name}")
+
+    def wait_state(self, uplink: str, state: str, timeout: float = 10.0) -> dict[str, Any]:
+        return self.wait_for(lambda s: s["uplinks"][uplink]["state"] == state, timeout, f"{uplink} {state}")
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(POLL_S)
+        raise AssertionError(f"{text!r} not in the agent log:\n{self.log()}")
+
+    def agent_pid(self) -> int | None:
+        # `ip netns exec` execs the command, so the Popen pid is the agent's.
+        return self.proc.pid
+
+    def signal(self, signum: signal.Signals) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout)
+        self._log.close()
+        return code
+
+
+def ruleset_snapshot(lab: Lab) -> tuple[Any, ...]:
+    """Everything the agent could touch in the router, for before/after comparisons."""
+    return (
+        lab.rules("router"),
+        # IPv4 only: IPv6 link-local routes appear by themselves after DAD.
+        lab.ip_json("router", "-4", "route", "show", "table", "all"),
+        lab.run("router", "nft", "list", "ruleset").stdout,
+    )

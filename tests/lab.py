@@ -1,0 +1,822 @@
+"""A network-namespace lab for multiwan-agent tests: a router with two ISPs.
+
+Topology (every name below is a role; real namespace names get a unique
+per-run prefix ``mwt<pid>-<n>-``)::
+
+    lan eth0 198.51.100.10/24
+        |
+    router lan0 198.51.100.1/24
+    router wan0 203.0.113.2/30 ---- isp1 cpe 203.0.113.1/30
+                                    isp1 up  198.18.0.1/30 ---- inet isp1 198.18.0.2/30
+    router wan1 203.0.113.6/30 ---- isp2 cpe 203.0.113.5/30
+                                    isp2 up  198.18.0.5/30 ---- inet isp2 198.18.0.6/30
+
+    inet lo: 198.18.1.1, 198.18.1.2 (probe targets), 198.18.1.10 (echo server :8080)
+
+The root network namespace is never touched: every veth pair is created from
+inside a lab namespace straight into its peer namespace, and every command
+runs with ``ip -n`` or ``ip netns exec``. ``close()`` kills whatever still
+runs in the lab namespaces and deletes them, also after a failed test.
+
+Faults come from nftables in the ISP namespaces because this kernel has no
+netem and no dummy links (see /work/shared/LAB-NOTES.md). Standard library
+only, so it runs in both test venvs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Final, NamedTuple
+
+# Constants ###################################################################
+
+#: Roles, in creation order; real namespace names are prefix + role.
+ROLES: Final = ("router", "isp1", "isp2", "inet", "lan")
+#: Probe targets on inet's loopback.
+PROBE_TARGETS: Final = ("198.18.1.1", "198.18.1.2")
+#: The echo server's address and port (TCP and UDP) on inet.
+SERVER_IP: Final = "198.18.1.10"
+SERVER_PORT: Final = 8080
+#: The LAN side.
+LAN_GATEWAY: Final = "198.51.100.1"
+LAN_HOST: Final = "198.51.100.10"
+
+LAB_TOOLS: Final = Path(__file__).resolve().parent / "lab_tools"
+ECHO_SERVER: Final = LAB_TOOLS / "echo_server.py"
+CONNECTOR: Final = LAB_TOOLS / "connector.py"
+
+#: A throw-away route RouteMonitor adds to learn that `ip monitor` has
+#: subscribed (it prints nothing when ready). Table id chosen to be far from
+#: anything an agent would own; its events are filtered out of the record.
+MONITOR_MARKER_DST: Final = "198.18.255.254"
+MONITOR_MARKER_TABLE: Final = "3999999"
+
+#: Upper bounds for polling loops; everything waits on a condition, never a
+#: fixed sleep.
+POLL_INTERVAL_S: Final = 0.01
+READY_TIMEOUT_S: Final = 10.0
+TERM_GRACE_S: Final = 2.0
+
+_lab_counter = itertools.count()
+
+
+@dataclass(frozen=True, slots=True)
+class IspSpec:
+    """One ISP as the lab wires it: customer /30 towards the router, transit /30 to inet."""
+
+    role: str
+    router_dev: str  #: the router's interface towards this ISP
+    router_ip: str  #: the router's (customer) address
+    gateway: str  #: the ISP's address on the customer link
+    customer_net: str  #: what BCP38 lets in from the customer
+    isp_transit_ip: str  #: the ISP's address on its link to inet (dev `up`)
+    inet_transit_ip: str  #: inet's address on that link (dev named like the role)
+    dhcp_metric: int  #: metric of the default route a DHCP client would leave
+
+
+ISPS: Final[dict[str, IspSpec]] = {
+    "isp1": IspSpec(
+        role="isp1",
+        router_dev="wan0",
+        router_ip="203.0.113.2",
+        gateway="203.0.113.1",
+        customer_net="203.0.113.0/30",
+        isp_transit_ip="198.18.0.1",
+        inet_transit_ip="198.18.0.2",
+        dhcp_metric=100,
+    ),
+    "isp2": IspSpec(
+        role="isp2",
+        router_dev="wan1",
+        router_ip="203.0.113.6",
+        gateway="203.0.113.5",
+        customer_net="203.0.113.4/30",
+        isp_transit_ip="198.18.0.5",
+        inet_transit_ip="198.18.0.6",
+        dhcp_metric=200,
+    ),
+}
+
+# Errors ######################################################################
+
+
+class LabError(RuntimeError):
+    """The lab could not be built, driven or torn down."""
+
+
+class LabCommandError(subprocess.CalledProcessError):
+    """A lab command failed; unlike CalledProcessError, str() shows its stderr."""
+
+    def __str__(self) -> str:
+        err = (self.stderr or "").strip()
+        return f"{super().__str__()}\nstderr: {err}" if err else super().__str__()
+
+
+# Helpers #####################################################################
+
+
+def lab_namespaces(prefix: str = "mwt") -> list[str]:
+    """Names of existing network namespaces starting with prefix."""
+    out = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    # Lines look like "name" or "name (id: 3)".
+    names = (line.split()[0] for line in out.splitlines() if line.strip())
+    return [name for name in names if name.startswith(prefix)]
+
+
+def _run(
+    argv: Sequence[str], *, check: bool = True, timeout: float = 10.0, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        list(argv), capture_output=True, text=True, timeout=timeout, input=input, check=False
+    )
+    if check and proc.returncode != 0:
+        raise LabCommandError(proc.returncode, list(argv), proc.stdout, proc.stderr)
+    return proc
+
+
+def _read_line(stream: IO[str], deadline: float) -> str | None:
+    """One line from a pipe, or None at EOF or when the monotonic deadline passes.
+
+    Only for a process's first output line: select() cannot see data that
+    the text wrapper has already buffered.
+    """
+    with selectors.DefaultSelector() as sel:
+        sel.register(stream, selectors.EVENT_READ)
+        while (remaining := deadline - time.monotonic()) > 0:
+            if sel.select(timeout=remaining):
+                line = stream.readline()
+                return line or None
+    return None
+
+
+def _stop_process(proc: subprocess.Popen[Any], grace_s: float = TERM_GRACE_S) -> None:
+    """SIGTERM, wait up to grace_s, then SIGKILL; always reaps and closes pipes."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=grace_s)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+# Route events ################################################################
+
+
+class RouteEvent(NamedTuple):
+    """One line of `ip monitor route`, stamped with time.monotonic() on arrival."""
+
+    t: float
+    line: str
+
+    @property
+    def deleted(self) -> bool:
+        return self.line.startswith("Deleted ")
+
+    @property
+    def route(self) -> str:
+        """The route text without the "Deleted " prefix."""
+        return self.line.removeprefix("Deleted ")
+
+    @property
+    def is_default(self) -> bool:
+        return self.route.split(maxsplit=1)[:1] == ["default"]
+
+    @property
+    def table(self) -> str:
+        """Table name or id as `ip` prints it; `ip` omits "table main"."""
+        words = self.route.split()
+        if "table" in words:
+            i = words.index("table")
+            if i + 1 < len(words):
+                return words[i + 1]
+        return "main"
+
+
+class RouteMonitor:
+    """Records `ip monitor route` in one namespace until stop().
+
+    Lines are stamped when the reader thread receives them (ip flushes after
+    every event), which is within a millisecond or so of the kernel change.
+    """
+
+    def __init__(self, lab: Lab, role: str) -> None:
+        self._lab = lab
+        self._role = role
+        self._events: list[RouteEvent] = []
+        self._cond = threading.Condition()
+        self._proc: subprocess.Popen[str] = lab._popen_raw(
+            ["ip", "-n", lab.name(role), "monitor", "route"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
+        self._thread = threading.Thread(target=self._read, name=f"route-monitor-{role}", daemon=True)
+        self._thread.start()
+        self._wait_subscribed()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            with self._cond:
+                self._events.append(RouteEvent(time.monotonic(), line.rstrip("\n").rstrip()))
+                self._cond.notify_all()
+
+    def _wait_subscribed(self) -> None:
+        # `ip monitor` prints nothing once it has subscribed, and an event made
+        # before that is simply never seen. So toggle a marker route (add, del,
+        # add, ...) until one of its events shows up: from then on nothing can
+        # be missed.
+        marker = ["blackhole", f"{MONITOR_MARKER_DST}/32", "table", MONITOR_MARKER_TABLE]
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        present = False
+        try:
+            with self._cond:
+                while not any(MONITOR_MARKER_DST in e.line for e in self._events):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._proc.poll() is not None:
+                        raise LabError(f"ip monitor route in {self._role} did not start")
+                    self._lab.ip(self._role, "route", "del" if present else "add", *marker)
+                    present = not present
+                    self._cond.wait(timeout=min(remaining, 0.05))
+        finally:
+            if present:
+                self._lab.ip(self._role, "route", "del", *marker, check=False)
+
+    def events(self) -> list[RouteEvent]:
+        """Events so far, without the readiness marker's."""
+        with self._cond:
+            return [e for e in self._events if MONITOR_MARKER_DST not in e.line]
+
+    def stop(self) -> list[RouteEvent]:
+        """Stop recording; returns every (monotonic_t, line) seen."""
+        _stop_process(self._proc)
+        self._thread.join(timeout=TERM_GRACE_S)
+        return self.events()
+
+    def deleted_defaults(self, table: str | None = None) -> list[RouteEvent]:
+        """Events "Deleted default ..." in `table` (any table if None)."""
+        return [
+            e for e in self.events() if e.deleted and e.is_default and (table is None or e.table == table)
+        ]
+
+
+# Connector ###################################################################
+
+
+class Attempt(NamedTuple):
+    """One connection attempt by connector.py: start time, success, source ip or reason."""
+
+    t: float
+    ok: bool
+    detail: str
+
+
+class Connector:
+    """A running connector.py in `lan`; collects its attempts in a reader thread."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self._proc = proc
+        self._attempts: list[Attempt] = []
+        self._unparsed: list[str] = []
+        self._lock = threading.Lock()
+        self.started_at: float | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="connector", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for raw in self._proc.stdout:
+            line = raw.strip()
+            words = line.split(maxsplit=2)
+            with self._lock:
+                if line.startswith("# start ") and len(words) == 3:
+                    self.started_at = float(words[2])
+                    self._started.set()
+                elif len(words) == 3 and words[1] in ("ok", "fail"):
+                    self._attempts.append(Attempt(float(words[0]), words[1] == "ok", words[2]))
+                elif line:
+                    self._unparsed.append(line)
+        self._started.set()  # EOF: nobody should wait for a start any more
+
+    def wait_started(self, timeout: float = READY_TIMEOUT_S) -> None:
+        if not self._started.wait(timeout) or self.started_at is None:
+            raise LabError(f"connector did not start: {self.unparsed()}")
+
+    def samples(self) -> list[Attempt]:
+        """Attempts so far, in order."""
+        with self._lock:
+            return list(self._attempts)
+
+    def unparsed(self) -> list[str]:
+        """Output lines that were not attempts (errors from the script)."""
+        with self._lock:
+            return list(self._unparsed)
+
+    def running(self) -> bool:
+        return self._proc.poll() is None
+
+    def wait(self, timeout: float) -> list[Attempt]:
+        """Wait for the connector to finish by itself (duration or max attempts)."""
+        self._proc.wait(timeout=timeout)
+        self._thread.join(timeout=TERM_GRACE_S)
+        return self.samples()
+
+    def stop(self) -> list[Attempt]:
+        """SIGTERM (the attempt in flight completes), reap, return all attempts."""
+        _stop_process(self._proc)
+        self._thread.join(timeout=TERM_GRACE_S)
+        return self.samples()
+
+    def longest_outage_s(self) -> float:
+        """Longest run of failed attempts, in seconds; 0.0 if none failed.
+
+        A run lasts from its first failed attempt's start to the start of the
+        next successful attempt (or of the last attempt, if none succeeded
+        after it).
+        """
+        samples = self.samples()
+        longest = 0.0
+        first_fail: float | None = None
+        for attempt in samples:
+            if not attempt.ok and first_fail is None:
+                first_fail = attempt.t
+            elif attempt.ok and first_fail is not None:
+                longest = max(longest, attempt.t - first_fail)
+                first_fail = None
+        if first_fail is not None:
+            longest = max(longest, samples[-1].t - first_fail)
+        return longest
+
+
+# The lab #####################################################################
+
+
+class Lab:
+    """Five namespaces wired as router + two ISPs + internet + LAN host.
+
+    Use as a context manager, or build() and close() yourself; close() is
+    idempotent and always tears everything down.
+    """
+
+    isps: Final = ISPS
+
+    def __init__(self, *, dhcp_defaults: bool = True) -> None:
+        self.dhcp_defaults = dhcp_defaults
+        self.prefix = f"mwt{os.getpid()}-{next(_lab_counter)}-"
+        self.ns: dict[str, str] = {role: self.prefix + role for role in ROLES}
+        self._created: list[str] = []
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._stoppables: list[RouteMonitor | Connector] = []
+        self._built = False
+        self._closed = False
+
+    # Context manager --------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        if not self._built:
+            self.build()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # Naming and commands ----------------------------------------------------
+
+    def name(self, role: str) -> str:
+        """The real namespace name of a role."""
+        try:
+            return self.ns[role]
+        except KeyError:
+            raise LabError(f"unknown role {role!r}; roles are {', '.join(ROLES)}") from None
+
+    def run(
+        self,
+        role: str,
+        *argv: str,
+        check: bool = True,
+        timeout: float = 10.0,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """`ip netns exec NS argv...` with text output captured."""
+        return _run(
+            ["ip", "netns", "exec", self.name(role), *argv],
+            check=check,
+            timeout=timeout,
+            input=input,
+        )
+
+    def popen(self, role: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        """Start argv in the namespace; it is stopped (TERM, then KILL) at close()."""
+        return self._popen_raw(["ip", "netns", "exec", self.name(role), *argv], **kw)
+
+    def _popen_raw(self, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
+        if self._closed:
+            raise LabError("lab is closed")
+        proc: subprocess.Popen[Any] = subprocess.Popen(argv, **kw)
+        self._procs.append(proc)
+        return proc
+
+    def ip(self, role: str, *args: str, check: bool = True) -> str:
+        """`ip -n NS args...`; returns stdout."""
+        return _run(["ip", "-n", self.name(role), *args], check=check).stdout
+
+    def ip_json(self, role: str, *args: str) -> list[dict[str, Any]]:
+        """`ip -j -n NS args...`, parsed."""
+        proc = _run(["ip", "-j", "-n", self.name(role), *args], check=False)
+        if proc.returncode != 0:
+            # Quirk: listing a table that was never created fails with
+            # "FIB table does not exist" after printing a lone "[".
+            if "FIB table does not exist" in proc.stderr:
+                return []
+            raise LabCommandError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+        text = proc.stdout.strip()
+        result: list[dict[str, Any]] = json.loads(text) if text else []
+        return result
+
+    def nft(self, role: str, script: str) -> None:
+        """Apply an nft script (`nft -f -`) in the namespace, as one transaction."""
+        self.run(role, "nft", "-f", "-", input=script)
+
+    def default_routes(self, role: str = "router", table: str = "main") -> list[dict[str, Any]]:
+        """`ip -j route show default table X` (empty if the table does not exist)."""
+        return self.ip_json(role, "route", "show", "default", "table", table)
+
+    def rules(self, role: str = "router") -> list[dict[str, Any]]:
+        """`ip -j rule show`."""
+        return self.ip_json(role, "rule", "show")
+
+    def counter(self, isp_role: str, name: str) -> int:
+        """Packets an ISP's named counter saw: t1, t2, srv (forwarded from cpe), spoofed."""
+        self._isp(isp_role)
+        out = self.run(isp_role, "nft", "-j", "list", "counter", "inet", "isp", name).stdout
+        for item in json.loads(out)["nftables"]:
+            if "counter" in item:
+                return int(item["counter"]["packets"])
+        raise LabError(f"no counter {name!r} in {isp_role}")
+
+    # Building ---------------------------------------------------------------
+
+    def build(self) -> Lab:
+        """Create namespaces, links, addresses, routes, nft and the echo server."""
+        if self._built or self._closed:
+            raise LabError("build() may be called once, before close()")
+        self._built = True
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _build(self) -> None:
+        for role in ROLES:
+            _run(["ip", "netns", "add", self.name(role)])
+            self._created.append(self.name(role))
+
+        # veth pairs are created from inside a lab namespace with the peer put
+        # straight into the other one, so nothing ever appears in the root ns.
+        links = {
+            "router": [
+                f"link add wan0 type veth peer name cpe netns {self.name('isp1')}",
+                f"link add wan1 type veth peer name cpe netns {self.name('isp2')}",
+                f"link add lan0 type veth peer name eth0 netns {self.name('lan')}",
+            ],
+            # `ip link add up ...` would read "up" as the flag and create an
+            # auto-named link; `name`/`dev` make `up` an interface name.
+            "isp1": [f"link add name up type veth peer name isp1 netns {self.name('inet')}"],
+            "isp2": [f"link add name up type veth peer name isp2 netns {self.name('inet')}"],
+        }
+        for role, lines in links.items():
+            self._ip_batch(role, lines)
+
+        self._sysctls()
+
+        isp1, isp2 = ISPS["isp1"], ISPS["isp2"]
+        addresses = {
+            "router": [
+                f"addr add {isp1.router_ip}/30 dev {isp1.router_dev}",
+                f"addr add {isp2.router_ip}/30 dev {isp2.router_dev}",
+                f"addr add {LAN_GATEWAY}/24 dev lan0",
+                "link set wan0 up",
+                "link set wan1 up",
+                "link set lan0 up",
+            ],
+            "lan": [f"addr add {LAN_HOST}/24 dev eth0", "link set eth0 up"],
+            "inet": [
+                *(f"addr add {ip}/32 dev lo" for ip in (*PROBE_TARGETS, SERVER_IP)),
+                f"addr add {isp1.inet_transit_ip}/30 dev isp1",
+                f"addr add {isp2.inet_transit_ip}/30 dev isp2",
+                "link set isp1 up",
+                "link set isp2 up",
+            ],
+        }
+        for isp in (isp1, isp2):
+            addresses[isp.role] = [
+                f"addr add {isp.gateway}/30 dev cpe",
+                f"addr add {isp.isp_transit_ip}/30 dev up",
+                "link set dev cpe up",
+                "link set dev up up",
+            ]
+        for role in ROLES:
+            self._ip_batch(role, ["link set lo up", *addresses.get(role, [])])
+
+        # Routes only once every link is up on both ends (a gateway route on a
+        # link whose peer is still down would need `onlink`).
+        routes: dict[str, list[str]] = {
+            "lan": [f"route add default via {LAN_GATEWAY}"],
+            # inet deliberately has no default route: it only knows the ISPs.
+            "inet": [f"route add {isp.customer_net} via {isp.isp_transit_ip}" for isp in (isp1, isp2)],
+            "isp1": [f"route add default via {isp1.inet_transit_ip}"],
+            "isp2": [f"route add default via {isp2.inet_transit_ip}"],
+            "router": [
+                f"route add default via {isp.gateway} dev {isp.router_dev} "
+                f"proto dhcp metric {isp.dhcp_metric}"
+                for isp in (isp1, isp2)
+                if self.dhcp_defaults
+            ],
+        }
+        for role, lines in routes.items():
+            if lines:
+                self._ip_batch(role, lines)
+
+        # Stand-in for the router's firewall: NAT out of both uplinks.
+        self.nft(
+            "router",
+            "table ip labnat {\n"
+            "  chain post {\n"
+            "    type nat hook postrouting priority 100; policy accept;\n"
+            '    oifname "wan0" masquerade\n'
+            '    oifname "wan1" masquerade\n'
+            "  }\n"
+            "}\n",
+        )
+        for isp in (isp1, isp2):
+            self.nft(isp.role, _isp_ruleset(isp))
+
+        self._start_echo_server()
+
+    def _ip_batch(self, role: str, lines: Sequence[str]) -> None:
+        # One `ip` process per namespace and phase keeps the build fast.
+        try:
+            _run(["ip", "-n", self.name(role), "-batch", "-"], input="\n".join(lines) + "\n")
+        except LabCommandError as exc:
+            commands = "\n".join(lines)
+            raise LabError(f"ip batch in {role} failed: {exc}\ncommands:\n{commands}") from exc
+
+    def _sysctls(self) -> None:
+        # New namespaces inherit IPv4 conf from the root ns (devconf_inherit_init_net=0),
+        # so set everything that matters explicitly. rp_filter is off everywhere:
+        # the router does policy routing (replies may come in on the "wrong"
+        # uplink as far as the main table is concerned), and anti-spoofing at
+        # the ISPs is modelled by the nft BCP38 rule, which the tests can count.
+        common = ["net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"]
+        per_role = {
+            "router": [
+                "net.ipv4.ip_forward=1",
+                *(f"net.ipv4.conf.{dev}.rp_filter=0" for dev in ("wan0", "wan1", "lan0")),
+            ],
+            "isp1": ["net.ipv4.ip_forward=1", "net.ipv4.conf.cpe.rp_filter=0"],
+            "isp2": ["net.ipv4.ip_forward=1", "net.ipv4.conf.cpe.rp_filter=0"],
+        }
+        for role in ROLES:
+            self.run(role, "sysctl", "-q", "-w", *common, *per_role.get(role, []))
+
+    def _start_echo_server(self) -> None:
+        proc = self.popen(
+            "inet",
+            [sys.executable, str(ECHO_SERVER), "--host", SERVER_IP, "--port", str(SERVER_PORT)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        line = _read_line(proc.stdout, time.monotonic() + READY_TIMEOUT_S)
+        if line is None or line.strip() != "ready":
+            raise LabError(f"echo server did not become ready (got {line!r}, rc={proc.poll()})")
+
+    # Faults (all reversible, all in the ISP namespaces) ----------------------
+
+    def _isp(self, role: str) -> IspSpec:
+        try:
+            return ISPS[role]
+        except KeyError:
+            raise LabError(f"not an ISP role: {role!r} (use isp1 or isp2)") from None
+
+    def _replace_table(self, role: str, family_table: str, body: str | None) -> None:
+        # "add; delete; define" in one transaction: idempotent both ways and
+        # atomic (nft 1.0.6 has no `destroy table`).
+        script = f"add table {family_table}\ndelete table {family_table}\n"
+        if body is not None:
+            script += f"table {family_table} {{\n{body}}}\n"
+        self.nft(role, script)
+
+    def silent_drop(self, isp_role: str, on: bool) -> None:
+        """The ISP drops everything it forwards; its gateway still answers ARP and ping."""
+        self._isp(isp_role)
+        body = (
+            "  chain forward {\n"
+            "    type filter hook forward priority -10; policy accept;\n"
+            "    counter drop\n"
+            "  }\n"
+        )
+        self._replace_table(isp_role, "inet fault", body if on else None)
+
+    def gateway_dead(self, isp_role: str, on: bool, *, arp: bool = False) -> None:
+        """The gateway neither answers (input) nor forwards, with the link up.
+
+        ARP is a separate family in nftables, so by default the dead gateway
+        still resolves; arp=True also drops ARP (the router's neighbour entry
+        then goes FAILED, like a gateway that is really switched off).
+        """
+        self._isp(isp_role)
+        body = "".join(
+            f"  chain {hook} {{\n"
+            f"    type filter hook {hook} priority -10; policy accept;\n"
+            "    counter drop\n"
+            "  }\n"
+            for hook in ("input", "forward")
+        )
+        self._replace_table(isp_role, "inet deadgw", body if on else None)
+        arp_body = "  chain input {\n    type filter hook input priority 0; policy drop;\n  }\n"
+        self._replace_table(isp_role, "arp deadgw", arp_body if on and arp else None)
+
+    def carrier(self, isp_role: str, up: bool) -> None:
+        """Set the ISP's `cpe` end down/up: the router's side shows NO-CARRIER.
+
+        The kernel keeps using routes through a NO-CARRIER link
+        (ignore_routes_with_linkdown=0): only the agent moves traffic away.
+        """
+        self._isp(isp_role)
+        self.ip(isp_role, "link", "set", "cpe", "up" if up else "down")
+
+    def loss(self, isp_role: str, percent: int) -> None:
+        """Drop `percent`% of packets the ISP forwards from the customer; 0 removes it.
+
+        Only the upstream direction (iifname "cpe") is dropped, so a probe
+        round trip is lost with exactly this probability rather than
+        1-(1-p)^2.
+        """
+        self._isp(isp_role)
+        if not 0 <= percent <= 100:
+            raise LabError(f"loss percent must be 0..100, got {percent}")
+        # nft range-checks the constant against `mod 100` (0-99): 100% is a plain drop.
+        match = "" if percent == 100 else f"numgen random mod 100 < {int(percent)} "
+        body = (
+            "  chain forward {\n"
+            "    type filter hook forward priority -10; policy accept;\n"
+            f'    iifname "cpe" {match}counter drop\n'
+            "  }\n"
+        )
+        self._replace_table(isp_role, "inet loss", body if percent else None)
+
+    # Observers and traffic ---------------------------------------------------
+
+    def monitor_routes(self, role: str = "router") -> RouteMonitor:
+        """Start recording route events; returns once the monitor is subscribed."""
+        monitor = RouteMonitor(self, role)
+        self._stoppables.append(monitor)
+        return monitor
+
+    def start_connector(self, duration_s: float, period_ms: int = 10, timeout_ms: int = 100) -> Connector:
+        """Start connector.py in `lan` against the echo server; returns once it runs."""
+        proc = self.popen(
+            "lan",
+            [
+                sys.executable, str(CONNECTOR),
+                "--host", SERVER_IP, "--port", str(SERVER_PORT),
+                "--period-ms", str(period_ms), "--timeout-ms", str(timeout_ms),
+                "--duration-s", str(duration_s),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )  # fmt: skip
+        connector = Connector(proc)
+        self._stoppables.append(connector)
+        connector.wait_started()
+        return connector
+
+    def connect_once(self, timeout: float = 2.0) -> str | None:
+        """One TCP connection from `lan`; the source ip the server saw, or None."""
+        timeout_ms = max(1, round(timeout * 1000))
+        proc = self.run(
+            "lan",
+            sys.executable, str(CONNECTOR),
+            "--host", SERVER_IP, "--port", str(SERVER_PORT),
+            "--max-attempts", "1", "--timeout-ms", str(timeout_ms),
+            "--duration-s", str(min(timeout + 5, 120)),
+            timeout=timeout + 10,
+        )  # fmt: skip
+        for line in proc.stdout.splitlines():
+            words = line.split()
+            if len(words) == 3 and words[1] == "ok":
+                return words[2]
+        return None
+
+    # Teardown ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop everything started in the lab, kill what is left, delete the namespaces."""
+        if self._closed:
+            return
+        self._closed = True
+        errors: list[str] = []
+        for stoppable in reversed(self._stoppables):
+            try:
+                stoppable.stop()
+            except Exception as exc:  # keep tearing down; reported below
+                errors.append(f"stopping {type(stoppable).__name__}: {exc}")
+        # Our own processes first, gracefully, in parallel.
+        live = [p for p in self._procs if p.poll() is None]
+        for proc in live:
+            proc.terminate()
+        deadline = time.monotonic() + TERM_GRACE_S
+        while any(p.poll() is None for p in live) and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL_S)
+        for proc in self._procs:
+            try:
+                if proc.poll() is None:
+                    proc.kill()
+                _stop_process(proc)  # reaps and closes pipes
+            except Exception as exc:
+                errors.append(f"stopping pid {proc.pid}: {exc}")
+        # Then anything else still in a lab namespace (e.g. an agent started by
+        # a test, or children of our processes).
+        for ns in self._created:
+            errors.extend(self._kill_namespace_pids(ns))
+        for ns in self._created:
+            deleted = _run(["ip", "netns", "del", ns], check=False)
+            if deleted.returncode != 0:
+                errors.append(f"ip netns del {ns}: {deleted.stderr.strip()}")
+        self._created.clear()
+        if errors:
+            raise LabError("lab teardown was not clean:\n" + "\n".join(errors))
+
+    def _kill_namespace_pids(self, ns: str) -> list[str]:
+        me = os.getpid()
+        deadline = time.monotonic() + TERM_GRACE_S
+        sig = signal.SIGTERM
+        while time.monotonic() < deadline:
+            listed = _run(["ip", "netns", "pids", ns], check=False)
+            pids = {int(word) for word in listed.stdout.split() if word.isdigit()}
+            if me in pids:
+                # Our own main thread entered the namespace (setns in-process):
+                # never kill the test runner.
+                return [f"the test process itself is in namespace {ns}"]
+            if not pids:
+                return []
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(POLL_INTERVAL_S * 5)
+            sig = signal.SIGKILL  # TERM once, then KILL
+        return [f"processes still in {ns} after {TERM_GRACE_S}s"]
+
+
+def _isp_ruleset(isp: IspSpec) -> str:
+    """BCP38 at the ISP edge plus per-target counters of what it forwards.
+
+    Named counters need an explicit `{ packets 0 bytes 0 }` body in nft
+    1.0.6; the chain cannot be called `fwd` (a keyword). The spoof drop comes
+    first, so t1/t2/srv count only packets actually forwarded.
+    """
+    names = ("t1", "t2", "srv", "spoofed")
+    counters = "".join(f"  counter {name} {{ packets 0 bytes 0 }}\n" for name in names)
+    targets = {"t1": PROBE_TARGETS[0], "t2": PROBE_TARGETS[1], "srv": SERVER_IP}
+    rules = "".join(f'    iifname "cpe" ip daddr {ip} counter name {name}\n' for name, ip in targets.items())
+    return (
+        "table inet isp {\n"
+        f"{counters}"
+        "  chain forward {\n"
+        "    type filter hook forward priority 0; policy accept;\n"
+        f'    iifname "cpe" ip saddr != {isp.customer_net} counter name spoofed drop\n'
+        f"{rules}"
+        "  }\n"
+        "}\n"
+    )

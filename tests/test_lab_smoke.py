@@ -1,0 +1,181 @@
+"""Smoke tests of the namespace lab itself (not of the agent)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+
+import pytest
+from lab import ISPS, PROBE_TARGETS, SERVER_IP, SERVER_PORT, Lab, lab_namespaces
+
+pytestmark = pytest.mark.lab
+
+WAN0_IP = ISPS["isp1"].router_ip
+WAN1_IP = ISPS["isp2"].router_ip
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def ping(lab: Lab, *args: str) -> bool:
+    if shutil.which("ping") is None:
+        pytest.fail("ping (iputils-ping) is not installed")
+    return lab.run("router", "ping", "-n", "-c1", "-W1", *args, check=False).returncode == 0
+
+
+def counters(lab: Lab, name: str) -> tuple[int, int]:
+    return lab.counter("isp1", name), lab.counter("isp2", name)
+
+
+def test_lan_reaches_server_through_wan0_with_nat(lab: Lab) -> None:
+    routes = sorted((r["dev"], r["gateway"], r["metric"]) for r in lab.default_routes())
+    assert routes == [("wan0", "203.0.113.1", 100), ("wan1", "203.0.113.5", 200)]
+    srv_before = counters(lab, "srv")
+    assert lab.connect_once() == WAN0_IP
+    isp1_srv, isp2_srv = counters(lab, "srv")
+    assert isp1_srv > srv_before[0] and isp2_srv == srv_before[1]
+
+
+@pytest.mark.lab(dhcp_defaults=False)
+def test_without_dhcp_defaults_there_is_no_default_route(lab: Lab) -> None:
+    assert lab.default_routes() == []
+    assert lab.default_routes(table="1234") == []  # a table that does not exist
+    assert lab.connect_once(timeout=0.3) is None
+
+
+def test_udp_echo_reports_source(lab: Lab) -> None:
+    script = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        f"s.settimeout(2); s.sendto(b'x', ('{SERVER_IP}', {SERVER_PORT})); "
+        "print(s.recv(64).decode().strip())"
+    )
+    assert lab.run("lan", "python3", "-c", script).stdout.strip() == WAN0_IP
+
+
+def test_silent_drop_keeps_gateway_answering(lab: Lab) -> None:
+    lab.silent_drop("isp1", True)
+    lab.silent_drop("isp1", True)  # idempotent
+    assert lab.connect_once(timeout=0.3) is None
+    assert ping(lab, "203.0.113.1")
+    lab.silent_drop("isp1", False)
+    lab.silent_drop("isp1", False)  # idempotent
+    assert lab.connect_once() == WAN0_IP
+
+
+def test_gateway_dead_and_loss(lab: Lab) -> None:
+    lab.gateway_dead("isp1", True)
+    assert not ping(lab, "203.0.113.1")
+    assert lab.connect_once(timeout=0.3) is None
+    lab.gateway_dead("isp1", False)
+    assert ping(lab, "203.0.113.1")
+
+    lab.loss("isp1", 100)
+    assert lab.connect_once(timeout=0.3) is None
+    lab.loss("isp1", 0)
+    assert lab.connect_once() == WAN0_IP
+
+
+def test_counters_count_probe_bound_to_wan1_at_isp2_only(lab: Lab) -> None:
+    t1_before, t2_before = counters(lab, "t1"), counters(lab, "t2")
+    assert ping(lab, "-I", "wan1", PROBE_TARGETS[0])
+    assert counters(lab, "t1") == (t1_before[0], t1_before[1] + 1)
+    assert counters(lab, "t2") == t2_before
+
+
+def test_carrier_loss_shows_no_carrier(lab: Lab) -> None:
+    def flags() -> list[str]:
+        return list(lab.ip_json("router", "link", "show", "dev", "wan0")[0]["flags"])
+
+    assert "LOWER_UP" in flags()
+    lab.carrier("isp1", False)
+    assert wait_for(lambda: "NO-CARRIER" in flags())
+    # The kernel keeps the route through the dead link; moving traffic is the agent's job.
+    assert any(r["dev"] == "wan0" for r in lab.default_routes())
+    lab.carrier("isp1", True)
+    assert wait_for(lambda: "LOWER_UP" in flags())
+
+
+def test_bcp38_drops_unnatted_source(lab: Lab) -> None:
+    target = PROBE_TARGETS[0]
+    # With NAT, a ping sourced from the LAN address leaves wan0 as 203.0.113.2.
+    assert ping(lab, "-I", "198.51.100.1", target)
+    assert lab.counter("isp1", "spoofed") == 0
+    # Untracked packets skip the nat hook, so the LAN source leaves wan0 as-is,
+    # which is what a NAT/stickiness bug looks like from the ISP's side.
+    lab.nft(
+        "router",
+        "table ip spooftest {\n"
+        "  chain out {\n"
+        "    type filter hook output priority raw; policy accept;\n"
+        f"    ip daddr {target} notrack\n"
+        "  }\n"
+        "}\n",
+    )
+    t1_before = lab.counter("isp1", "t1")
+    assert not ping(lab, "-I", "198.51.100.1", target)
+    assert lab.counter("isp1", "spoofed") == 1
+    assert lab.counter("isp1", "t1") == t1_before
+
+
+def test_route_monitor_sees_replace_and_delete(lab: Lab) -> None:
+    monitor = lab.monitor_routes("router")
+    lab.ip("router", "route", "replace", "default", "via", "203.0.113.5", "dev", "wan1",
+           "proto", "dhcp", "metric", "100")  # fmt: skip
+    lab.ip("router", "route", "del", "default", "metric", "200")
+    assert wait_for(lambda: len(monitor.events()) >= 2)
+    events = monitor.stop()
+    assert [e.line for e in events] == [
+        "default via 203.0.113.5 dev wan1 proto dhcp metric 100",
+        "Deleted default via 203.0.113.5 dev wan1 proto dhcp metric 200",
+    ]
+    assert [e.line for e in monitor.deleted_defaults("main")] == [events[1].line]
+    assert monitor.deleted_defaults("100") == []
+    assert events[0].t <= events[1].t
+
+
+def test_connector_sees_outage(lab: Lab) -> None:
+    connector = lab.start_connector(duration_s=1.5, period_ms=10, timeout_ms=100)
+    assert wait_for(lambda: sum(a.ok for a in connector.samples()) >= 30)
+    fault_begin = time.monotonic()
+    lab.silent_drop("isp1", True)
+    fault_end = time.monotonic()
+    samples = connector.wait(timeout=10)
+    assert not connector.unparsed()
+    # Attempts that started a full timeout before the fault had finished before it.
+    before = [a for a in samples if a.t < fault_begin - 0.1]
+    after = [a for a in samples if a.t > fault_end]
+    assert len(before) >= 10 and all(a.ok and a.detail == WAN0_IP for a in before)
+    assert after and all(not a.ok and a.detail == "timeout" for a in after)
+    assert connector.longest_outage_s() > 0.5
+    # Attempts follow the schedule: one slot (10 ms) apart while they succeed.
+    gaps = [b.t - a.t for a, b in zip(before, before[1:], strict=False)]
+    assert min(gaps) >= 0.009
+
+
+def test_close_removes_namespaces_and_processes() -> None:
+    lab = Lab()
+    with lab:
+        prefix = lab.prefix
+        assert len(lab_namespaces(prefix)) == 5
+        stray = lab.run("router", "sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!").stdout
+        stray_pid = int(stray)
+        lab.popen("lan", ["sleep", "60"])
+    assert lab_namespaces(prefix) == []
+    # The backgrounded sleep was not our child: it was killed via `ip netns pids`.
+    assert wait_for(lambda: not _alive(stray_pid), timeout=2)
+    lab.close()  # idempotent
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
