@@ -38,6 +38,8 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """
     reason = lab_unavailable_reason()
     if reason is not None:
+        if os.environ.get("MULTIWAN_REQUIRE_LAB"):
+            pytest.fail(f"MULTIWAN_REQUIRE_LAB is set but {reason}")
         pytest.skip(reason)
     marker = request.node.get_closest_marker("lab")
     options = dict(marker.kwargs) if marker is not None else {}

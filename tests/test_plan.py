@@ -1,0 +1,158 @@
+"""Route plan, diff and collision checks: pure functions over netlink-shaped data."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import multiwan_agent as mwa
+
+CONFIG = mwa.parse_config(
+    """
+[check]
+targets = ["198.18.1.1"]
+[[uplink]]
+name = "fibre"
+interface = "wan0"
+priority = 1
+[[uplink]]
+name = "lte"
+interface = "wan1"
+gateway = "203.0.113.5"
+priority = 2
+[[uplink]]
+name = "vpn"
+interface = "wg0"
+gateway = "none"
+priority = 3
+""",
+    "t.toml",
+)
+IFACES = {
+    "wan0": mwa.Interface("wan0", 2, True, True, "203.0.113.2", "203.0.113.1"),
+    "wan1": mwa.Interface("wan1", 3, True, True, "203.0.113.6", None),
+    "wg0": mwa.Interface("wg0", 4, True, True, "198.18.5.1", None),
+}
+INDEXES = {name: i.index for name, i in IFACES.items()}
+P = mwa.AgentConfig().route_protocol
+
+
+def installed(plan: mwa.NetPlan) -> tuple[list[mwa.RuleEntry], list[mwa.RouteEntry]]:
+    """What the kernel would hold after applying `plan`."""
+    rules = [mwa.RuleEntry(r.priority, r.table, P, r.fwmark, r.fwmask, r.source, r.oifname, r.suppress_prefixlength)
+             for r in plan.rules]  # fmt: skip
+    routes = [mwa.RouteEntry(r.table, INDEXES[r.interface], r.gateway, P)
+              for r in plan.uplink_routes + ((plan.default_route,) if plan.default_route else ())]  # fmt: skip
+    return rules, routes
+
+
+def test_plan_shape() -> None:
+    plan = mwa.plan_network(CONFIG, IFACES, "fibre")
+    described = [r.describe() for r in plan.rules]
+    assert described == [
+        "5000: from all lookup main suppress_prefixlength 0",
+        "5010: from all oif wan0 lookup 201",
+        "5011: from all oif wan1 lookup 202",
+        "5012: from all oif wg0 lookup 203",
+        "5040: from 203.0.113.2 lookup 201",
+        "5041: from 203.0.113.6 lookup 202",
+        "5042: from 198.18.5.1 lookup 203",
+        "5070: from all fwmark 0x100/0xff00 lookup 201",
+        "5071: from all fwmark 0x200/0xff00 lookup 202",
+        "5072: from all fwmark 0x300/0xff00 lookup 203",
+        "5099: from all lookup 200",
+    ]
+    assert plan.uplink_routes == (
+        mwa.RouteSpec(201, "wan0", "203.0.113.1"),  # auto: follows DHCP
+        mwa.RouteSpec(202, "wan1", "203.0.113.5"),  # static
+        mwa.RouteSpec(203, "wg0", None),  # point-to-point
+    )
+    assert plan.default_route == mwa.RouteSpec(200, "wan0", "203.0.113.1")
+
+
+def test_diff_of_an_empty_system_adds_routes_before_rules() -> None:
+    plan = mwa.plan_network(CONFIG, IFACES, "fibre")
+    changes = mwa.diff_network(CONFIG, plan, [], [], INDEXES, CONFIG.tables)
+    kinds = [c.kind for c in changes]
+    assert kinds == ["replace_route"] * 4 + ["add_rule"] * 11
+
+
+def test_diff_of_an_applied_plan_is_empty_and_switch_is_one_replace() -> None:
+    plan = mwa.plan_network(CONFIG, IFACES, "fibre")
+    rules, routes = installed(plan)
+    assert mwa.diff_network(CONFIG, plan, rules, routes, INDEXES, CONFIG.tables) == []
+    switched = mwa.plan_network(CONFIG, IFACES, "lte")
+    changes = mwa.diff_network(CONFIG, switched, rules, routes, INDEXES, CONFIG.tables)
+    assert changes == [mwa.Change("replace_route", route=mwa.RouteSpec(200, "wan1", "203.0.113.5"))]
+
+
+def test_diff_never_deletes_the_selected_default_nor_foreign_objects() -> None:
+    plan = mwa.plan_network(CONFIG, IFACES, "fibre")
+    rules, routes = installed(plan)
+    nothing_selected = mwa.plan_network(CONFIG, IFACES, None)
+    foreign_rule = mwa.RuleEntry(5050, 77, 4)  # inside our range but not ours: never deleted
+    foreign_route = mwa.RouteEntry(201, 2, "203.0.113.9", 16)
+    changes = mwa.diff_network(
+        CONFIG, nothing_selected, rules + [foreign_rule], routes + [foreign_route], INDEXES, CONFIG.tables
+    )
+    assert all(c.kind != "del_route" for c in changes)
+    assert all(c.rule is None or c.rule.priority != 5050 for c in changes)
+
+
+def test_vanished_interface_drops_its_source_rule_and_route() -> None:
+    plan = mwa.plan_network(CONFIG, IFACES, "fibre")
+    rules, routes = installed(plan)
+    without_wan1 = {k: v for k, v in IFACES.items() if k != "wan1"}
+    changes = mwa.diff_network(
+        CONFIG, mwa.plan_network(CONFIG, without_wan1, "fibre"), rules, routes, INDEXES, CONFIG.tables
+    )
+    described = sorted(c.describe() for c in changes)
+    assert described == ["del_route default table 202", "del_rule 5041: from 203.0.113.6 lookup 202"]
+
+
+def test_collisions() -> None:
+    ours = mwa.RuleEntry(5010, 201, P, oifname="wan0")
+    assert mwa.find_collisions(CONFIG, [ours], []) == []
+    problems = mwa.find_collisions(
+        CONFIG,
+        [
+            mwa.RuleEntry(5050, 254, 4),  # someone else's rule in our range
+            mwa.RuleEntry(100, 202, 4),  # a rule into our table
+            mwa.RuleEntry(200, 99, 4, fwmark=0x200, fwmask=0xFF00),  # our mark
+            mwa.RuleEntry(201, 99, 4, fwmark=0x1, fwmask=0xFF),  # other bits: fine
+        ],
+        [mwa.RouteEntry(203, 4, None, 3)],  # a static route in our table
+    )
+    assert len(problems) == 4, problems
+    assert "5050" in problems[0] and "table 202" in problems[1]
+    assert "lte's mark 0x200" in problems[2] and "table 203" in problems[3]
+
+
+def test_link_observation_reasons() -> None:
+    fibre, lte, vpn = CONFIG.uplinks
+    assert mwa.link_observation(fibre, None).reason == "interface wan0 is gone"
+    down = mwa.Interface("wan0", 2, False, False, None, None)
+    assert mwa.link_observation(fibre, down).reason == "interface wan0 is administratively down"
+    no_carrier = mwa.Interface("wan0", 2, True, False, "203.0.113.2", "203.0.113.1")
+    assert mwa.link_observation(fibre, no_carrier).reason == "carrier lost on wan0"
+    no_addr = mwa.Interface("wan0", 2, True, True, None, "203.0.113.1")
+    assert mwa.link_observation(fibre, no_addr).reason == "no IPv4 address on wan0"
+    no_gw = mwa.Interface("wan0", 2, True, True, "203.0.113.2", None)
+    assert "no default route from DHCP/RA" in mwa.link_observation(fibre, no_gw).reason
+    assert mwa.link_observation(lte, IFACES["wan1"]).usable  # static gateway
+    assert mwa.link_observation(vpn, IFACES["wg0"]).usable  # point-to-point
+
+
+def _ip_header(src: str, dst: str, proto: int = 1) -> bytes:
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0, 64, proto, 0, socket.inet_aton(src), socket.inet_aton(dst))
+
+
+def test_parse_icmp_echo_reply_and_errors() -> None:
+    reply = _ip_header("198.18.1.1", "203.0.113.2") + struct.pack("!BBHHH", 0, 0, 0, 0x1234, 7) + b"x" * 24
+    assert mwa._parse_icmp(reply) == (0, "198.18.1.1", 0x1234, 7)
+    quoted = _ip_header("203.0.113.2", "198.18.1.2") + struct.pack("!BBHHH", 8, 0, 0, 0x1234, 9)
+    error = _ip_header("203.0.113.1", "203.0.113.2") + struct.pack("!BBHI", 3, 1, 0, 0) + quoted
+    assert mwa._parse_icmp(error) == (3, "198.18.1.2", 0x1234, 9)
+    request = _ip_header("198.51.100.10", "203.0.113.2") + struct.pack("!BBHHH", 8, 0, 0, 1, 1)
+    assert mwa._parse_icmp(request) is None
+    assert mwa._parse_icmp(b"\x45" + b"\0" * 10) is None
