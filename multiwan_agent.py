@@ -1423,7 +1423,8 @@ class Agent:
         self._status_forced = False
         self._wake_at: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._started = time.monotonic()
+        # One reconcile at a time: the sync loop and a reload must not interleave netlink changes.
+        self._sync_lock = asyncio.Lock()
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -1480,7 +1481,7 @@ class Agent:
             log.info("uplink=%s adopted: the selected default route of a previous run points at it", adopted)
         self._log_effective_config()
         self._events = NetlinkEvents(self._request_sync)
-        await self._sync(loop_now())
+        await self._sync()
 
     async def _shutdown(self) -> None:
         for task in self._tasks:
@@ -1515,10 +1516,7 @@ class Agent:
             return
         now = loop_now()
         if self.verbose:
-            detail = " ".join(
-                f"{p.target}={_probe_detail(p)}"
-                for p in result.probes
-            )
+            detail = " ".join(f"{p.target}={_probe_detail(p)}" for p in result.probes)
             log.debug(
                 "uplink=%s round=%d %s %d/%d %s",
                 result.uplink,
@@ -1559,7 +1557,7 @@ class Agent:
                 self._sync_links = True  # periodic repair of what events may have missed
             self._sync_wanted.clear()
             try:
-                await self._sync(loop.time())
+                await self._sync()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -1567,8 +1565,12 @@ class Agent:
                 await asyncio.sleep(0.5)
                 self._sync_wanted.set()
 
-    async def _sync(self, now: float) -> None:
+    async def _sync(self) -> None:
         """Observe links, select, and reconcile routes and rules with the plan."""
+        async with self._sync_lock:
+            await self._sync_locked()
+
+    async def _sync_locked(self) -> None:
         config = self.config
         protocol = config.agent.route_protocol
         if self._sync_links:
@@ -1659,32 +1661,38 @@ class Agent:
             )
             self.notifier.send("READY=1")
             return
-        for runtime in self.runtime.values():
-            if runtime.prober_task is not None:
-                runtime.prober_task.cancel()
+        for running in self.runtime.values():
+            if running.prober_task is not None:
+                running.prober_task.cancel()
         await asyncio.gather(
             *(r.prober_task for r in self.runtime.values() if r.prober_task), return_exceptions=True
         )
         now = loop_now()
         healths: dict[str, Health] = {}
-        runtime: dict[str, UplinkRuntime] = {}
+        runtimes: dict[str, UplinkRuntime] = {}
         for uplink in new.uplinks:
             previous = self.healths.get(uplink.name)
-            healths[uplink.name] = (
-                remap_health(previous, uplink.check) if previous else Health(uplink.name, since=now)
+            before = self.runtime.get(uplink.name)
+            same_path = before is not None and (before.uplink.interface, before.uplink.gateway) == (
+                uplink.interface,
+                uplink.gateway,
             )
-            runtime[uplink.name] = UplinkRuntime(
-                uplink, self.runtime[uplink.name].interface if uplink.name in self.runtime else None
-            )
+            # State carries across a reload (as keepalived does) unless the uplink now means another path.
+            if previous is not None and same_path:
+                healths[uplink.name] = remap_health(previous, uplink.check)
+            else:
+                healths[uplink.name] = Health(uplink.name, since=now)
+            runtimes[uplink.name] = UplinkRuntime(uplink, before.interface if before and same_path else None)
         self.config = new
         self.healths = healths
-        self.runtime = runtime
+        self.runtime = runtimes
         self.managed_tables |= new.tables
+        self._sync_links = True
         log.info("reloaded %s: %d uplinks", new.source, len(new.uplinks))
         self._log_effective_config()
         self._start_probers()
         self._status_forced = True
-        await self._sync(now)
+        await self._sync()
         self.notifier.send("READY=1\nSTATUS=" + self.summary())
 
     # -- helpers ------------------------------------------------------------

@@ -7,8 +7,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Final
+from typing import Any, Final
 
 from lab import Lab
 
@@ -53,7 +54,12 @@ def lab_config(
 ) -> str:
     return (
         LAB_CONFIG.format(
-            state_dir=state_dir, hysteresis=hysteresis, interval=interval, timeout=timeout, fall=fall, rise=rise
+            state_dir=state_dir,
+            hysteresis=hysteresis,
+            interval=interval,
+            timeout=timeout,
+            fall=fall,
+            rise=rise,
         )
         + extra
     )
@@ -87,7 +93,9 @@ class AgentProcess:
         except (OSError, ValueError):
             return None
 
-    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str = "") -> dict[str, Any]:
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str = ""
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -96,7 +104,9 @@ class AgentProcess:
             if status is not None and status.get("pid") == self.agent_pid() and predicate(status):
                 return status
             time.sleep(POLL_S)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}; status={self.status()}\n{self.log()}")
+        raise AssertionError(
+            f"timed out after {timeout}s waiting for {what}; status={self.status()}\n{self.log()}"
+        )
 
     def wait_selected(self, name: str | None, timeout: float = 10.0) -> dict[str, Any]:
         return self.wait_for(lambda s: s.get("selected") == name, timeout, f"selected={name}")

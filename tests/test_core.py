@@ -18,12 +18,15 @@ UPLINKS = (uplink("fibre", 1, 0), uplink("lte", 2, 1))
 
 def round_(ok: bool, name: str = "fibre", reason: str = "timeout") -> mwa.RoundResult:
     probes = tuple(
-        mwa.ProbeResult(t, ok, rtt_ms=5.0 if ok else None, reason="ok" if ok else reason) for t in CHECK.targets
+        mwa.ProbeResult(t, ok, rtt_ms=5.0 if ok else None, reason="ok" if ok else reason)
+        for t in CHECK.targets
     )
     return mwa.RoundResult(name, 1, 0.0, probes)
 
 
-def feed(health: mwa.Health, results: list[bool], start: float = 0.0) -> tuple[mwa.Health, list[mwa.Transition]]:
+def feed(
+    health: mwa.Health, results: list[bool], start: float = 0.0
+) -> tuple[mwa.Health, list[mwa.Transition]]:
     transitions: list[mwa.Transition] = []
     for i, ok in enumerate(results):
         health, new = mwa.observe_round(health, round_(ok, health.name), CHECK, start + i)

@@ -87,9 +87,11 @@ def test_failure_of_the_backup_changes_no_route(lab: Lab, tmp_path: Path) -> Non
 
 
 def test_probes_leave_through_their_own_uplink(lab: Lab, tmp_path: Path) -> None:
-    extra_free = lab_config(tmp_path / "state").replace(
-        'priority = 1\n', 'priority = 1\n[uplink.check]\ntargets = ["198.18.1.1"]\n'
-    ).replace('priority = 2\n', 'priority = 2\n[uplink.check]\ntargets = ["198.18.1.2"]\n')
+    extra_free = (
+        lab_config(tmp_path / "state")
+        .replace("priority = 1\n", 'priority = 1\n[uplink.check]\ntargets = ["198.18.1.1"]\n')
+        .replace("priority = 2\n", 'priority = 2\n[uplink.check]\ntargets = ["198.18.1.2"]\n')
+    )
     agent = AgentProcess(lab, tmp_path, extra_free)
     agent.wait_selected("fibre")
     agent.wait_state("lte", "up")
@@ -109,7 +111,20 @@ def test_probes_leave_through_their_own_uplink(lab: Lab, tmp_path: Path) -> None
 
 
 def test_dhcp_default_at_metric_0_does_not_beat_the_agent(lab: Lab, tmp_path: Path) -> None:
-    lab.ip("router", "route", "add", "default", "via", "203.0.113.5", "dev", "wan1", "proto", "dhcp", "metric", "0")
+    lab.ip(
+        "router",
+        "route",
+        "add",
+        "default",
+        "via",
+        "203.0.113.5",
+        "dev",
+        "wan1",
+        "proto",
+        "dhcp",
+        "metric",
+        "0",
+    )
     assert lab.connect_once() == LTE_IP  # without the agent, main's metric-0 route wins
     agent = start(lab, tmp_path)
     assert lab.connect_once() == FIBRE_IP
@@ -218,7 +233,20 @@ def test_interface_vanishes_and_returns(lab: Lab, tmp_path: Path) -> None:
     lab.ip("isp2", "link", "set", "cpe", "up")
     lab.ip("router", "addr", "add", "203.0.113.6/30", "dev", "wan1")
     lab.ip("router", "link", "set", "wan1", "up")
-    lab.ip("router", "route", "add", "default", "via", "203.0.113.5", "dev", "wan1", "proto", "dhcp", "metric", "200")
+    lab.ip(
+        "router",
+        "route",
+        "add",
+        "default",
+        "via",
+        "203.0.113.5",
+        "dev",
+        "wan1",
+        "proto",
+        "dhcp",
+        "metric",
+        "200",
+    )
     agent.wait_state("lte", "up", timeout=5)
     assert f"from {LTE_IP} lookup 202" in lab.ip("router", "rule", "show")
     assert lab.default_routes("router", "202")[0]["dev"] == "wan1"

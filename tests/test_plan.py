@@ -39,10 +39,16 @@ P = mwa.AgentConfig().route_protocol
 
 def installed(plan: mwa.NetPlan) -> tuple[list[mwa.RuleEntry], list[mwa.RouteEntry]]:
     """What the kernel would hold after applying `plan`."""
-    rules = [mwa.RuleEntry(r.priority, r.table, P, r.fwmark, r.fwmask, r.source, r.oifname, r.suppress_prefixlength)
-             for r in plan.rules]  # fmt: skip
-    routes = [mwa.RouteEntry(r.table, INDEXES[r.interface], r.gateway, P)
-              for r in plan.uplink_routes + ((plan.default_route,) if plan.default_route else ())]  # fmt: skip
+    rules = [
+        mwa.RuleEntry(
+            r.priority, r.table, P, r.fwmark, r.fwmask, r.source, r.oifname, r.suppress_prefixlength
+        )
+        for r in plan.rules
+    ]
+    routes = [
+        mwa.RouteEntry(r.table, INDEXES[r.interface], r.gateway, P)
+        for r in plan.uplink_routes + ((plan.default_route,) if plan.default_route else ())
+    ]
     return rules, routes
 
 
@@ -144,7 +150,9 @@ def test_link_observation_reasons() -> None:
 
 
 def _ip_header(src: str, dst: str, proto: int = 1) -> bytes:
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0, 64, proto, 0, socket.inet_aton(src), socket.inet_aton(dst))
+    return struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0, 64, proto, 0, socket.inet_aton(src), socket.inet_aton(dst)
+    )
 
 
 def test_parse_icmp_echo_reply_and_errors() -> None:

@@ -61,14 +61,16 @@ def _collect(sock: socket.socket, until: float, stop_when: str = "") -> list[str
     while time.monotonic() < until:
         try:
             messages.append(sock.recv(4096).decode())
-        except socket.timeout:
+        except TimeoutError:
             continue
         if stop_when and stop_when in messages[-1]:
             break
     return messages
 
 
-def test_notifier_without_sdnotify_speaks_the_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notifier_without_sdnotify_speaks_the_protocol(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """OpenWrt has no sdnotify: the built-in sender must produce the same datagrams."""
     sock = _listen(tmp_path / "notify")
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
