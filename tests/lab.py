@@ -164,7 +164,7 @@ def _read_line(stream: IO[str], deadline: float) -> str | None:
 
 
 def _stop_process(proc: subprocess.Popen[Any], grace_s: float = TERM_GRACE_S) -> None:
-    """SIGTERM, wait up to grace_s, then SIGKILL; always reaps and closes pipes."""
+    """SIGTERM, wait up to grace_s, then SIGKILL; always reaps. Pipes stay open."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -172,6 +172,11 @@ def _stop_process(proc: subprocess.Popen[Any], grace_s: float = TERM_GRACE_S) ->
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=grace_s)
+
+
+def _close_pipes(proc: subprocess.Popen[Any]) -> None:
+    # Only after any reader thread has seen EOF and been joined: closing a
+    # pipe under a thread blocked in readline() makes that thread fail.
     for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
@@ -270,6 +275,7 @@ class RouteMonitor:
         """Stop recording; returns every (monotonic_t, line) seen."""
         _stop_process(self._proc)
         self._thread.join(timeout=TERM_GRACE_S)
+        _close_pipes(self._proc)
         return self.events()
 
     def deleted_defaults(self, table: str | None = None) -> list[RouteEvent]:
@@ -339,12 +345,14 @@ class Connector:
         """Wait for the connector to finish by itself (duration or max attempts)."""
         self._proc.wait(timeout=timeout)
         self._thread.join(timeout=TERM_GRACE_S)
+        _close_pipes(self._proc)
         return self.samples()
 
     def stop(self) -> list[Attempt]:
         """SIGTERM (the attempt in flight completes), reap, return all attempts."""
         _stop_process(self._proc)
         self._thread.join(timeout=TERM_GRACE_S)
+        _close_pipes(self._proc)
         return self.samples()
 
     def longest_outage_s(self) -> float:
@@ -761,7 +769,8 @@ class Lab:
             try:
                 if proc.poll() is None:
                     proc.kill()
-                _stop_process(proc)  # reaps and closes pipes
+                _stop_process(proc)
+                _close_pipes(proc)
             except Exception as exc:
                 errors.append(f"stopping pid {proc.pid}: {exc}")
         # Then anything else still in a lab namespace (e.g. an agent started by
