@@ -517,6 +517,9 @@ class Health:
     rtt_ms: float | None = None
     #: Recent probe outcomes (True = answered), newest last, for the loss figure.
     recent: tuple[bool, ...] = ()
+    #: Start time of the newest round observed: an older round that completes
+    #: later (its timeout ran out after a newer round's reply) is stale.
+    last_round_at: float = float("-inf")
 
     @property
     def loss_pct(self) -> float | None:
@@ -541,13 +544,19 @@ def observe_round(
     if not health.link_usable:
         # A round that was in flight when the link went away says nothing new.
         return health, []
+    if result.started_at <= health.last_round_at:
+        # With timeout >= interval rounds overlap; a failure that times out
+        # after a newer round answered must not reset that newer evidence.
+        return health, []
     recent = (health.recent + tuple(p.ok for p in result.probes))[-LOSS_WINDOW_PROBES:]
     rtt = result.rtt_ms if result.rtt_ms is not None else health.rtt_ms
     if result.ok:
         good, bad = health.good_rounds + 1, 0
     else:
         good, bad = 0, health.bad_rounds + 1
-    updated = dataclasses.replace(health, good_rounds=good, bad_rounds=bad, rtt_ms=rtt, recent=recent)
+    updated = dataclasses.replace(
+        health, good_rounds=good, bad_rounds=bad, rtt_ms=rtt, recent=recent, last_round_at=result.started_at
+    )
     if health.state is not State.UP and good >= check.rise:
         reason = f"{good} consecutive good rounds"
         return _transition(updated, State.UP, reason, now, recovered=health.state is State.DOWN)

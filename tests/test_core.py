@@ -16,12 +16,12 @@ def uplink(name: str, priority: int, index: int) -> mwa.UplinkConfig:
 UPLINKS = (uplink("fibre", 1, 0), uplink("lte", 2, 1))
 
 
-def round_(ok: bool, name: str = "fibre", reason: str = "timeout") -> mwa.RoundResult:
+def round_(ok: bool, name: str = "fibre", reason: str = "timeout", at: float = 0.0) -> mwa.RoundResult:
     probes = tuple(
         mwa.ProbeResult(t, ok, rtt_ms=5.0 if ok else None, reason="ok" if ok else reason)
         for t in CHECK.targets
     )
-    return mwa.RoundResult(name, 1, 0.0, probes)
+    return mwa.RoundResult(name, 1, at, probes)
 
 
 def feed(
@@ -29,7 +29,7 @@ def feed(
 ) -> tuple[mwa.Health, list[mwa.Transition]]:
     transitions: list[mwa.Transition] = []
     for i, ok in enumerate(results):
-        health, new = mwa.observe_round(health, round_(ok, health.name), CHECK, start + i)
+        health, new = mwa.observe_round(health, round_(ok, health.name, at=start + i), CHECK, start + i)
         transitions += new
     return health, transitions
 
@@ -168,7 +168,7 @@ def test_full_failover_and_failback_timeline() -> None:
         now = step * interval
         for name in hs:
             ok = fibre_ok(now) if name == "fibre" else True
-            hs[name], _ = mwa.observe_round(hs[name], round_(ok, name), CHECK, now)
+            hs[name], _ = mwa.observe_round(hs[name], round_(ok, name, at=now), CHECK, now)
         decision = mwa.select(hs, UPLINKS, selected, hysteresis, now)
         if decision.selected != selected:
             switches.append((now, decision.selected))
@@ -183,3 +183,13 @@ def test_remap_health_on_reload() -> None:
     health = dataclasses.replace(mwa.Health("fibre"), good_rounds=4, bad_rounds=2)
     remapped = mwa.remap_health(health, dataclasses.replace(CHECK, rise=2, fall=2))
     assert (remapped.good_rounds, remapped.bad_rounds) == (1, 1)
+
+
+def test_a_stale_round_completing_late_is_ignored() -> None:
+    """Round 1 times out after round 2 answered: round 2 is the newer evidence."""
+    health = mwa.Health("fibre", state=mwa.State.DOWN)
+    good = round_(True, at=2.0)
+    health, _ = mwa.observe_round(health, good, CHECK, 2.001)
+    stale = round_(False, at=1.0)
+    health, transitions = mwa.observe_round(health, stale, CHECK, 2.002)
+    assert health.good_rounds == 1 and health.bad_rounds == 0 and not transitions

@@ -90,7 +90,9 @@ def rss_kib(pid: int) -> tuple[int, int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=5, help="fault cycles (default 5, max 50)")
     parser.add_argument("--interval", type=float, default=1.0, help="probe interval s (default 1)")
     parser.add_argument("--timeout", type=float, default=1.0, help="probe timeout s (default 1)")
