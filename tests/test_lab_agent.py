@@ -274,3 +274,43 @@ def test_status_command_reads_the_state(lab: Lab, tmp_path: Path) -> None:
     )
     assert out.returncode == 0
     assert "selected: fibre" in out.stdout and "*fibre" in out.stdout
+
+
+def test_address_loss_is_down_at_once_and_return_rises_again(lab: Lab, tmp_path: Path) -> None:
+    agent = start(lab, tmp_path)
+    agent.wait_state("lte", "up")
+    lab.ip("router", "addr", "del", "203.0.113.6/30", "dev", "wan1")
+    status = agent.wait_state("lte", "down", timeout=2)
+    assert status["uplinks"]["lte"]["reason"] == "no IPv4 address on wan1"
+    assert LTE_IP not in lab.ip("router", "rule", "show")
+    lab.ip("router", "addr", "add", "203.0.113.6/30", "dev", "wan1")
+    # the kernel removed main's DHCP route with the address; a DHCP client would put it back
+    lab.ip(
+        "router",
+        "route",
+        "add",
+        "default",
+        "via",
+        "203.0.113.5",
+        "dev",
+        "wan1",
+        "proto",
+        "dhcp",
+        "metric",
+        "200",
+    )
+    status = agent.wait_state("lte", "up", timeout=5)
+    assert status["uplinks"]["lte"]["reason"] == "3 consecutive good rounds"
+    assert f"from {LTE_IP} lookup 202" in lab.ip("router", "rule", "show")
+
+
+def test_dry_run_probes_and_decides_but_changes_nothing(lab: Lab, tmp_path: Path) -> None:
+    before = ruleset_snapshot(lab)
+    agent = AgentProcess(lab, tmp_path, lab_config(tmp_path / "state"), "--dry-run")
+    agent.wait_selected("fibre")
+    agent.wait_state("lte", "up")
+    lab.silent_drop("isp1", True)
+    agent.wait_selected("lte", timeout=5)
+    agent.wait_log("dry-run: would replace_route default via 203.0.113.5 dev wan1 table 200")
+    assert agent.stop() == 0
+    assert ruleset_snapshot(lab) == before
