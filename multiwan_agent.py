@@ -87,11 +87,26 @@ RTMGRP_LINK: Final = 0x1
 RTMGRP_IPV4_IFADDR: Final = 0x10
 RTMGRP_IPV4_ROUTE: Final = 0x40
 RTMGRP_IPV4_RULE: Final = 0x80
+RTMGRP_IPV6_IFADDR: Final = 0x100
+RTMGRP_IPV6_ROUTE: Final = 0x400
+#: RTNLGRP_IPV6_RULE (19) has no RTMGRP_ name; as a bind() bit it is 1 << 18.
+RTMGRP_IPV6_RULE: Final = 1 << 18
 IFF_UP: Final = 0x1
 IFF_LOWER_UP: Final = 0x10000
 IFA_F_SECONDARY: Final = 0x01
+#: IPv6 addresses that must not source our probes: still in DAD, failed DAD, deprecated.
+IFA_F_UNUSABLE6: Final = 0x40 | 0x08 | 0x20
+RT_SCOPE_UNIVERSE: Final = 0
 RT_TABLE_MAIN: Final = 254
 NLMSG_HEADER: Final = struct.Struct("=IHHII")
+
+#: Address families, as the agent names them (4, 6), and their kernel constants.
+FAMILIES: Final = (4, 6)
+FAMILY_NAME: Final = {4: "ipv4", 6: "ipv6"}
+FAMILY_TITLE: Final = {4: "IPv4", 6: "IPv6"}
+ADDRESS_FAMILY: Final = {4: socket.AF_INET, 6: socket.AF_INET6}
+DEFAULT_DST: Final = {4: "0.0.0.0/0", 6: "::/0"}
+HOST_PREFIX: Final = {4: 32, 6: 128}
 
 DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -141,12 +156,21 @@ class CheckConfig:
 class UplinkConfig:
     name: str
     interface: str
-    #: "auto" (follow the DHCP/RA default route), "none" (point-to-point) or an address.
+    #: "auto" (follow the DHCP client's default route), "none" (point-to-point) or an IPv4 address.
     gateway: str
     priority: int
     table: int
     mark: int
     check: CheckConfig
+    #: "auto" (follow the RA client's default route), "none" or an IPv6 address.
+    gateway6: str = "auto"
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The families this uplink carries: those its check has targets in."""
+        return tuple(
+            f for f in FAMILIES if any(ipaddress.ip_address(t).version == f for t in self.check.targets)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +198,10 @@ class Config:
     @property
     def tables(self) -> frozenset[int]:
         return frozenset({self.agent.default_table} | {u.table for u in self.uplinks})
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        return tuple(f for f in FAMILIES if any(f in u.families for u in self.uplinks))
 
 
 def parse_duration(value: object) -> float:
@@ -286,7 +314,7 @@ def _read_check(reader: _Reader | None, base: CheckConfig, explicit_targets: boo
     if reader.has("targets"):
         targets = reader.raw("targets")
         if not isinstance(targets, list) or not targets:
-            raise reader.error("targets", "a non-empty array of IPv4 addresses", targets)
+            raise reader.error("targets", "a non-empty array of IP addresses", targets)
         parsed: list[str] = []
         for index, target in enumerate(targets):
             try:
@@ -294,13 +322,9 @@ def _read_check(reader: _Reader | None, base: CheckConfig, explicit_targets: boo
             except ValueError:
                 address = None
             if address is None:
-                raise reader.error(f"targets[{index}]", "an IPv4 address", target)
-            if address.version != 4:
-                raise ConfigError(
-                    reader.source,
-                    reader.key(f"targets[{index}]"),
-                    f"IPv6 targets are not supported yet (IPv4 only), got {_show(target)}",
-                )
+                raise reader.error(f"targets[{index}]", "an IPv4 or IPv6 address", target)
+            if address.is_link_local or address.is_multicast or address.is_unspecified:
+                raise reader.error(f"targets[{index}]", "a unicast, non-link-local address", target)
             if str(address) in parsed:
                 raise ConfigError(
                     reader.source, reader.key(f"targets[{index}]"), f"duplicate target {target}"
@@ -330,6 +354,20 @@ def _validate_check(source: str, path: str, check: CheckConfig) -> None:
             f"{path}.reliability",
             f"expected at most the number of targets ({len(check.targets)}), got {check.reliability}",
         )
+
+
+def _read_gateway(reader: _Reader, key: str, default: str, family: int) -> str:
+    gateway = reader.string(key, default)
+    if gateway in ("auto", "none"):
+        return gateway
+    expected = f'"auto", "none" or an {FAMILY_TITLE[family]} address'
+    try:
+        address = ipaddress.ip_address(gateway)
+    except ValueError:
+        raise reader.error(key, expected, gateway) from None
+    if address.version != family:
+        raise reader.error(key, expected, gateway)
+    return str(address)
 
 
 def parse_config(text: str, source: str) -> Config:
@@ -384,15 +422,9 @@ def parse_config(text: str, source: str) -> Config:
         interface = reader.string("interface")
         if not IFNAME_RE.match(interface):
             raise reader.error("interface", "an interface name of at most 15 characters", interface)
-        gateway = reader.string("gateway", "auto")
-        if gateway not in ("auto", "none"):
-            try:
-                gateway_address = ipaddress.ip_address(gateway)
-            except ValueError:
-                raise reader.error("gateway", '"auto", "none" or an IPv4 address', gateway) from None
-            if gateway_address.version != 4:
-                raise reader.error("gateway", "an IPv4 address (IPv6 is not supported yet)", gateway)
-            gateway = str(gateway_address)
+        gateway = _read_gateway(reader, "gateway", "auto", 4)
+        # A point-to-point uplink is point-to-point in both families unless told otherwise.
+        gateway6 = _read_gateway(reader, "gateway6", "none" if gateway == "none" else "auto", 6)
         priority = reader.integer("priority", 1, 0, 1_000_000)
         table = reader.integer("table", agent.default_table + 1 + index, 1, 2**31 - 1)
         if table in RESERVED_TABLES or table == agent.default_table:
@@ -423,6 +455,7 @@ def parse_config(text: str, source: str) -> Config:
                 table=table,
                 mark=mark,
                 check=check,
+                gateway6=gateway6,
             )
         )
     root.finish()
@@ -667,8 +700,18 @@ class Interface:
     carrier: bool
     #: Primary IPv4 address, if any.
     address: str | None
-    #: Gateway of a default route in main that is not ours (what DHCP/RA keeps).
+    #: Gateway of main's default route on this interface that is not ours (the DHCP client's).
     dhcp_gateway: str | None
+    #: A global, usable IPv6 address, if any.
+    address6: str | None = None
+    #: Gateway of main's IPv6 default route on this interface (the RA client's, link-local).
+    ra_gateway: str | None = None
+
+    def source(self, family: int) -> str | None:
+        return self.address if family == 4 else self.address6
+
+    def gateway(self, family: int) -> str | None:
+        return self.dhcp_gateway if family == 4 else self.ra_gateway
 
 
 @dataclass(frozen=True, slots=True)
@@ -676,6 +719,7 @@ class RouteSpec:
     table: int
     interface: str
     gateway: str | None  # None: point-to-point (scope link)
+    family: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -687,6 +731,7 @@ class RuleSpec:
     source: str | None = None
     oifname: str | None = None
     suppress_prefixlength: int | None = None
+    family: int = 4
 
     def describe(self) -> str:
         parts = [f"{self.priority}:"]
@@ -712,11 +757,12 @@ class RouteEntry:
     oif: int | None
     gateway: str | None
     protocol: int
+    family: int = 4
 
 
 @dataclass(frozen=True, slots=True)
 class RuleEntry:
-    """An IPv4 rule found in a dump."""
+    """A rule found in a dump."""
 
     priority: int
     table: int
@@ -726,6 +772,7 @@ class RuleEntry:
     source: str | None = None
     oifname: str | None = None
     suppress_prefixlength: int | None = None
+    family: int = 4
 
     def spec(self) -> RuleSpec:
         return RuleSpec(
@@ -736,44 +783,62 @@ class RuleEntry:
             self.source,
             self.oifname,
             self.suppress_prefixlength,
+            self.family,
         )
 
 
 @dataclass(frozen=True, slots=True)
 class NetPlan:
-    """What the agent wants installed: per-uplink table routes, rules, the selected default."""
+    """What the agent wants installed: per-uplink table routes, rules, the selected defaults."""
 
     uplink_routes: tuple[RouteSpec, ...]
     rules: tuple[RuleSpec, ...]
-    default_route: RouteSpec | None
+    default_routes: tuple[RouteSpec, ...]
 
 
-def uplink_gateway(uplink: UplinkConfig, interface: Interface | None) -> str | None:
-    if uplink.gateway == "none":
+def uplink_gateway(uplink: UplinkConfig, interface: Interface | None, family: int = 4) -> str | None:
+    spec = uplink.gateway if family == 4 else uplink.gateway6
+    if spec == "none":
         return None
-    if uplink.gateway == "auto":
-        return interface.dhcp_gateway if interface else None
-    return uplink.gateway
+    if spec == "auto":
+        return interface.gateway(family) if interface else None
+    return spec
+
+
+def routable(uplink: UplinkConfig, interface: Interface | None, family: int) -> bool:
+    """Can this uplink carry this family's traffic now (link, address, gateway)?"""
+    if interface is None or not interface.admin_up or not interface.carrier:
+        return False
+    if interface.source(family) is None:
+        return False
+    spec = uplink.gateway if family == 4 else uplink.gateway6
+    return spec == "none" or uplink_gateway(uplink, interface, family) is not None
 
 
 def link_observation(uplink: UplinkConfig, interface: Interface | None) -> LinkObservation:
+    """Usable while at least one family the uplink is checked for can be routed."""
     if interface is None:
         return LinkObservation(False, f"interface {uplink.interface} is gone")
     if not interface.admin_up:
         return LinkObservation(False, f"interface {uplink.interface} is administratively down")
     if not interface.carrier:
         return LinkObservation(False, f"carrier lost on {uplink.interface}")
-    if interface.address is None:
-        return LinkObservation(False, f"no IPv4 address on {uplink.interface}")
-    if uplink.gateway == "auto" and interface.dhcp_gateway is None:
-        return LinkObservation(False, f"no default route from DHCP/RA on {uplink.interface} yet")
-    return LinkObservation(True)
+    if any(routable(uplink, interface, family) for family in uplink.families):
+        return LinkObservation(True)
+    family = uplink.families[0]
+    if interface.source(family) is None:
+        return LinkObservation(False, f"no {FAMILY_TITLE[family]} address on {uplink.interface}")
+    client = "DHCP" if family == 4 else "RA"
+    return LinkObservation(False, f"no default route from {client} on {uplink.interface} yet")
 
 
-def plan_network(config: Config, interfaces: Mapping[str, Interface], selected: str | None) -> NetPlan:
+def plan_network(
+    config: Config, interfaces: Mapping[str, Interface], selected: Mapping[int, str | None]
+) -> NetPlan:
     """The desired routes and rules for these interfaces and this selection.
 
-    Rule order inside our block, lowest priority first:
+    Per address family the uplinks are checked for, rule order inside our
+    block, lowest priority first:
     - `lookup main suppress_prefixlength 0`: main's specific routes (LANs,
       connected nets, VPNs, static routes) keep winning, while main's default
       routes (the DHCP/RA client's, whatever their metric) never do;
@@ -786,30 +851,43 @@ def plan_network(config: Config, interfaces: Mapping[str, Interface], selected: 
     agent = config.agent
     base = agent.rule_priority
     routes: list[RouteSpec] = []
-    rules: list[RuleSpec] = [RuleSpec(base + RULE_MAIN_OFFSET, RT_TABLE_MAIN, suppress_prefixlength=0)]
-    default_route: RouteSpec | None = None
-    for index, uplink in enumerate(config.uplinks):
-        interface = interfaces.get(uplink.interface)
-        gateway = uplink_gateway(uplink, interface)
-        routable = interface is not None and (uplink.gateway == "none" or gateway is not None)
-        if routable:
-            route = RouteSpec(uplink.table, uplink.interface, gateway)
-            routes.append(route)
-            if uplink.name == selected:
-                default_route = RouteSpec(agent.default_table, uplink.interface, gateway)
-        rules.append(RuleSpec(base + RULE_OIF_OFFSET + index, uplink.table, oifname=uplink.interface))
-        if interface is not None and interface.address is not None:
-            rules.append(RuleSpec(base + RULE_SOURCE_OFFSET + index, uplink.table, source=interface.address))
-        rules.append(
-            RuleSpec(
-                base + RULE_MARK_OFFSET + index,
-                uplink.table,
-                fwmark=uplink.mark,
-                fwmask=agent.mark_mask,
+    rules: list[RuleSpec] = []
+    defaults: list[RouteSpec] = []
+    for family in config.families:
+        rules.append(RuleSpec(base + RULE_MAIN_OFFSET, RT_TABLE_MAIN, suppress_prefixlength=0, family=family))
+        for index, uplink in enumerate(config.uplinks):
+            if family not in uplink.families:
+                continue
+            interface = interfaces.get(uplink.interface)
+            gateway = uplink_gateway(uplink, interface, family)
+            spec = uplink.gateway if family == 4 else uplink.gateway6
+            # The kernel keeps routes through a link without carrier; so do we
+            # (the selection already moved away), and the table stays ready.
+            if interface is not None and (spec == "none" or gateway is not None):
+                routes.append(RouteSpec(uplink.table, uplink.interface, gateway, family))
+                if uplink.name == selected.get(family):
+                    defaults.append(RouteSpec(agent.default_table, uplink.interface, gateway, family))
+            rules.append(
+                RuleSpec(
+                    base + RULE_OIF_OFFSET + index, uplink.table, oifname=uplink.interface, family=family
+                )
             )
-        )
-    rules.append(RuleSpec(base + RULE_DEFAULT_OFFSET, agent.default_table))
-    return NetPlan(tuple(routes), tuple(sorted(rules, key=lambda r: r.priority)), default_route)
+            source = interface.source(family) if interface is not None else None
+            if source is not None:
+                rules.append(
+                    RuleSpec(base + RULE_SOURCE_OFFSET + index, uplink.table, source=source, family=family)
+                )
+            rules.append(
+                RuleSpec(
+                    base + RULE_MARK_OFFSET + index,
+                    uplink.table,
+                    fwmark=uplink.mark,
+                    fwmask=agent.mark_mask,
+                    family=family,
+                )
+            )
+        rules.append(RuleSpec(base + RULE_DEFAULT_OFFSET, agent.default_table, family=family))
+    return NetPlan(tuple(routes), tuple(sorted(rules, key=lambda r: (r.family, r.priority))), tuple(defaults))
 
 
 @dataclass(frozen=True, slots=True)
@@ -820,14 +898,18 @@ class Change:
     route: RouteSpec | None = None
     rule: RuleSpec | None = None
     table: int | None = None
+    family: int = 4
 
     def describe(self) -> str:
+        family = FAMILY_NAME[
+            self.route.family if self.route else self.rule.family if self.rule else self.family
+        ]
         if self.route is not None:
             via = f"via {self.route.gateway}" if self.route.gateway else "scope link"
-            return f"{self.kind} default {via} dev {self.route.interface} table {self.route.table}"
+            return f"{self.kind} {family} default {via} dev {self.route.interface} table {self.route.table}"
         if self.rule is not None:
-            return f"{self.kind} {self.rule.describe()}"
-        return f"{self.kind} default table {self.table}"
+            return f"{self.kind} {family} {self.rule.describe()}"
+        return f"{self.kind} {family} default table {self.table}"
 
 
 def owns_rule(config: Config, rule: RuleEntry) -> bool:
@@ -850,12 +932,12 @@ def diff_network(
     and only objects carrying our protocol id in our ranges are ever removed.
     """
     protocol = config.agent.route_protocol
-    ours = {(r.table): r for r in routes if r.protocol == protocol}
+    ours = {(r.family, r.table): r for r in routes if r.protocol == protocol}
     changes: list[Change] = []
-    wanted_tables: set[int] = set()
-    for route in plan.uplink_routes + ((plan.default_route,) if plan.default_route else ()):
-        wanted_tables.add(route.table)
-        found = ours.get(route.table)
+    wanted_tables: set[tuple[int, int]] = set()
+    for route in plan.uplink_routes + plan.default_routes:
+        wanted_tables.add((route.family, route.table))
+        found = ours.get((route.family, route.table))
         index = indexes.get(route.interface)
         if found is None or found.oif != index or found.gateway != route.gateway:
             changes.append(Change("replace_route", route=route))
@@ -864,14 +946,15 @@ def diff_network(
     for rule in plan.rules:
         if rule not in installed:
             changes.append(Change("add_rule", rule=rule))
-    for spec in sorted(installed - wanted, key=lambda r: r.priority):
+    for spec in sorted(installed - wanted, key=lambda r: (r.family, r.priority)):
         changes.append(Change("del_rule", rule=spec))
     # The selection table's default is never deleted here: with nothing to
     # select we keep the last route (see select()).
-    keep = wanted_tables | {config.agent.default_table}
-    for table in sorted(set(managed_tables)):
-        if table in ours and table not in keep:
-            changes.append(Change("del_route", table=table))
+    for family in FAMILIES:
+        keep = {t for f, t in wanted_tables if f == family} | {config.agent.default_table}
+        for table in sorted(set(managed_tables)):
+            if (family, table) in ours and table not in keep:
+                changes.append(Change("del_route", table=table, family=family))
     return changes
 
 
@@ -885,14 +968,15 @@ def find_collisions(config: Config, rules: Sequence[RuleEntry], routes: Sequence
     for rule in rules:
         if owns_rule(config, rule):
             continue
+        family = FAMILY_NAME[rule.family]
         if base <= rule.priority < base + RULE_BLOCK:
             problems.append(
-                f"rule priority {rule.priority} (protocol {rule.protocol}) is inside the agent's "
+                f"{family} rule priority {rule.priority} (protocol {rule.protocol}) is inside the agent's "
                 f"range {base}-{base + RULE_BLOCK - 1}; set [agent] rule_priority elsewhere"
             )
         elif rule.table in tables:
             problems.append(
-                f"rule priority {rule.priority} already uses table {rule.table}; "
+                f"{family} rule priority {rule.priority} already uses table {rule.table}; "
                 "choose other table ids ([agent] default_table, [[uplink]] table)"
             )
         elif rule.fwmark:
@@ -902,14 +986,14 @@ def find_collisions(config: Config, rules: Sequence[RuleEntry], routes: Sequence
                     mask & agent.mark_mask
                 ):
                     problems.append(
-                        f"rule priority {rule.priority} matches fwmark {rule.fwmark:#x}/{mask:#x}, "
+                        f"{family} rule priority {rule.priority} matches fwmark {rule.fwmark:#x}/{mask:#x}, "
                         f"which overlaps uplink {name}'s mark {mark:#x}/{agent.mark_mask:#x}"
                     )
     for route in routes:
         if route.table in tables and route.protocol != agent.route_protocol:
             problems.append(
-                f"table {route.table} already holds a route of protocol {route.protocol}; "
-                "choose other table ids"
+                f"table {route.table} already holds an {FAMILY_NAME[route.family]} route of protocol "
+                f"{route.protocol}; choose other table ids"
             )
     return problems
 
@@ -918,10 +1002,11 @@ def find_collisions(config: Config, rules: Sequence[RuleEntry], routes: Sequence
 
 
 def _parse_icmp(packet: bytes) -> tuple[int, str, int, int] | None:
-    """(type, target, id, seq) of an echo reply or of the echo an ICMP error quotes.
+    """(type, target, id, seq) of an ICMP echo reply or of the echo an ICMP error quotes.
 
-    For an echo reply the target is the sender; for an error (destination
-    unreachable, time exceeded) it is the destination the quoted echo was for.
+    Raw IPv4 sockets deliver the IP header. For an echo reply the target is
+    the sender; for an error (destination unreachable, time exceeded) it is
+    the destination the quoted echo request was for.
     """
     if len(packet) < 20:
         return None
@@ -946,8 +1031,26 @@ def _parse_icmp(packet: bytes) -> tuple[int, str, int, int] | None:
     return None
 
 
+def _parse_icmp6(packet: bytes, sender: str) -> tuple[int, str, int, int] | None:
+    """The same for ICMPv6: raw IPv6 sockets deliver no IP header, so the sender comes apart."""
+    if len(packet) < 8:
+        return None
+    icmp_type = packet[0]
+    if icmp_type == 129:  # echo reply
+        ident, seq = struct.unpack_from("!HH", packet, 4)
+        return 0, sender.split("%", 1)[0], ident, seq
+    if icmp_type in (1, 3):  # destination unreachable, time exceeded
+        inner = 8
+        if len(packet) < inner + 40 + 8 or packet[inner + 6] != 58 or packet[inner + 40] != 128:
+            return None  # not a quoted echo request without extension headers
+        ident, seq = struct.unpack_from("!HH", packet, inner + 44)
+        target = socket.inet_ntop(socket.AF_INET6, packet[inner + 24 : inner + 40])
+        return (3 if icmp_type == 1 else 11), target, ident, seq
+    return None
+
+
 class IcmpEcho:
-    """ICMP echo through one interface: the one place that knows icmplib.
+    """ICMP/ICMPv6 echo through one interface: the one place that knows icmplib.
 
     icmplib 2.1 (Debian, Ubuntu) has no asyncio API and 3.0's AsyncSocket lets
     one waiter swallow another's reply, so we use icmplib to open the
@@ -965,7 +1068,9 @@ class IcmpEcho:
         self.source = source
         self.ifindex = ifindex
         self.ident = ident & 0xFFFF
-        self._socket = icmplib.ICMPv4Socket(address=source, privileged=True)
+        self.family = ipaddress.ip_address(source).version
+        socket_class = icmplib.ICMPv4Socket if self.family == 4 else icmplib.ICMPv6Socket
+        self._socket = socket_class(address=source, privileged=True)
         raw: socket.socket = self._socket._sock
         raw.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
         raw.setblocking(False)
@@ -1003,13 +1108,14 @@ class IcmpEcho:
     def _on_readable(self) -> None:
         for _ in range(64):  # bounded: the rest waits for the next wake-up
             try:
-                packet, (sender, _port) = self._raw.recvfrom(2048)
+                packet, address = self._raw.recvfrom(2048)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return
             now = self._loop.time()
-            parsed = _parse_icmp(packet)
+            sender = str(address[0])
+            parsed = _parse_icmp(packet) if self.family == 4 else _parse_icmp6(packet, sender)
             if parsed is None:
                 continue
             icmp_type, target, ident, seq = parsed
@@ -1029,7 +1135,8 @@ class IcmpEcho:
 async def tcp_probe(interface: str, source: str, target: str, port: int, timeout_s: float) -> ProbeResult:
     """A TCP handshake through the interface; refused or reset counts as a failure."""
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family = ADDRESS_FAMILY[ipaddress.ip_address(target).version]
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
@@ -1050,6 +1157,18 @@ async def tcp_probe(interface: str, source: str, target: str, port: int, timeout
         sock.close()
 
 
+@dataclass(frozen=True, slots=True)
+class ProbeSource:
+    """Where an uplink's probes leave from right now."""
+
+    ifindex: int
+    address: str | None
+    address6: str | None
+
+    def for_target(self, target: str) -> str | None:
+        return self.address if ipaddress.ip_address(target).version == 4 else self.address6
+
+
 class UplinkProber:
     """Sends one round of probes per interval for one uplink, while it is usable."""
 
@@ -1057,14 +1176,14 @@ class UplinkProber:
         self,
         uplink: UplinkConfig,
         ident: int,
-        source: Callable[[], tuple[str, int] | None],
+        source: Callable[[], ProbeSource | None],
         deliver: Callable[[RoundResult], None],
     ) -> None:
         self.uplink = uplink
         self.ident = ident
         self._source = source
         self._deliver = deliver
-        self._echo: IcmpEcho | None = None
+        self._echo: dict[int, IcmpEcho] = {}
         self._seq = 0
         self._rounds: set[asyncio.Task[None]] = set()
 
@@ -1077,10 +1196,10 @@ class UplinkProber:
                 source = self._source()
                 if source is not None:
                     self._seq += 1
-                    task = asyncio.ensure_future(self._round(self._seq, *source))
+                    task = asyncio.ensure_future(self._round(self._seq, source))
                     self._rounds.add(task)
                     task.add_done_callback(self._rounds.discard)
-                elif self._echo is not None:
+                else:
                     self._close_echo()
                 # Rounds start on a fixed schedule; a late wake-up skips slots, never bunches.
                 next_at += interval
@@ -1094,31 +1213,37 @@ class UplinkProber:
             self._close_echo()
 
     def _close_echo(self) -> None:
-        if self._echo is not None:
-            self._echo.close()
-            self._echo = None
+        for echo in self._echo.values():
+            echo.close()
+        self._echo.clear()
 
-    async def _round(self, seq: int, source: str, ifindex: int) -> None:
+    async def _round(self, seq: int, source: ProbeSource) -> None:
         loop = asyncio.get_running_loop()
         check = self.uplink.check
         started = loop.time()
         try:
-            probes = await asyncio.gather(*(self._probe(t, seq, source, ifindex) for t in check.targets))
+            probes = await asyncio.gather(*(self._probe(t, seq, source) for t in check.targets))
         except OSError as err:
             probes = [ProbeResult(t, False, reason=f"error: {err.strerror or err}") for t in check.targets]
         self._deliver(RoundResult(self.uplink.name, seq, started, tuple(probes), check.reliability))
 
-    async def _probe(self, target: str, seq: int, source: str, ifindex: int) -> ProbeResult:
+    async def _probe(self, target: str, seq: int, source: ProbeSource) -> ProbeResult:
         check = self.uplink.check
+        address = source.for_target(target)
+        family = ipaddress.ip_address(target).version
+        if address is None:
+            return ProbeResult(target, False, reason=f"no {FAMILY_TITLE[family]} address")
         if check.method is Method.TCP:
             assert check.port is not None
-            return await tcp_probe(self.uplink.interface, source, target, check.port, check.timeout_s)
+            return await tcp_probe(self.uplink.interface, address, target, check.port, check.timeout_s)
         # SO_BINDTODEVICE binds to an ifindex: a re-created interface (new
         # index) or a renumbered one needs a new socket.
-        if self._echo is None or (self._echo.source, self._echo.ifindex) != (source, ifindex):
-            self._close_echo()
-            self._echo = IcmpEcho(self.uplink.interface, source, self.ident, ifindex)
-        return await self._echo.ping(target, seq, check.timeout_s)
+        echo = self._echo.get(family)
+        if echo is None or (echo.source, echo.ifindex) != (address, source.ifindex):
+            if echo is not None:
+                echo.close()
+            echo = self._echo[family] = IcmpEcho(self.uplink.interface, address, self.ident, source.ifindex)
+        return await echo.ping(target, seq, check.timeout_s)
 
 
 # Netlink #####################################################################
@@ -1163,27 +1288,36 @@ class NetlinkWorker:
 
 
 def nl_interfaces(ipr: Any, protocol: int) -> dict[str, Interface]:
-    """Links, primary IPv4 addresses and main's foreign default routes, by name."""
+    """Links, their addresses and main's foreign default routes (DHCP, RA), by name."""
     links: dict[int, tuple[str, int]] = {}
     for msg in ipr.get_links():
         links[msg["index"]] = (msg.get_attr("IFLA_IFNAME"), msg["flags"])
-    addresses: dict[int, str] = {}
-    for msg in ipr.get_addr(family=socket.AF_INET):
-        if msg["flags"] & IFA_F_SECONDARY or msg["index"] in addresses:
-            continue
-        address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-        if address:
-            addresses[msg["index"]] = address
-    gateways: dict[int, tuple[int, str]] = {}
-    for msg in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
-        if msg["dst_len"] != 0 or msg["proto"] == protocol or _route_table(msg) != RT_TABLE_MAIN:
-            continue
-        oif, gateway = msg.get_attr("RTA_OIF"), msg.get_attr("RTA_GATEWAY")
-        metric = msg.get_attr("RTA_PRIORITY") or 0
-        if oif is None or gateway is None:
-            continue
-        if oif not in gateways or metric < gateways[oif][0]:
-            gateways[oif] = (metric, gateway)
+    addresses: dict[int, dict[int, str]] = {4: {}, 6: {}}
+    for family in FAMILIES:
+        for msg in ipr.get_addr(family=ADDRESS_FAMILY[family]):
+            index = msg["index"]
+            if index in addresses[family]:
+                continue
+            if family == 4 and msg["flags"] & IFA_F_SECONDARY:
+                continue
+            if family == 6:
+                flags = msg.get_attr("IFA_FLAGS") or msg["flags"]
+                if msg["scope"] != RT_SCOPE_UNIVERSE or flags & IFA_F_UNUSABLE6:
+                    continue
+            address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if address:
+                addresses[family][index] = address
+    gateways: dict[int, dict[int, tuple[int, str]]] = {4: {}, 6: {}}
+    for family in FAMILIES:
+        for msg in ipr.get_routes(family=ADDRESS_FAMILY[family], table=RT_TABLE_MAIN):
+            if msg["dst_len"] != 0 or msg["proto"] == protocol or _route_table(msg) != RT_TABLE_MAIN:
+                continue
+            oif, gateway = msg.get_attr("RTA_OIF"), msg.get_attr("RTA_GATEWAY")
+            metric = msg.get_attr("RTA_PRIORITY") or 0
+            if oif is None or gateway is None:
+                continue
+            if oif not in gateways[family] or metric < gateways[family][oif][0]:
+                gateways[family][oif] = (metric, gateway)
     result: dict[str, Interface] = {}
     for index, (name, flags) in links.items():
         result[name] = Interface(
@@ -1191,8 +1325,10 @@ def nl_interfaces(ipr: Any, protocol: int) -> dict[str, Interface]:
             index=index,
             admin_up=bool(flags & IFF_UP),
             carrier=bool(flags & IFF_LOWER_UP),
-            address=addresses.get(index),
-            dhcp_gateway=gateways[index][1] if index in gateways else None,
+            address=addresses[4].get(index),
+            dhcp_gateway=gateways[4][index][1] if index in gateways[4] else None,
+            address6=addresses[6].get(index),
+            ra_gateway=gateways[6][index][1] if index in gateways[6] else None,
         )
     return result
 
@@ -1204,39 +1340,43 @@ def _route_table(msg: Any) -> int:
 
 def nl_rules(ipr: Any) -> list[RuleEntry]:
     entries: list[RuleEntry] = []
-    for msg in ipr.get_rules(family=socket.AF_INET):
-        table = msg.get_attr("FRA_TABLE")
-        suppress = msg.get_attr("FRA_SUPPRESS_PREFIXLEN")
-        entries.append(
-            RuleEntry(
-                priority=int(msg.get_attr("FRA_PRIORITY") or 0),
-                table=int(table if table is not None else msg["table"]),
-                protocol=int(msg.get_attr("FRA_PROTOCOL") or 0),
-                fwmark=msg.get_attr("FRA_FWMARK"),
-                fwmask=msg.get_attr("FRA_FWMASK") if msg.get_attr("FRA_FWMARK") is not None else None,
-                source=msg.get_attr("FRA_SRC") if msg["src_len"] else None,
-                oifname=msg.get_attr("FRA_OIFNAME"),
-                # 0xFFFFFFFF is the kernel's "not set".
-                suppress_prefixlength=None if suppress in (None, 0xFFFFFFFF) else int(suppress),
+    for family in FAMILIES:
+        for msg in ipr.get_rules(family=ADDRESS_FAMILY[family]):
+            table = msg.get_attr("FRA_TABLE")
+            suppress = msg.get_attr("FRA_SUPPRESS_PREFIXLEN")
+            entries.append(
+                RuleEntry(
+                    priority=int(msg.get_attr("FRA_PRIORITY") or 0),
+                    table=int(table if table is not None else msg["table"]),
+                    protocol=int(msg.get_attr("FRA_PROTOCOL") or 0),
+                    fwmark=msg.get_attr("FRA_FWMARK"),
+                    fwmask=msg.get_attr("FRA_FWMASK") if msg.get_attr("FRA_FWMARK") is not None else None,
+                    source=msg.get_attr("FRA_SRC") if msg["src_len"] else None,
+                    oifname=msg.get_attr("FRA_OIFNAME"),
+                    # 0xFFFFFFFF is the kernel's "not set".
+                    suppress_prefixlength=None if suppress in (None, 0xFFFFFFFF) else int(suppress),
+                    family=family,
+                )
             )
-        )
     return entries
 
 
 def nl_default_routes(ipr: Any, tables: Iterable[int]) -> list[RouteEntry]:
     entries: list[RouteEntry] = []
-    for table in sorted(set(tables)):
-        for msg in ipr.get_routes(family=socket.AF_INET, table=table):
-            if msg["dst_len"] != 0 or _route_table(msg) != table:
-                continue
-            entries.append(
-                RouteEntry(
-                    table=table,
-                    oif=msg.get_attr("RTA_OIF"),
-                    gateway=msg.get_attr("RTA_GATEWAY"),
-                    protocol=int(msg["proto"]),
+    for family in FAMILIES:
+        for table in sorted(set(tables)):
+            for msg in ipr.get_routes(family=ADDRESS_FAMILY[family], table=table):
+                if msg["dst_len"] != 0 or _route_table(msg) != table:
+                    continue
+                entries.append(
+                    RouteEntry(
+                        table=table,
+                        oif=msg.get_attr("RTA_OIF"),
+                        gateway=msg.get_attr("RTA_GATEWAY"),
+                        protocol=int(msg["proto"]),
+                        family=family,
+                    )
                 )
-            )
     return entries
 
 
@@ -1245,11 +1385,11 @@ def nl_apply(ipr: Any, changes: Sequence[Change], indexes: Mapping[str, int], pr
         if change.kind == "replace_route" and change.route is not None:
             route = change.route
             args: dict[str, Any] = dict(
-                dst="0.0.0.0/0",
+                dst=DEFAULT_DST[route.family],
                 table=route.table,
                 oif=indexes[route.interface],
                 proto=protocol,
-                family=socket.AF_INET,
+                family=ADDRESS_FAMILY[route.family],
             )
             if route.gateway is not None:
                 args["gateway"] = route.gateway
@@ -1259,25 +1399,23 @@ def nl_apply(ipr: Any, changes: Sequence[Change], indexes: Mapping[str, int], pr
         elif change.kind in ("add_rule", "del_rule") and change.rule is not None:
             ipr.rule("add" if change.kind == "add_rule" else "del", **_rule_args(change.rule, protocol))
         elif change.kind == "del_route" and change.table is not None:
-            ipr.route(
-                "del",
-                dst="0.0.0.0/0",
-                table=change.table,
-                proto=protocol,
-                family=socket.AF_INET,
-            )
+            _delete_default(ipr, change.table, change.family, protocol)
+
+
+def _delete_default(ipr: Any, table: int, family: int, protocol: int) -> None:
+    ipr.route("del", dst=DEFAULT_DST[family], table=table, proto=protocol, family=ADDRESS_FAMILY[family])
 
 
 def _rule_args(rule: RuleSpec, protocol: int) -> dict[str, Any]:
     args: dict[str, Any] = dict(
-        family=socket.AF_INET, priority=rule.priority, table=rule.table, protocol=protocol
+        family=ADDRESS_FAMILY[rule.family], priority=rule.priority, table=rule.table, protocol=protocol
     )
     if rule.fwmark is not None:
         args["fwmark"] = rule.fwmark
         args["fwmask"] = rule.fwmask if rule.fwmask is not None else 0xFFFFFFFF
     if rule.source is not None:
         args["src"] = rule.source
-        args["src_len"] = 32
+        args["src_len"] = HOST_PREFIX[rule.family]
     if rule.oifname is not None:
         args["oifname"] = rule.oifname
     if rule.suppress_prefixlength is not None:
@@ -1292,24 +1430,26 @@ def nl_remove_own(ipr: Any, config: Config, tables: Iterable[int]) -> list[str]:
     for rule in nl_rules(ipr):
         if owns_rule(config, rule):
             ipr.rule("del", **_rule_args(rule.spec(), config.agent.route_protocol))
-            done.append(f"del_rule {rule.spec().describe()}")
+            done.append(f"del_rule {FAMILY_NAME[rule.family]} {rule.spec().describe()}")
     for route in nl_default_routes(ipr, tables):
         if route.protocol == config.agent.route_protocol:
-            ipr.route(
-                "del",
-                dst="0.0.0.0/0",
-                table=route.table,
-                proto=route.protocol,
-                family=socket.AF_INET,
-            )
-            done.append(f"del_route default table {route.table}")
+            _delete_default(ipr, route.table, route.family, route.protocol)
+            done.append(f"del_route {FAMILY_NAME[route.family]} default table {route.table}")
     return done
 
 
 class NetlinkEvents:
     """Wakes the daemon on link, address, route and rule changes (no polling)."""
 
-    GROUPS: Final = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE
+    GROUPS: Final = (
+        RTMGRP_LINK
+        | RTMGRP_IPV4_IFADDR
+        | RTMGRP_IPV4_ROUTE
+        | RTMGRP_IPV4_RULE
+        | RTMGRP_IPV6_IFADDR
+        | RTMGRP_IPV6_ROUTE
+        | RTMGRP_IPV6_RULE
+    )
 
     def __init__(self, on_event: Callable[[], None]) -> None:
         self._on_event = on_event
@@ -1420,8 +1560,9 @@ class Agent:
         self.notifier = notifier or Notifier()
         self.healths: dict[str, Health] = {}
         self.runtime: dict[str, UplinkRuntime] = {}
-        self.selected: str | None = None
-        self.decision = Decision(None, "starting")
+        #: Per address family: the uplink carrying new traffic, and why.
+        self.selected: dict[int, str | None] = {family: None for family in FAMILIES}
+        self.decisions: dict[int, Decision] = {family: Decision(None, "starting") for family in FAMILIES}
         self.interfaces: dict[str, Interface] = {}
         self.managed_tables: set[int] = set(config.tables)
         self._netlink = NetlinkWorker()
@@ -1477,7 +1618,7 @@ class Agent:
         adopted = self._adoptable(routes)
         for uplink in config.uplinks:
             health = Health(uplink.name, since=now)
-            if uplink.name == adopted:
+            if uplink.name in adopted.values():
                 health = dataclasses.replace(
                     health, state=State.UP, reason="adopted the route a previous run left"
                 )
@@ -1485,9 +1626,13 @@ class Agent:
                 health = dataclasses.replace(health, state=State.DOWN, reason="down in the previous run")
             self.healths[uplink.name] = health
             self.runtime[uplink.name] = UplinkRuntime(uplink)
-        if adopted is not None:
-            self.selected = adopted
-            log.info("uplink=%s adopted: the selected default route of a previous run points at it", adopted)
+        for family, name in adopted.items():
+            self.selected[family] = name
+            log.info(
+                "uplink=%s adopted: the selected %s default route of a previous run points at it",
+                name,
+                FAMILY_NAME[family],
+            )
         self._log_effective_config()
         self._events = NetlinkEvents(self._request_sync)
         await self._sync()
@@ -1595,24 +1740,21 @@ class Agent:
             self.healths[uplink.name] = health
             if transitions:
                 self._on_transitions(transitions)
-        decision = select(self.healths, config.uplinks, self.selected, config.agent.hysteresis_s, now)
-        self._wake_at = decision.wake_at
-        if decision.selected != self.selected:
-            log.warning(
-                "selected=%s (was %s): %s", decision.selected, self.selected or "none", decision.reason
+        wakes: list[float] = []
+        for family in config.families:
+            # Each family chooses among the uplinks that can route it right now.
+            candidates = [
+                u
+                for u in config.uplinks
+                if family in u.families and routable(u, self.interfaces.get(u.interface), family)
+            ]
+            self._decide(
+                family,
+                select(self.healths, candidates, self.selected[family], config.agent.hysteresis_s, now),
             )
-            self._status_forced = True
-        elif decision.stranded and not self.decision.stranded:
-            if decision.selected is None:
-                log.info("waiting for the first uplink to come up")
-            else:
-                log.error("NO UPLINK IS UP: %s; new traffic may fail until one recovers", decision.reason)
-            self._status_forced = True
-        elif decision.wake_at is not None and decision.wake_at != self.decision.wake_at:
-            log.info("selection: %s", decision.reason)  # a better uplink is proving itself
-            self._status_forced = True
-        self.selected = decision.selected
-        self.decision = decision
+            if self.decisions[family].wake_at is not None:
+                wakes.append(self.decisions[family].wake_at)  # type: ignore[arg-type]
+        self._wake_at = min(wakes) if wakes else None
 
         plan = plan_network(config, self.interfaces, self.selected)
         rules = await self._netlink.call(nl_rules)
@@ -1636,8 +1778,38 @@ class Agent:
             self._write_status()
             self.notifier.send("STATUS=" + self.summary())
 
-    def _adoptable(self, routes: Sequence[RouteEntry]) -> str | None:
-        """The uplink the selection table's default (left by a previous run) points at."""
+    def _decide(self, family: int, decision: Decision) -> None:
+        """Take a family's selection decision, logging it once when it says something new."""
+        previous, current = self.decisions[family], self.selected[family]
+        label = FAMILY_NAME[family]
+        if decision.selected != current:
+            log.warning(
+                "selected=%s family=%s (was %s): %s",
+                decision.selected,
+                label,
+                current or "none",
+                decision.reason,
+            )
+            self._status_forced = True
+        elif decision.stranded and not previous.stranded:
+            if decision.selected is None:
+                log.info("family=%s waiting for the first uplink to come up", label)
+            else:
+                log.error(
+                    "NO UPLINK IS UP family=%s: %s; new traffic may fail until one recovers",
+                    label,
+                    decision.reason,
+                )
+            self._status_forced = True
+        elif decision.wake_at is not None and decision.wake_at != previous.wake_at:
+            log.info("selection family=%s: %s", label, decision.reason)  # a better uplink is proving itself
+            self._status_forced = True
+        self.selected[family] = decision.selected
+        self.decisions[family] = decision
+
+    def _adoptable(self, routes: Sequence[RouteEntry]) -> dict[int, str]:
+        """Per family, the uplink the selection table's default (left by a previous run) points at."""
+        adopted: dict[int, str] = {}
         for route in routes:
             if (
                 route.table != self.config.agent.default_table
@@ -1646,9 +1818,14 @@ class Agent:
                 continue
             for uplink in self.config.uplinks:
                 interface = self.interfaces.get(uplink.interface)
-                if interface is not None and interface.index == route.oif:
-                    return uplink.name
-        return None
+                if interface is not None and interface.index == route.oif and route.family in uplink.families:
+                    adopted[route.family] = uplink.name
+        return adopted
+
+    @property
+    def primary_family(self) -> int:
+        """The family `selected` in status and STATUS= speaks of: IPv4 when configured."""
+        return self.config.families[0] if self.config.families else 4
 
     # -- reload -------------------------------------------------------------
 
@@ -1731,17 +1908,16 @@ class Agent:
                 log.exception("uplink=%s prober crashed; restarting it in 1s", name)
                 await asyncio.sleep(1.0)
 
-    def _probe_source(self, name: str) -> Callable[[], tuple[str, int] | None]:
-        """Where this uplink's probes leave from now: (address, ifindex), or None while unusable."""
+    def _probe_source(self, name: str) -> Callable[[], ProbeSource | None]:
+        """Where this uplink's probes leave from now, or None while it cannot carry traffic."""
 
-        def source() -> tuple[str, int] | None:
+        def source() -> ProbeSource | None:
             runtime = self.runtime.get(name)
             health = self.healths.get(name)
             if runtime is None or health is None or runtime.interface is None or not health.link_usable:
                 return None
-            if runtime.interface.address is None:
-                return None
-            return runtime.interface.address, runtime.interface.index
+            interface = runtime.interface
+            return ProbeSource(interface.index, interface.address, interface.address6)
 
         return source
 
@@ -1759,8 +1935,13 @@ class Agent:
 
     def summary(self) -> str:
         states = ", ".join(f"{n} {h.state.value}" for n, h in self.healths.items())
-        selected = self.selected or "none"
-        return f"selected={selected}; {states}" + ("; NO UPLINK UP" if self.decision.stranded else "")
+        families = self.config.families
+        selected = " ".join(
+            f"selected{'' if f == self.primary_family else '6'}={self.selected[f] or 'none'}"
+            for f in families
+        )
+        stranded = any(self.decisions[f].stranded for f in families)
+        return f"{selected}; {states}" + ("; NO UPLINK UP" if stranded else "")
 
     def status_document(self, running: bool = True) -> dict[str, Any]:
         mono_now = time.monotonic()
@@ -1774,11 +1955,15 @@ class Agent:
                 "since": round(wall_now - (mono_now - health.since), 3),
                 "since_monotonic": round(health.since, 6),
                 "reason": health.reason,
-                "selected": uplink.name == self.selected,
+                "selected": uplink.name in self.selected.values(),
+                "families": [FAMILY_NAME[f] for f in uplink.families],
+                "selected_for": [FAMILY_NAME[f] for f in FAMILIES if self.selected[f] == uplink.name],
                 "interface": uplink.interface,
                 "link_usable": health.link_usable,
                 "address": interface.address if interface else None,
-                "gateway": uplink_gateway(uplink, interface),
+                "gateway": uplink_gateway(uplink, interface, 4),
+                "address6": interface.address6 if interface else None,
+                "gateway6": uplink_gateway(uplink, interface, 6),
                 "priority": uplink.priority,
                 "table": uplink.table,
                 "mark": uplink.mark,
@@ -1794,9 +1979,19 @@ class Agent:
             "dry_run": self.dry_run,
             "updated": round(wall_now, 3),
             "updated_monotonic": round(mono_now, 6),
-            "selected": self.selected,
-            "reason": self.decision.reason,
-            "stranded": self.decision.stranded,
+            # `selected`/`reason`/`stranded` speak of IPv4 (IPv6 when only IPv6 is configured);
+            # `families` has each configured family's own.
+            "selected": self.selected[self.primary_family],
+            "reason": self.decisions[self.primary_family].reason,
+            "stranded": self.decisions[self.primary_family].stranded,
+            "families": {
+                FAMILY_NAME[f]: {
+                    "selected": self.selected[f],
+                    "reason": self.decisions[f].reason,
+                    "stranded": self.decisions[f].stranded,
+                }
+                for f in self.config.families
+            },
             "uplinks": uplinks,
         }
 
@@ -1872,17 +2067,22 @@ def describe_plan(config: Config) -> str:
             0,
             True,
             True,
-            "<address of " + u.interface + ">",
-            "<gateway from DHCP/RA>" if u.gateway == "auto" else None,
+            f"<IPv4 of {u.interface}>",
+            "<DHCP gateway>" if u.gateway == "auto" else None,
+            f"<IPv6 of {u.interface}>",
+            "<RA gateway>" if u.gateway6 == "auto" else None,
         )
         for u in config.uplinks
     }
-    plan = plan_network(config, interfaces, config.uplinks[0].name)
+    first = {
+        family: next(u.name for u in config.uplinks if family in u.families) for family in config.families
+    }
+    plan = plan_network(config, interfaces, first)
     lines = [
         f"config {config.source}: OK",
         f"agent: state_dir={agent.state_dir} hysteresis={format_duration(agent.hysteresis_s)} "
-        f"route_protocol={agent.route_protocol}",
-        f"selection table {agent.default_table}: one default route, replaced in place, "
+        f"route_protocol={agent.route_protocol} families={','.join(FAMILY_NAME[f] for f in config.families)}",
+        f"selection table {agent.default_table}: one default route per family, replaced in place, "
         "to the selected uplink",
         "",
         "uplinks (lower priority is preferred):",
@@ -1890,8 +2090,10 @@ def describe_plan(config: Config) -> str:
     for uplink in config.uplinks:
         check = uplink.check
         lines.append(
-            f"  {uplink.name}: interface={uplink.interface} gateway={uplink.gateway} "
-            f"priority={uplink.priority} table={uplink.table} mark={uplink.mark:#x}/{agent.mark_mask:#x}"
+            f"  {uplink.name}: interface={uplink.interface} "
+            f"gateway={uplink.gateway} gateway6={uplink.gateway6} "
+            f"priority={uplink.priority} table={uplink.table} mark={uplink.mark:#x}/{agent.mark_mask:#x} "
+            f"families={','.join(FAMILY_NAME[f] for f in uplink.families)}"
         )
         lines.append(
             f"    probe: {check.method.value}{':' + str(check.port) if check.port else ''} "
@@ -1900,17 +2102,19 @@ def describe_plan(config: Config) -> str:
             f"up after {check.rise} good rounds, round ok with {check.reliability} answer(s); "
             f"bound to {uplink.interface}"
         )
-    lines += [
-        "",
-        f"rules (IPv4, priorities {agent.rule_priority}-{agent.rule_priority + RULE_BLOCK - 1}, "
-        f"protocol {agent.route_protocol}):",
-    ]
-    lines += [f"  {rule.describe()}" for rule in plan.rules]
-    lines += ["", f"routes (protocol {agent.route_protocol}):"]
-    for route in plan.uplink_routes:
-        via = f"via {route.gateway}" if route.gateway else "scope link"
-        lines.append(f"  default {via} dev {route.interface} table {route.table}")
-    lines.append(f"  default via <selected uplink> table {agent.default_table}")
+    for family in config.families:
+        lines += [
+            "",
+            f"{FAMILY_NAME[family]} rules (priorities {agent.rule_priority}-"
+            f"{agent.rule_priority + RULE_BLOCK - 1}, protocol {agent.route_protocol}):",
+        ]
+        lines += [f"  {rule.describe()}" for rule in plan.rules if rule.family == family]
+        lines += ["", f"{FAMILY_NAME[family]} routes (protocol {agent.route_protocol}):"]
+        for route in plan.uplink_routes:
+            if route.family == family:
+                via = f"via {route.gateway}" if route.gateway else "scope link"
+                lines.append(f"  default {via} dev {route.interface} table {route.table}")
+        lines.append(f"  default via <selected uplink> table {agent.default_table}")
     return "\n".join(lines)
 
 

@@ -47,13 +47,13 @@ def installed(plan: mwa.NetPlan) -> tuple[list[mwa.RuleEntry], list[mwa.RouteEnt
     ]
     routes = [
         mwa.RouteEntry(r.table, INDEXES[r.interface], r.gateway, P)
-        for r in plan.uplink_routes + ((plan.default_route,) if plan.default_route else ())
+        for r in plan.uplink_routes + plan.default_routes
     ]
     return rules, routes
 
 
 def test_plan_shape() -> None:
-    plan = mwa.plan_network(CONFIG, IFACES, "fibre")
+    plan = mwa.plan_network(CONFIG, IFACES, {4: "fibre"})
     described = [r.describe() for r in plan.rules]
     assert described == [
         "5000: from all lookup main suppress_prefixlength 0",
@@ -73,29 +73,29 @@ def test_plan_shape() -> None:
         mwa.RouteSpec(202, "wan1", "203.0.113.5"),  # static
         mwa.RouteSpec(203, "wg0", None),  # point-to-point
     )
-    assert plan.default_route == mwa.RouteSpec(200, "wan0", "203.0.113.1")
+    assert plan.default_routes == (mwa.RouteSpec(200, "wan0", "203.0.113.1"),)
 
 
 def test_diff_of_an_empty_system_adds_routes_before_rules() -> None:
-    plan = mwa.plan_network(CONFIG, IFACES, "fibre")
+    plan = mwa.plan_network(CONFIG, IFACES, {4: "fibre"})
     changes = mwa.diff_network(CONFIG, plan, [], [], INDEXES, CONFIG.tables)
     kinds = [c.kind for c in changes]
     assert kinds == ["replace_route"] * 4 + ["add_rule"] * 11
 
 
 def test_diff_of_an_applied_plan_is_empty_and_switch_is_one_replace() -> None:
-    plan = mwa.plan_network(CONFIG, IFACES, "fibre")
+    plan = mwa.plan_network(CONFIG, IFACES, {4: "fibre"})
     rules, routes = installed(plan)
     assert mwa.diff_network(CONFIG, plan, rules, routes, INDEXES, CONFIG.tables) == []
-    switched = mwa.plan_network(CONFIG, IFACES, "lte")
+    switched = mwa.plan_network(CONFIG, IFACES, {4: "lte"})
     changes = mwa.diff_network(CONFIG, switched, rules, routes, INDEXES, CONFIG.tables)
     assert changes == [mwa.Change("replace_route", route=mwa.RouteSpec(200, "wan1", "203.0.113.5"))]
 
 
 def test_diff_never_deletes_the_selected_default_nor_foreign_objects() -> None:
-    plan = mwa.plan_network(CONFIG, IFACES, "fibre")
+    plan = mwa.plan_network(CONFIG, IFACES, {4: "fibre"})
     rules, routes = installed(plan)
-    nothing_selected = mwa.plan_network(CONFIG, IFACES, None)
+    nothing_selected = mwa.plan_network(CONFIG, IFACES, {4: None})
     foreign_rule = mwa.RuleEntry(5050, 77, 4)  # inside our range but not ours: never deleted
     foreign_route = mwa.RouteEntry(201, 2, "203.0.113.9", 16)
     changes = mwa.diff_network(
@@ -106,14 +106,17 @@ def test_diff_never_deletes_the_selected_default_nor_foreign_objects() -> None:
 
 
 def test_vanished_interface_drops_its_source_rule_and_route() -> None:
-    plan = mwa.plan_network(CONFIG, IFACES, "fibre")
+    plan = mwa.plan_network(CONFIG, IFACES, {4: "fibre"})
     rules, routes = installed(plan)
     without_wan1 = {k: v for k, v in IFACES.items() if k != "wan1"}
     changes = mwa.diff_network(
-        CONFIG, mwa.plan_network(CONFIG, without_wan1, "fibre"), rules, routes, INDEXES, CONFIG.tables
+        CONFIG, mwa.plan_network(CONFIG, without_wan1, {4: "fibre"}), rules, routes, INDEXES, CONFIG.tables
     )
     described = sorted(c.describe() for c in changes)
-    assert described == ["del_route default table 202", "del_rule 5041: from 203.0.113.6 lookup 202"]
+    assert described == [
+        "del_route ipv4 default table 202",
+        "del_rule ipv4 5041: from 203.0.113.6 lookup 202",
+    ]
 
 
 def test_collisions() -> None:
@@ -134,6 +137,99 @@ def test_collisions() -> None:
     assert "lte's mark 0x200" in problems[2] and "table 203" in problems[3]
 
 
+DUAL = mwa.parse_config(
+    """
+[check]
+targets = ["198.18.1.1", "2001:db8:ffff::1"]
+[[uplink]]
+name = "fibre"
+interface = "wan0"
+[[uplink]]
+name = "lte"
+interface = "wan1"
+priority = 2
+[[uplink]]
+name = "v4only"
+interface = "wan2"
+priority = 3
+[uplink.check]
+targets = ["198.18.1.2"]
+""",
+    "dual.toml",
+)
+DUAL_IFACES = {
+    "wan0": mwa.Interface("wan0", 2, True, True, "203.0.113.2", "203.0.113.1", "2001:db8:1::2", "fe80::1"),
+    "wan1": mwa.Interface("wan1", 3, True, True, "203.0.113.6", "203.0.113.5", "2001:db8:2::2", None),
+    "wan2": mwa.Interface("wan2", 4, True, True, "198.51.100.2", "198.51.100.1", "2001:db8:3::2", "fe80::1"),
+}
+
+
+def test_families_come_from_the_targets() -> None:
+    fibre, lte, v4only = DUAL.uplinks
+    assert fibre.families == (4, 6) and v4only.families == (4,)
+    assert DUAL.families == (4, 6)
+    assert mwa.parse_config(
+        '[check]\ntargets=["2001:db8::1"]\n[[uplink]]\nname="a"\ninterface="x"', "t"
+    ).families == (6,)
+
+
+def test_dual_stack_plan() -> None:
+    plan = mwa.plan_network(DUAL, DUAL_IFACES, {4: "lte", 6: "fibre"})
+    v6_rules = [r.describe() for r in plan.rules if r.family == 6]
+    assert v6_rules == [
+        "5000: from all lookup main suppress_prefixlength 0",
+        "5010: from all oif wan0 lookup 201",
+        "5011: from all oif wan1 lookup 202",
+        "5040: from 2001:db8:1::2 lookup 201",
+        "5041: from 2001:db8:2::2 lookup 202",
+        "5070: from all fwmark 0x100/0xff00 lookup 201",
+        "5071: from all fwmark 0x200/0xff00 lookup 202",
+        "5099: from all lookup 200",
+    ]  # v4only has no IPv6 targets, so it carries no IPv6
+    v6_routes = [r for r in plan.uplink_routes if r.family == 6]
+    assert v6_routes == [mwa.RouteSpec(201, "wan0", "fe80::1", 6)]  # lte has no RA route yet
+    assert set(plan.default_routes) == {
+        mwa.RouteSpec(200, "wan1", "203.0.113.5", 4),
+        mwa.RouteSpec(200, "wan0", "fe80::1", 6),
+    }
+    assert mwa.routable(DUAL.uplinks[1], DUAL_IFACES["wan1"], 4)
+    assert not mwa.routable(DUAL.uplinks[1], DUAL_IFACES["wan1"], 6)
+    # the same table id serves both families; a diff keys routes by (family, table)
+    rules = [
+        mwa.RuleEntry(
+            r.priority, r.table, P, r.fwmark, r.fwmask, r.source, r.oifname, r.suppress_prefixlength, r.family
+        )
+        for r in plan.rules
+    ]
+    indexes = {n: i.index for n, i in DUAL_IFACES.items()}
+    routes = [
+        mwa.RouteEntry(r.table, indexes[r.interface], r.gateway, P, r.family)
+        for r in plan.uplink_routes + plan.default_routes
+    ]
+    assert mwa.diff_network(DUAL, plan, rules, routes, indexes, DUAL.tables) == []
+    switched = mwa.plan_network(DUAL, DUAL_IFACES, {4: "lte", 6: "lte"})
+    # lte cannot route IPv6: no default for it, and the last IPv6 default is kept, not deleted
+    assert mwa.diff_network(DUAL, switched, rules, routes, indexes, DUAL.tables) == []
+
+
+def test_link_observation_dual_stack() -> None:
+    fibre = DUAL.uplinks[0]
+    only_v6 = mwa.Interface("wan0", 2, True, True, None, None, "2001:db8:1::2", "fe80::1")
+    assert mwa.link_observation(fibre, only_v6).usable  # still carries IPv6
+    v4only = DUAL.uplinks[2]
+    assert mwa.link_observation(v4only, only_v6).reason == "no IPv4 address on wan2"
+
+
+def test_parse_icmp6() -> None:
+    reply = struct.pack("!BBHHH", 129, 0, 0, 0x42, 3) + b"x" * 24
+    assert mwa._parse_icmp6(reply, "2001:db8:ffff::1") == (0, "2001:db8:ffff::1", 0x42, 3)
+    inner = struct.pack("!IHBB", 0x60000000, 32, 58, 64) + socket.inet_pton(socket.AF_INET6, "2001:db8:1::2")
+    inner += socket.inet_pton(socket.AF_INET6, "2001:db8:ffff::2") + struct.pack("!BBHHH", 128, 0, 0, 0x42, 4)
+    error = struct.pack("!BBHI", 1, 0, 0, 0) + inner
+    assert mwa._parse_icmp6(error, "2001:db8:1::1") == (3, "2001:db8:ffff::2", 0x42, 4)
+    assert mwa._parse_icmp6(struct.pack("!BBHHH", 128, 0, 0, 1, 1), "2001:db8::9") is None
+
+
 def test_link_observation_reasons() -> None:
     fibre, lte, vpn = CONFIG.uplinks
     assert mwa.link_observation(fibre, None).reason == "interface wan0 is gone"
@@ -144,7 +240,7 @@ def test_link_observation_reasons() -> None:
     no_addr = mwa.Interface("wan0", 2, True, True, None, "203.0.113.1")
     assert mwa.link_observation(fibre, no_addr).reason == "no IPv4 address on wan0"
     no_gw = mwa.Interface("wan0", 2, True, True, "203.0.113.2", None)
-    assert "no default route from DHCP/RA" in mwa.link_observation(fibre, no_gw).reason
+    assert "no default route from DHCP on wan0" in mwa.link_observation(fibre, no_gw).reason
     assert mwa.link_observation(lte, IFACES["wan1"]).usable  # static gateway
     assert mwa.link_observation(vpn, IFACES["wg0"]).usable  # point-to-point
 
