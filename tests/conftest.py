@@ -27,6 +27,8 @@ def lab_unavailable_reason() -> str | None:
     missing = [tool for tool in ("ip", "nft") if shutil.which(tool) is None]
     if missing:
         return f"lab tests need {' and '.join(missing)} on PATH"
+    if not os.path.isdir("/proc/sys/net/ipv6"):
+        return "lab tests need IPv6 in the kernel (the lab is dual stack)"
     return None
 
 

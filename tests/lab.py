@@ -13,6 +13,25 @@ per-run prefix ``mwt<pid>-<n>-``)::
 
     inet lo: 198.18.1.1, 198.18.1.2 (probe targets), 198.18.1.10 (echo server :8080)
 
+IPv6 runs alongside (dual stack; every address is added with ``nodad`` and
+DAD is switched off, so nothing waits for duplicate address detection)::
+
+    lan eth0 2001:db8:100::10/64
+        |
+    router lan0 2001:db8:100::1/64
+    router wan0 2001:db8:1::2/64 ---- isp1 cpe 2001:db8:1::1/64 + fe80::1/64
+                                      isp1 up  2001:db8:f1::1/64 ---- inet isp1 2001:db8:f1::2/64
+    router wan1 2001:db8:2::2/64 ---- isp2 cpe 2001:db8:2::1/64 + fe80::1/64
+                                      isp2 up  2001:db8:f2::1/64 ---- inet isp2 2001:db8:f2::2/64
+
+    inet lo: 2001:db8:ffff::1, 2001:db8:ffff::2 (probe targets),
+             2001:db8:ffff::10 (the same echo server, :8080)
+
+The router's IPv6 gateways are the link-local fe80::1 of each ISP, as an RA
+client would learn them (no RAs are sent: with ``dhcp_defaults`` the lab adds
+the routes an RA client leaves, ``proto ra`` metrics 1024 and 1025). The
+router masquerades IPv4 and IPv6 (NAT66) out of both uplinks.
+
 The root network namespace is never touched: every veth pair is created from
 inside a lab namespace straight into its peer namespace, and every command
 runs with ``ip -n`` or ``ip netns exec``. ``close()`` kills whatever still
@@ -52,6 +71,13 @@ SERVER_PORT: Final = 8080
 #: The LAN side.
 LAN_GATEWAY: Final = "198.51.100.1"
 LAN_HOST: Final = "198.51.100.10"
+#: IPv6 counterparts of the above (the server listens on both addresses).
+PROBE_TARGETS6: Final = ("2001:db8:ffff::1", "2001:db8:ffff::2")
+SERVER_IP6: Final = "2001:db8:ffff::10"
+LAN_GATEWAY6: Final = "2001:db8:100::1"
+LAN_HOST6: Final = "2001:db8:100::10"
+#: Address families as the API takes them (family=4 / family=6).
+FAMILIES: Final = (4, 6)
 
 LAB_TOOLS: Final = Path(__file__).resolve().parent / "lab_tools"
 ECHO_SERVER: Final = LAB_TOOLS / "echo_server.py"
@@ -69,6 +95,15 @@ POLL_INTERVAL_S: Final = 0.01
 READY_TIMEOUT_S: Final = 10.0
 TERM_GRACE_S: Final = 2.0
 
+#: Every role's veth ends, as the lab creates them.
+VETHS: Final[dict[str, tuple[str, ...]]] = {
+    "router": ("wan0", "wan1", "lan0"),
+    "isp1": ("cpe", "up"),
+    "isp2": ("cpe", "up"),
+    "inet": ("isp1", "isp2"),
+    "lan": ("eth0",),
+}
+
 _lab_counter = itertools.count()
 
 
@@ -84,6 +119,21 @@ class IspSpec:
     isp_transit_ip: str  #: the ISP's address on its link to inet (dev `up`)
     inet_transit_ip: str  #: inet's address on that link (dev named like the role)
     dhcp_metric: int  #: metric of the default route a DHCP client would leave
+    router_ip6: str  #: the router's global IPv6 address on the customer link (/64)
+    cpe_ip6: str  #: the ISP's global IPv6 address on the customer link
+    customer_net6: str  #: the customer /64 (on-link, and what IPv6 BCP38 lets in)
+    isp_transit_ip6: str  #: the ISP's IPv6 address on its link to inet
+    inet_transit_ip6: str  #: inet's IPv6 address on that link
+    ra_metric: int  #: metric of the IPv6 default route an RA client would leave
+    gateway6: str = "fe80::1"  #: the ISP's link-local address: the router's IPv6 gateway
+
+    def router_address(self, family: int = 4) -> str:
+        """The router's address on this uplink in the given family."""
+        return self.router_ip if _check_family(family) == 4 else self.router_ip6
+
+    def gateway_address(self, family: int = 4) -> str:
+        """The router's gateway via this ISP: the IPv4 address, or the link-local fe80::1."""
+        return self.gateway if _check_family(family) == 4 else self.gateway6
 
 
 ISPS: Final[dict[str, IspSpec]] = {
@@ -96,6 +146,12 @@ ISPS: Final[dict[str, IspSpec]] = {
         isp_transit_ip="198.18.0.1",
         inet_transit_ip="198.18.0.2",
         dhcp_metric=100,
+        router_ip6="2001:db8:1::2",
+        cpe_ip6="2001:db8:1::1",
+        customer_net6="2001:db8:1::/64",
+        isp_transit_ip6="2001:db8:f1::1",
+        inet_transit_ip6="2001:db8:f1::2",
+        ra_metric=1024,
     ),
     "isp2": IspSpec(
         role="isp2",
@@ -106,6 +162,12 @@ ISPS: Final[dict[str, IspSpec]] = {
         isp_transit_ip="198.18.0.5",
         inet_transit_ip="198.18.0.6",
         dhcp_metric=200,
+        router_ip6="2001:db8:2::2",
+        cpe_ip6="2001:db8:2::1",
+        customer_net6="2001:db8:2::/64",
+        isp_transit_ip6="2001:db8:f2::1",
+        inet_transit_ip6="2001:db8:f2::2",
+        ra_metric=1025,
     ),
 }
 
@@ -125,6 +187,22 @@ class LabCommandError(subprocess.CalledProcessError):
 
 
 # Helpers #####################################################################
+
+
+def _check_family(family: int) -> int:
+    if family not in FAMILIES:
+        raise LabError(f"family must be 4 or 6, got {family!r}")
+    return family
+
+
+def server_ip(family: int = 4) -> str:
+    """The echo server's address in the given family."""
+    return SERVER_IP if _check_family(family) == 4 else SERVER_IP6
+
+
+def probe_targets(family: int = 4) -> tuple[str, str]:
+    """The two probe targets in the given family."""
+    return PROBE_TARGETS if _check_family(family) == 4 else PROBE_TARGETS6
 
 
 def lab_namespaces(prefix: str = "mwt") -> list[str]:
@@ -185,6 +263,13 @@ def _close_pipes(proc: subprocess.Popen[Any]) -> None:
 # Route events ################################################################
 
 
+#: Route types `ip` may print before the destination.
+_ROUTE_TYPES: Final = (
+    "unicast", "local", "broadcast", "multicast", "anycast", "blackhole", "unreachable", "prohibit",
+    "throw", "nat",
+)  # fmt: skip
+
+
 class RouteEvent(NamedTuple):
     """One line of `ip monitor route`, stamped with time.monotonic() on arrival."""
 
@@ -213,6 +298,23 @@ class RouteEvent(NamedTuple):
             if i + 1 < len(words):
                 return words[i + 1]
         return "main"
+
+    @property
+    def family(self) -> int:
+        """6 for an IPv6 route, else 4.
+
+        `ip monitor route` does not print the family. An IPv6 route shows a
+        colon in its destination or gateway, and the kernel always reports
+        an IPv6 route's preference, which `ip` prints as "pref ..." (never
+        for IPv4): that tells e.g. "default dev wan0 ... pref medium" apart.
+        """
+        words = self.route.split()
+        if "pref" in words:
+            return 6
+        for i, word in enumerate(words):
+            if ":" in word and (i == 0 or words[i - 1] in ("via", *_ROUTE_TYPES)):
+                return 6
+        return 4
 
 
 class RouteMonitor:
@@ -278,10 +380,15 @@ class RouteMonitor:
         _close_pipes(self._proc)
         return self.events()
 
-    def deleted_defaults(self, table: str | None = None) -> list[RouteEvent]:
-        """Events "Deleted default ..." in `table` (any table if None)."""
+    def deleted_defaults(self, table: str | None = None, family: int | None = None) -> list[RouteEvent]:
+        """Events "Deleted default ..." in `table` (any table if None) of `family` (4, 6; any if None)."""
         return [
-            e for e in self.events() if e.deleted and e.is_default and (table is None or e.table == table)
+            e
+            for e in self.events()
+            if e.deleted
+            and e.is_default
+            and (table is None or e.table == table)
+            and (family is None or e.family == family)
         ]
 
 
@@ -470,16 +577,25 @@ class Lab:
         """Apply an nft script (`nft -f -`) in the namespace, as one transaction."""
         self.run(role, "nft", "-f", "-", input=script)
 
-    def default_routes(self, role: str = "router", table: str = "main") -> list[dict[str, Any]]:
-        """`ip -j route show default table X` (empty if the table does not exist)."""
-        return self.ip_json(role, "route", "show", "default", "table", table)
+    def default_routes(
+        self, role: str = "router", table: str = "main", family: int = 4
+    ) -> list[dict[str, Any]]:
+        """`ip -j -4|-6 route show default table X` (empty if the table does not exist)."""
+        return self.ip_json(role, f"-{_check_family(family)}", "route", "show", "default", "table", table)
 
-    def rules(self, role: str = "router") -> list[dict[str, Any]]:
-        """`ip -j rule show`."""
-        return self.ip_json(role, "rule", "show")
+    def rules(self, role: str = "router", family: int = 4) -> list[dict[str, Any]]:
+        """`ip -j rule show` (IPv4, as before) or `ip -j -6 rule show`."""
+        if _check_family(family) == 4:
+            return self.ip_json(role, "rule", "show")
+        return self.ip_json(role, "-6", "rule", "show")
 
     def counter(self, isp_role: str, name: str) -> int:
-        """Packets an ISP's named counter saw: t1, t2, srv (forwarded from cpe), spoofed."""
+        """Packets an ISP's named counter saw.
+
+        t1, t2, srv (IPv4 forwarded from cpe to the targets / the server),
+        spoofed (IPv4 BCP38 drops); t1_6, t2_6, srv_6 and spoofed_6 likewise
+        for IPv6.
+        """
         self._isp(isp_role)
         out = self.run(isp_role, "nft", "-j", "list", "counter", "inet", "isp", name).stdout
         for item in json.loads(out)["nftables"]:
@@ -525,20 +641,31 @@ class Lab:
         self._sysctls()
 
         isp1, isp2 = ISPS["isp1"], ISPS["isp2"]
+        # Every IPv6 address is `nodad`: usable at once, never "tentative".
         addresses = {
             "router": [
                 f"addr add {isp1.router_ip}/30 dev {isp1.router_dev}",
                 f"addr add {isp2.router_ip}/30 dev {isp2.router_dev}",
                 f"addr add {LAN_GATEWAY}/24 dev lan0",
+                f"addr add {isp1.router_ip6}/64 dev {isp1.router_dev} nodad",
+                f"addr add {isp2.router_ip6}/64 dev {isp2.router_dev} nodad",
+                f"addr add {LAN_GATEWAY6}/64 dev lan0 nodad",
                 "link set wan0 up",
                 "link set wan1 up",
                 "link set lan0 up",
             ],
-            "lan": [f"addr add {LAN_HOST}/24 dev eth0", "link set eth0 up"],
+            "lan": [
+                f"addr add {LAN_HOST}/24 dev eth0",
+                f"addr add {LAN_HOST6}/64 dev eth0 nodad",
+                "link set eth0 up",
+            ],
             "inet": [
                 *(f"addr add {ip}/32 dev lo" for ip in (*PROBE_TARGETS, SERVER_IP)),
+                *(f"addr add {ip}/128 dev lo nodad" for ip in (*PROBE_TARGETS6, SERVER_IP6)),
                 f"addr add {isp1.inet_transit_ip}/30 dev isp1",
                 f"addr add {isp2.inet_transit_ip}/30 dev isp2",
+                f"addr add {isp1.inet_transit_ip6}/64 dev isp1 nodad",
+                f"addr add {isp2.inet_transit_ip6}/64 dev isp2 nodad",
                 "link set isp1 up",
                 "link set isp2 up",
             ],
@@ -547,6 +674,9 @@ class Lab:
             addresses[isp.role] = [
                 f"addr add {isp.gateway}/30 dev cpe",
                 f"addr add {isp.isp_transit_ip}/30 dev up",
+                f"addr add {isp.cpe_ip6}/64 dev cpe nodad",
+                f"addr add {isp.gateway6}/64 dev cpe nodad",
+                f"addr add {isp.isp_transit_ip6}/64 dev up nodad",
                 "link set dev cpe up",
                 "link set dev up up",
             ]
@@ -555,27 +685,54 @@ class Lab:
 
         # Routes only once every link is up on both ends (a gateway route on a
         # link whose peer is still down would need `onlink`).
+        # IPv6 defaults are spelled `::/0`: an `ip -batch` line takes no -6,
+        # and a bare "default" there means IPv4.
         routes: dict[str, list[str]] = {
-            "lan": [f"route add default via {LAN_GATEWAY}"],
+            "lan": [f"route add default via {LAN_GATEWAY}", f"route add ::/0 via {LAN_GATEWAY6}"],
             # inet deliberately has no default route: it only knows the ISPs.
-            "inet": [f"route add {isp.customer_net} via {isp.isp_transit_ip}" for isp in (isp1, isp2)],
-            "isp1": [f"route add default via {isp1.inet_transit_ip}"],
-            "isp2": [f"route add default via {isp2.inet_transit_ip}"],
+            "inet": [
+                *(f"route add {isp.customer_net} via {isp.isp_transit_ip}" for isp in (isp1, isp2)),
+                *(f"route add {isp.customer_net6} via {isp.isp_transit_ip6}" for isp in (isp1, isp2)),
+            ],
+            "isp1": [
+                f"route add default via {isp1.inet_transit_ip}",
+                f"route add ::/0 via {isp1.inet_transit_ip6}",
+            ],
+            "isp2": [
+                f"route add default via {isp2.inet_transit_ip}",
+                f"route add ::/0 via {isp2.inet_transit_ip6}",
+            ],
             "router": [
-                f"route add default via {isp.gateway} dev {isp.router_dev} "
-                f"proto dhcp metric {isp.dhcp_metric}"
-                for isp in (isp1, isp2)
-                if self.dhcp_defaults
+                *(
+                    f"route add default via {isp.gateway} dev {isp.router_dev} "
+                    f"proto dhcp metric {isp.dhcp_metric}"
+                    for isp in (isp1, isp2)
+                    if self.dhcp_defaults
+                ),
+                # What an RA client leaves: the link-local gateway, proto ra.
+                *(
+                    f"route add ::/0 via {isp.gateway6} dev {isp.router_dev} proto ra metric {isp.ra_metric}"
+                    for isp in (isp1, isp2)
+                    if self.dhcp_defaults
+                ),
             ],
         }
-        for role, lines in routes.items():
-            if lines:
-                self._ip_batch(role, lines)
+        for role in ROLES:
+            # `link show dev X` first: see _sync_link_lines.
+            self._ip_batch(role, [*_sync_link_lines(VETHS[role]), *routes[role]])
 
         # Stand-in for the router's firewall: NAT out of both uplinks.
         self.nft(
             "router",
             "table ip labnat {\n"
+            "  chain post {\n"
+            "    type nat hook postrouting priority 100; policy accept;\n"
+            '    oifname "wan0" masquerade\n'
+            '    oifname "wan1" masquerade\n'
+            "  }\n"
+            "}\n"
+            # NAT66 likewise, in a table of its own so the IPv4 one stays as it was.
+            "table ip6 labnat6 {\n"
             "  chain post {\n"
             "    type nat hook postrouting priority 100; policy accept;\n"
             '    oifname "wan0" masquerade\n'
@@ -602,25 +759,46 @@ class Lab:
         # the router does policy routing (replies may come in on the "wrong"
         # uplink as far as the main table is concerned), and anti-spoofing at
         # the ISPs is modelled by the nft BCP38 rule, which the tests can count.
-        common = ["net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"]
+        #
+        # IPv6: DAD off (all, default and every veth, which already exist but
+        # are still down, so their automatic link-local addresses come up
+        # usable: a tentative link-local cannot source neighbour solicitations,
+        # and the router would not resolve fe80::1 for a second or two).
+        # Forwarding on in the router and the ISPs; the router's uplinks
+        # accept no RAs (the lab adds the routes an RA client would).
+        common = [
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ]
         per_role = {
             "router": [
                 "net.ipv4.ip_forward=1",
                 *(f"net.ipv4.conf.{dev}.rp_filter=0" for dev in ("wan0", "wan1", "lan0")),
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv6.conf.wan0.accept_ra=0",
+                "net.ipv6.conf.wan1.accept_ra=0",
             ],
-            "isp1": ["net.ipv4.ip_forward=1", "net.ipv4.conf.cpe.rp_filter=0"],
-            "isp2": ["net.ipv4.ip_forward=1", "net.ipv4.conf.cpe.rp_filter=0"],
+            **{
+                isp: [
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv4.conf.cpe.rp_filter=0",
+                    "net.ipv6.conf.all.forwarding=1",
+                ]
+                for isp in ISPS
+            },
         }
         for role in ROLES:
-            self.run(role, "sysctl", "-q", "-w", *common, *per_role.get(role, []))
+            dad = [f"net.ipv6.conf.{dev}.accept_dad=0" for dev in VETHS[role]]
+            self.run(role, "sysctl", "-q", "-w", *common, *dad, *per_role.get(role, []))
 
     def _start_echo_server(self) -> None:
-        proc = self.popen(
-            "inet",
-            [sys.executable, str(ECHO_SERVER), "--host", SERVER_IP, "--port", str(SERVER_PORT)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        argv = [
+            sys.executable, str(ECHO_SERVER),
+            "--host", SERVER_IP, "--host", SERVER_IP6, "--port", str(SERVER_PORT),
+        ]  # fmt: skip
+        proc = self.popen("inet", argv, stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         line = _read_line(proc.stdout, time.monotonic() + READY_TIMEOUT_S)
         if line is None or line.strip() != "ready":
@@ -643,7 +821,12 @@ class Lab:
         self.nft(role, script)
 
     def silent_drop(self, isp_role: str, on: bool) -> None:
-        """The ISP drops everything it forwards; its gateway still answers ARP and ping."""
+        """The ISP drops everything it forwards, IPv4 and IPv6.
+
+        Its gateway still answers ARP, neighbour solicitations and pings (to
+        203.0.113.x, fe80::1 and 2001:db8:N::1): neighbour discovery and
+        pings to the gateway never cross the forward hook.
+        """
         self._isp(isp_role)
         body = (
             "  chain forward {\n"
@@ -656,14 +839,22 @@ class Lab:
     def gateway_dead(self, isp_role: str, on: bool, *, arp: bool = False) -> None:
         """The gateway neither answers (input) nor forwards, with the link up.
 
-        ARP is a separate family in nftables, so by default the dead gateway
-        still resolves; arp=True also drops ARP (the router's neighbour entry
-        then goes FAILED, like a gateway that is really switched off).
+        IPv4 and IPv6 alike: pings to 203.0.113.x, fe80::1 and 2001:db8:N::1
+        go unanswered and nothing is forwarded. Address resolution is kept by
+        default, in both families: ARP is a separate nftables family that the
+        inet table does not see, and IPv6 neighbour solicitations and
+        advertisements are accepted before the input drop. So the router's
+        neighbour entries stay REACHABLE and only probes can tell the gateway
+        is dead. arp=True also drops ARP and IPv6 neighbour discovery (the
+        router's neighbour entries then go FAILED, like a gateway that is
+        really switched off).
         """
         self._isp(isp_role)
+        keep_nd = "" if arp else "    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept\n"
         body = "".join(
             f"  chain {hook} {{\n"
             f"    type filter hook {hook} priority -10; policy accept;\n"
+            f"{keep_nd if hook == 'input' else ''}"
             "    counter drop\n"
             "  }\n"
             for hook in ("input", "forward")
@@ -677,12 +868,33 @@ class Lab:
 
         The kernel keeps using routes through a NO-CARRIER link
         (ignore_routes_with_linkdown=0): only the agent moves traffic away.
+        In IPv6 too: the router's routes via fe80::1 stay, flagged linkdown,
+        and no route event is sent.
+
+        Setting an interface down flushes its IPv6 addresses (link-local ones
+        even with keep_addr_on_down), so up=True puts the ISP's 2001:db8:N::1
+        and fe80::1 back, as a real ISP's equipment would still have them,
+        and processes the ISP side's pending link event at once (see
+        _sync_link_lines). The router side's event is left to the kernel: as
+        with a real NIC, the router may see the carrier come back up to a
+        second later.
         """
-        self._isp(isp_role)
-        self.ip(isp_role, "link", "set", "cpe", "up" if up else "down")
+        isp = self._isp(isp_role)
+        if not up:
+            self.ip(isp_role, "link", "set", "cpe", "down")
+            return
+        self._ip_batch(
+            isp_role,
+            [
+                "link set dev cpe up",
+                *_sync_link_lines(["cpe"]),
+                f"addr replace {isp.cpe_ip6}/64 dev cpe nodad",
+                f"addr replace {isp.gateway6}/64 dev cpe nodad",
+            ],
+        )
 
     def loss(self, isp_role: str, percent: int) -> None:
-        """Drop `percent`% of packets the ISP forwards from the customer; 0 removes it.
+        """Drop `percent`% of packets (IPv4 and IPv6) the ISP forwards from the customer; 0 removes it.
 
         Only the upstream direction (iifname "cpe") is dropped, so a probe
         round trip is lost with exactly this probability rather than
@@ -709,13 +921,19 @@ class Lab:
         self._stoppables.append(monitor)
         return monitor
 
-    def start_connector(self, duration_s: float, period_ms: int = 10, timeout_ms: int = 100) -> Connector:
-        """Start connector.py in `lan` against the echo server; returns once it runs."""
+    def start_connector(
+        self, duration_s: float, period_ms: int = 10, timeout_ms: int = 100, family: int = 4
+    ) -> Connector:
+        """Start connector.py in `lan` against the echo server; returns once it runs.
+
+        family=6 connects to SERVER_IP6 (the server then reports the router's
+        NAT66 address, 2001:db8:1::2 or 2001:db8:2::2).
+        """
         proc = self.popen(
             "lan",
             [
                 sys.executable, str(CONNECTOR),
-                "--host", SERVER_IP, "--port", str(SERVER_PORT),
+                "--host", server_ip(family), "--port", str(SERVER_PORT),
                 "--period-ms", str(period_ms), "--timeout-ms", str(timeout_ms),
                 "--duration-s", str(duration_s),
             ],
@@ -728,13 +946,17 @@ class Lab:
         connector.wait_started()
         return connector
 
-    def connect_once(self, timeout: float = 2.0) -> str | None:
-        """One TCP connection from `lan`; the source ip the server saw, or None."""
+    def connect_once(self, timeout: float = 2.0, family: int = 4) -> str | None:
+        """One TCP connection from `lan`; the source ip the server saw, or None.
+
+        family=6 connects to SERVER_IP6.
+        """
+        host = server_ip(family)
         timeout_ms = max(1, round(timeout * 1000))
         proc = self.run(
             "lan",
             sys.executable, str(CONNECTOR),
-            "--host", SERVER_IP, "--port", str(SERVER_PORT),
+            "--host", host, "--port", str(SERVER_PORT),
             "--max-attempts", "1", "--timeout-ms", str(timeout_ms),
             "--duration-s", str(min(timeout + 5, 120)),
             timeout=timeout + 10,
@@ -808,17 +1030,43 @@ class Lab:
         return [f"processes still in {ns} after {TERM_GRACE_S}s"]
 
 
+def _sync_link_lines(devices: Sequence[str]) -> list[str]:
+    """`ip -batch` lines that make the kernel act on pending carrier changes now.
+
+    A carrier change reaches the rest of the stack through linkwatch, which
+    handles a veth at once only if its ifindex differs from its peer's
+    (wan0 and isp1's cpe are both ifindex 2, for one); otherwise it waits
+    until up to a second after linkwatch's previous run, which is global, so
+    other labs and CI runs add to it. IPv4 hardly notices, but IPv6 does
+    nothing on a link until that event: no link-local address, no ff00::/8
+    route, so no neighbour solicitation can be sent and the first packets
+    are lost. On recent kernels (checked on 6.18) RTM_GETLINK for one device
+    (`ip link show dev X`, not a dump) runs that device's pending event
+    synchronously. Mind that a test polling `ip link show dev wan0` does the
+    same for the router's side, so it sees carrier changes sooner than an
+    agent that only listens to link events would.
+    """
+    return [f"link show dev {dev}" for dev in devices]
+
+
 def _isp_ruleset(isp: IspSpec) -> str:
     """BCP38 at the ISP edge plus per-target counters of what it forwards.
 
     Named counters need an explicit `{ packets 0 bytes 0 }` body in nft
     1.0.6; the chain cannot be called `fwd` (a keyword). The spoof drop comes
-    first, so t1/t2/srv count only packets actually forwarded.
+    first, so t1/t2/srv count only packets actually forwarded. IPv6 has the
+    same rules with "_6" names; `ip saddr`/`ip6 saddr` match only their own
+    family, so neither BCP38 rule touches the other family's packets, and
+    link-local sources (neighbour discovery) never reach the forward hook.
     """
-    names = ("t1", "t2", "srv", "spoofed")
+    names = ("t1", "t2", "srv", "spoofed", "t1_6", "t2_6", "srv_6", "spoofed_6")
     counters = "".join(f"  counter {name} {{ packets 0 bytes 0 }}\n" for name in names)
     targets = {"t1": PROBE_TARGETS[0], "t2": PROBE_TARGETS[1], "srv": SERVER_IP}
     rules = "".join(f'    iifname "cpe" ip daddr {ip} counter name {name}\n' for name, ip in targets.items())
+    targets6 = {"t1_6": PROBE_TARGETS6[0], "t2_6": PROBE_TARGETS6[1], "srv_6": SERVER_IP6}
+    rules6 = "".join(
+        f'    iifname "cpe" ip6 daddr {ip} counter name {name}\n' for name, ip in targets6.items()
+    )
     return (
         "table inet isp {\n"
         f"{counters}"
@@ -826,6 +1074,8 @@ def _isp_ruleset(isp: IspSpec) -> str:
         "    type filter hook forward priority 0; policy accept;\n"
         f'    iifname "cpe" ip saddr != {isp.customer_net} counter name spoofed drop\n'
         f"{rules}"
+        f'    iifname "cpe" ip6 saddr != {isp.customer_net6} counter name spoofed_6 drop\n'
+        f"{rules6}"
         "  }\n"
         "}\n"
     )

@@ -16,13 +16,15 @@ compare directly with the test's and the agent's clocks):
 Attempts start at t0 + k*period; slots missed while an attempt was running
 are skipped, not made up. Stops after --duration-s, after --max-attempts, or
 on SIGTERM/SIGINT (after the attempt in flight, which is bounded by the
-timeout). Standard library only.
+timeout). --host is an IPv4 or IPv6 address; the socket family follows it.
+Standard library only.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import math
 import signal
 import socket
@@ -33,7 +35,7 @@ from typing import Final
 
 #: Hard cap on --duration-s, so a forgotten connector cannot outlive a test run.
 MAX_DURATION_S: Final = 120.0
-#: The server's first line is an IPv4 address; anything longer is garbage.
+#: The server's first line is an IP address (IPv6: at most 45 characters); anything longer is garbage.
 MAX_FIRST_LINE_BYTES: Final = 64
 #: Longest single sleep, so a stop signal is noticed promptly.
 MAX_SLEEP_S: Final = 0.05
@@ -46,11 +48,16 @@ def _request_stop(signum: int, frame: FrameType | None) -> None:
     _stop_requested = True
 
 
+def address_family(host: str) -> socket.AddressFamily:
+    """AF_INET or AF_INET6 for an address literal; ValueError for anything else."""
+    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+
+
 def attempt(host: str, port: int, timeout_s: float) -> tuple[bool, str]:
     """One connection; (True, source ip) or (False, short reason)."""
     deadline = time.monotonic() + timeout_s
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        with socket.socket(address_family(host), socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout_s)
             sock.connect((host, port))
             buf = b""
@@ -100,7 +107,7 @@ def run(host: str, port: int, period_s: float, timeout_s: float, duration_s: flo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", required=True)
+    parser.add_argument("--host", required=True, help="the server's IPv4 or IPv6 address")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--period-ms", type=float, default=10.0)
     parser.add_argument("--timeout-ms", type=float, default=100.0)
@@ -109,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port must be 1..65535, got {args.port}")
+    try:
+        address_family(args.host)
+    except ValueError:
+        parser.error(f"--host must be an IPv4 or IPv6 address, got {args.host!r}")
     if not 1 <= args.period_ms <= 60_000:
         parser.error(f"--period-ms must be 1..60000, got {args.period_ms}")
     if not 1 <= args.timeout_ms <= 60_000:
