@@ -33,6 +33,7 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -108,6 +109,9 @@ ADDRESS_FAMILY: Final = {4: socket.AF_INET, 6: socket.AF_INET6}
 DEFAULT_DST: Final = {4: "0.0.0.0/0", 6: "::/0"}
 HOST_PREFIX: Final = {4: 32, 6: 128}
 
+#: DNS record types a dns probe may ask for, by their wire value.
+DNS_TYPES: Final = {"A": 1, "AAAA": 28}
+
 DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -138,18 +142,51 @@ class StartupRefused(Exception):
 class Method(str, Enum):
     ICMP = "icmp"
     TCP = "tcp"
+    HTTP = "http"
+    HTTPS = "https"
+    DNS = "dns"
 
 
 @dataclass(frozen=True, slots=True)
 class CheckConfig:
-    method: Method = Method.ICMP
+    #: Every method probes every target each round (see RoundResult.ok).
+    methods: tuple[Method, ...] = (Method.ICMP,)
     targets: tuple[str, ...] = ()
+    #: tcp: required; dns: default 53; http(s): default from `url`, else 80/443.
     port: int | None = None
+    #: http(s): the URL whose host is sent as Host (and TLS server name); the
+    #: connection goes to each target address, so no DNS lookup is needed.
+    url: str | None = None
+    #: http(s): acceptable status codes; empty means any 2xx.
+    expect_status: tuple[int, ...] = ()
+    tls_verify: bool = True
+    #: dns: the name to ask each target (a resolver) about, and the record type.
+    query_name: str | None = None
+    query_type: str = "A"
     interval_s: float = 1.0
     timeout_s: float = 1.0
     fall: int = 3
     rise: int = 3
     reliability: int = 1
+    #: Quality over the last `window` rounds; None disables a threshold.
+    window: int = 20
+    max_loss_pct: float | None = 20.0
+    max_rtt_s: float | None = 0.5
+    max_jitter_s: float | None = None
+    #: Also ping the uplink's own gateway each round, to tell a local failure from an upstream one.
+    gateway_check: bool = True
+
+    @property
+    def method_names(self) -> str:
+        return "+".join(m.value for m in self.methods)
+
+    def port_for(self, method: Method) -> int:
+        if method is Method.DNS:
+            return self.port or 53
+        if method in (Method.HTTP, Method.HTTPS):
+            explicit = urllib.parse.urlsplit(self.url or "").port
+            return explicit or (443 if method is Method.HTTPS else 80)
+        return self.port or 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +201,8 @@ class UplinkConfig:
     check: CheckConfig
     #: "auto" (follow the RA client's default route), "none" or an IPv6 address.
     gateway6: str = "auto"
+    #: What to assume before the first rounds: "down" (prove it first) or "up".
+    initial_state: str = "down"
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -274,6 +313,21 @@ class _Reader:
             raise self.error(name, f"a duration of at least {format_duration(minimum_s)}", value)
         return seconds
 
+    def boolean(self, name: str) -> bool:
+        value = self.raw(name)
+        if not isinstance(value, bool):
+            raise self.error(name, "true or false", value)
+        return value
+
+    def optional_duration(self, name: str, default: float | None) -> float | None:
+        """A duration, or "off" for a threshold that is not checked."""
+        if name not in self.table:
+            return default
+        if self.table[name] == "off":
+            self.used.add(name)
+            return None
+        return self.duration(name, 0.0, minimum_s=0.001)
+
     def sub(self, name: str) -> _Reader | None:
         if name not in self.table:
             return None
@@ -301,16 +355,19 @@ def _show(value: object) -> str:
     return repr(value)
 
 
-def _read_check(reader: _Reader | None, base: CheckConfig, explicit_targets: bool) -> CheckConfig:
+def _read_check(reader: _Reader | None, base: CheckConfig) -> CheckConfig:
     """Read a [check] table over `base`; the result is validated as a whole later."""
     if reader is None:
         return base
     values: dict[str, Any] = {}
     if reader.has("method"):
-        method = reader.raw("method")
-        if method not in [m.value for m in Method]:
-            raise reader.error("method", '"icmp" or "tcp"', method)
-        values["method"] = Method(method)
+        raw = reader.raw("method")
+        names = raw if isinstance(raw, list) else [raw]
+        known = [m.value for m in Method]
+        expected = 'one of "icmp", "tcp", "http", "https", "dns", or an array of them'
+        if not names or any(n not in known for n in names) or len(set(names)) != len(names):
+            raise reader.error("method", expected, raw)
+        values["methods"] = tuple(Method(n) for n in names)
     if reader.has("targets"):
         targets = reader.raw("targets")
         if not isinstance(targets, list) or not targets:
@@ -333,21 +390,74 @@ def _read_check(reader: _Reader | None, base: CheckConfig, explicit_targets: boo
         values["targets"] = tuple(parsed)
     if reader.has("port"):
         values["port"] = reader.integer("port", None, 1, 65535)
+    if reader.has("url"):
+        url = reader.string("url")
+        parts = urllib.parse.urlsplit(url)
+        try:
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+        except ValueError:
+            valid = False
+        if not valid:
+            raise reader.error(
+                "url", 'an http:// or https:// URL such as "http://example.com/generate_204"', url
+            )
+        values["url"] = url
+    if reader.has("expect_status"):
+        raw = reader.raw("expect_status")
+        codes = raw if isinstance(raw, list) else [raw]
+        if not codes or not all(
+            isinstance(c, int) and not isinstance(c, bool) and 100 <= c <= 599 for c in codes
+        ):
+            raise reader.error("expect_status", "an HTTP status code (100-599) or an array of them", raw)
+        values["expect_status"] = tuple(codes)
+    if reader.has("tls_verify"):
+        values["tls_verify"] = reader.boolean("tls_verify")
+    if reader.has("query_name"):
+        name = reader.string("query_name").rstrip(".")
+        labels = name.split(".")
+        if not name or len(name) > 253 or any(not 0 < len(label) <= 63 for label in labels):
+            raise reader.error("query_name", 'a DNS name such as "example.com"', name)
+        values["query_name"] = name
+    if reader.has("query_type"):
+        query_type = reader.raw("query_type")
+        if query_type not in DNS_TYPES:
+            raise reader.error("query_type", '"A" or "AAAA"', query_type)
+        values["query_type"] = query_type
     values["interval_s"] = reader.duration("interval", base.interval_s, minimum_s=0.05)
     values["timeout_s"] = reader.duration("timeout", base.timeout_s, minimum_s=0.01)
     values["fall"] = reader.integer("fall", base.fall, 1, 1000)
     values["rise"] = reader.integer("rise", base.rise, 1, 1000)
     values["reliability"] = reader.integer("reliability", base.reliability, 1, 64)
+    values["window"] = reader.integer("window", base.window, 3, 1000)
+    if reader.has("max_loss"):
+        loss = reader.raw("max_loss")
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not 0 <= loss <= 100:
+            raise reader.error("max_loss", "a percentage from 0 to 100 (100 turns it off)", loss)
+        values["max_loss_pct"] = None if loss >= 100 else float(loss)
+    values["max_rtt_s"] = reader.optional_duration("max_rtt", base.max_rtt_s)
+    values["max_jitter_s"] = reader.optional_duration("max_jitter", base.max_jitter_s)
+    if reader.has("gateway_check"):
+        values["gateway_check"] = reader.boolean("gateway_check")
     reader.finish()
-    del explicit_targets
     return dataclasses.replace(base, **values)
 
 
 def _validate_check(source: str, path: str, check: CheckConfig) -> None:
     if not check.targets:
         raise ConfigError(source, f"{path}.targets", "is required (in [check] or here)")
-    if check.method is Method.TCP and check.port is None:
-        raise ConfigError(source, f"{path}.port", 'is required when method = "tcp"')
+    methods = set(check.methods)
+    if Method.TCP in methods and check.port is None:
+        raise ConfigError(source, f"{path}.port", 'is required when method includes "tcp"')
+    if methods & {Method.HTTP, Method.HTTPS}:
+        if Method.HTTP in methods and Method.HTTPS in methods:
+            raise ConfigError(source, f"{path}.method", 'expected "http" or "https", not both')
+        if check.url is None:
+            raise ConfigError(source, f"{path}.url", 'is required when method includes "http" or "https"')
+        scheme = "https" if Method.HTTPS in methods else "http"
+        if urllib.parse.urlsplit(check.url).scheme != scheme:
+            raise ConfigError(source, f"{path}.url", f'expected an {scheme}:// URL for method "{scheme}"')
+    if Method.DNS in methods and check.query_name is None:
+        raise ConfigError(source, f"{path}.query_name", 'is required when method includes "dns"')
     if check.reliability > len(check.targets):
         raise ConfigError(
             source,
@@ -400,7 +510,7 @@ def parse_config(text: str, source: str) -> Config:
         )
     agent_reader.finish()
 
-    base_check = _read_check(root.sub("check"), CheckConfig(), explicit_targets=False)
+    base_check = _read_check(root.sub("check"), CheckConfig())
 
     raw_uplinks = root.raw("uplink") if root.has("uplink") else None
     if not isinstance(raw_uplinks, list) or not raw_uplinks:
@@ -425,6 +535,9 @@ def parse_config(text: str, source: str) -> Config:
         gateway = _read_gateway(reader, "gateway", "auto", 4)
         # A point-to-point uplink is point-to-point in both families unless told otherwise.
         gateway6 = _read_gateway(reader, "gateway6", "none" if gateway == "none" else "auto", 6)
+        initial_state = reader.string("initial_state", "down")
+        if initial_state not in ("up", "down"):
+            raise reader.error("initial_state", '"up" or "down"', initial_state)
         priority = reader.integer("priority", 1, 0, 1_000_000)
         table = reader.integer("table", agent.default_table + 1 + index, 1, 2**31 - 1)
         if table in RESERVED_TABLES or table == agent.default_table:
@@ -436,7 +549,7 @@ def parse_config(text: str, source: str) -> Config:
         if mark & ~agent.mark_mask:
             raise reader.error("mark", f"a mark inside mark_mask {agent.mark_mask:#x}", mark)
         check_reader = reader.sub("check")
-        check = _read_check(check_reader, base_check, explicit_targets=True)
+        check = _read_check(check_reader, base_check)
         reader.finish()
         _validate_check(source, f"{path}.check", check)
         for key, value in (("name", name), ("interface", interface), ("table", table), ("mark", mark)):
@@ -456,6 +569,7 @@ def parse_config(text: str, source: str) -> Config:
                 mark=mark,
                 check=check,
                 gateway6=gateway6,
+                initial_state=initial_state,
             )
         )
     root.finish()
@@ -479,8 +593,11 @@ def load_config(path: str) -> Config:
 
 
 class State(str, Enum):
-    UNKNOWN = "unknown"
+    #: Probes answer and the path's quality is within the thresholds.
     UP = "up"
+    #: Probes answer, but loss, latency or jitter is past a threshold: usable
+    #: as a last resort, losing to any uplink that is up.
+    DEGRADED = "degraded"
     DOWN = "down"
 
 
@@ -489,8 +606,9 @@ class ProbeResult:
     target: str
     ok: bool
     rtt_ms: float | None = None
-    #: "ok", "timeout", "unreachable (from 203.0.113.1)", "refused", "error: ..."
+    #: "ok", "timeout", "unreachable (from 203.0.113.1)", "refused", "status 302", ...
     reason: str = "ok"
+    method: Method = Method.ICMP
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,6 +618,9 @@ class RoundResult:
     started_at: float
     probes: tuple[ProbeResult, ...]
     required: int = 1
+    #: The uplink's gateway, if it was pinged this round, and whether it answered.
+    gateway: str | None = None
+    gateway_ok: bool | None = None
 
     @property
     def answered(self) -> int:
@@ -507,7 +628,13 @@ class RoundResult:
 
     @property
     def ok(self) -> bool:
-        return self.answered >= self.required
+        """Every method the check uses got `required` answers (or all, with fewer targets)."""
+        methods = {p.method for p in self.probes}
+        for method in methods:
+            results = [p for p in self.probes if p.method is method]
+            if sum(1 for p in results if p.ok) < min(self.required, len(results)):
+                return False
+        return bool(self.probes)
 
     @property
     def rtt_ms(self) -> float | None:
@@ -520,45 +647,127 @@ class RoundResult:
         reasons: dict[str, int] = {}
         for probe in self.probes:
             if not probe.ok:
-                reasons[probe.reason] = reasons.get(probe.reason, 0) + 1
+                text = (
+                    probe.reason
+                    if len({p.method for p in self.probes}) == 1
+                    else f"{probe.method.value} {probe.reason}"
+                )
+                reasons[text] = reasons.get(text, 0) + 1
         return ", ".join(sorted(reasons, key=lambda r: -reasons[r])) or "ok"
+
+    @property
+    def where(self) -> str:
+        """Where a failed round failed: at the uplink's own gateway, or beyond it."""
+        if self.gateway_ok is False:
+            return f"gateway {self.gateway} unreachable"
+        if self.gateway_ok is True:
+            return "upstream unreachable"
+        return "unreachable"
 
 
 @dataclass(frozen=True, slots=True)
 class LinkObservation:
     """What netlink says about an uplink's interface right now."""
 
-    #: True when the interface exists, is up, has carrier, an IPv4 address and
-    #: (unless point-to-point) a gateway: the uplink can carry traffic.
+    #: True when the interface exists, is up, has carrier, an address and
+    #: (unless point-to-point) a gateway in a family the uplink carries: ready.
     usable: bool
     reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
+class RoundSample:
+    """One round, as the quality window keeps it."""
+
+    sent: int
+    answered: int
+    rtts_ms: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Quality:
+    """Loss, latency and jitter over the window (dpinger's measures)."""
+
+    rounds: int
+    loss_pct: float
+    rtt_ms: float | None
+    #: Median change of the RTT from one round to the next (RFC 3550's idea,
+    #: made robust): a single slow reply moves it no more than the median RTT.
+    jitter_ms: float | None
+
+
+def measure_quality(samples: Sequence[RoundSample]) -> Quality | None:
+    sent = sum(s.sent for s in samples)
+    if not sent:
+        return None
+    rtts = [r for s in samples for r in s.rtts_ms]
+    per_round = [statistics.median(s.rtts_ms) for s in samples if s.rtts_ms]
+    steps = [abs(b - a) for a, b in zip(per_round, per_round[1:])]
+    return Quality(
+        rounds=len(samples),
+        loss_pct=100.0 * (sent - sum(s.answered for s in samples)) / sent,
+        rtt_ms=statistics.median(rtts) if rtts else None,
+        jitter_ms=statistics.median(steps) if steps else None,
+    )
+
+
+def quality_problem(samples: Sequence[RoundSample], check: CheckConfig) -> tuple[bool, str | None]:
+    """(judged, problem): nothing is judged before the window is full."""
+    if len(samples) < check.window:
+        return False, None
+    quality = measure_quality(samples)
+    if quality is None:
+        return False, None
+    rounds = f"over the last {quality.rounds} rounds"
+    if check.max_loss_pct is not None and quality.loss_pct > check.max_loss_pct:
+        return True, f"loss {quality.loss_pct:.0f}% > {check.max_loss_pct:g}% {rounds}"
+    if check.max_rtt_s is not None and quality.rtt_ms is not None and quality.rtt_ms > check.max_rtt_s * 1000:
+        return True, f"median rtt {quality.rtt_ms:.1f}ms > {format_duration(check.max_rtt_s)} {rounds}"
+    if (
+        check.max_jitter_s is not None
+        and quality.jitter_ms is not None
+        and quality.jitter_ms > check.max_jitter_s * 1000
+    ):
+        return True, f"jitter {quality.jitter_ms:.1f}ms > {format_duration(check.max_jitter_s)} {rounds}"
+    return True, None
+
+
+@dataclass(frozen=True, slots=True)
 class Health:
     name: str
-    state: State = State.UNKNOWN
+    state: State = State.DOWN
     #: Monotonic time of the last state change.
     since: float = 0.0
     good_rounds: int = 0
     bad_rounds: int = 0
-    #: False while netlink says the interface cannot carry traffic.
+    #: Consecutive judged rounds with the window's quality within / past the thresholds.
+    good_quality: int = 0
+    bad_quality: int = 0
+    #: False while netlink says the interface cannot carry traffic (not ready).
     link_usable: bool = True
-    #: Came up from DOWN: the selection makes it prove itself for `hysteresis`.
+    #: Came up from a failure (down or degraded): the selection makes it prove
+    #: itself for `hysteresis` before traffic moves back to it.
     recovered: bool = False
-    reason: str = "starting"
+    #: Has this uplink failed since the agent started? (initial_state "down" is an assumption, not a failure.)
+    has_failed: bool = False
+    reason: str = "not yet confirmed"
+    #: "gateway" or "upstream": where the last failed round failed, when known.
+    failure: str | None = None
     rtt_ms: float | None = None
-    #: Recent probe outcomes (True = answered), newest last, for the loss figure.
-    recent: tuple[bool, ...] = ()
+    #: The quality window, oldest first; emptied when the uplink goes down.
+    samples: tuple[RoundSample, ...] = ()
     #: Start time of the newest round observed: an older round that completes
     #: later (its timeout ran out after a newer round's reply) is stale.
     last_round_at: float = float("-inf")
 
     @property
+    def quality(self) -> Quality | None:
+        return measure_quality(self.samples)
+
+    @property
     def loss_pct(self) -> float | None:
-        if not self.recent:
-            return None
-        return 100.0 * sum(1 for ok in self.recent if not ok) / len(self.recent)
+        quality = self.quality
+        return None if quality is None else quality.loss_pct
 
 
 @dataclass(frozen=True, slots=True)
@@ -570,10 +779,23 @@ class Transition:
     at: float
 
 
+def initial_health(uplink: UplinkConfig, now: float) -> Health:
+    """What to assume before the first rounds (mwan3's initial_state)."""
+    if uplink.initial_state == "up":
+        return Health(uplink.name, State.UP, since=now, reason="assumed up (initial_state = up)")
+    return Health(uplink.name, State.DOWN, since=now, reason="not yet confirmed")
+
+
 def observe_round(
     health: Health, result: RoundResult, check: CheckConfig, now: float
 ) -> tuple[Health, list[Transition]]:
-    """Fold one probe round into an uplink's health."""
+    """Fold one probe round into an uplink's health.
+
+    Reachability: `fall` consecutive failed rounds make it down, `rise` good
+    rounds up. Quality: once the window is full, `fall` consecutive rounds
+    with the window past a threshold make an up uplink degraded, `rise`
+    rounds within them make it up again. Transitions only, never per round.
+    """
     if not health.link_usable:
         # A round that was in flight when the link went away says nothing new.
         return health, []
@@ -581,21 +803,49 @@ def observe_round(
         # With timeout >= interval rounds overlap; a failure that times out
         # after a newer round answered must not reset that newer evidence.
         return health, []
-    recent = (health.recent + tuple(p.ok for p in result.probes))[-LOSS_WINDOW_PROBES:]
-    rtt = result.rtt_ms if result.rtt_ms is not None else health.rtt_ms
-    if result.ok:
-        good, bad = health.good_rounds + 1, 0
-    else:
-        good, bad = 0, health.bad_rounds + 1
-    updated = dataclasses.replace(
-        health, good_rounds=good, bad_rounds=bad, rtt_ms=rtt, recent=recent, last_round_at=result.started_at
+    sample = RoundSample(
+        len(result.probes),
+        result.answered,
+        tuple(p.rtt_ms for p in result.probes if p.ok and p.rtt_ms is not None),
     )
-    if health.state is not State.UP and good >= check.rise:
-        reason = f"{good} consecutive good rounds"
-        return _transition(updated, State.UP, reason, now, recovered=health.state is State.DOWN)
-    if health.state is not State.DOWN and bad >= check.fall:
-        reason = f"{bad} consecutive failed rounds ({result.reason})"
+    # While down, the window only keeps the run of good rounds that may bring
+    # it back: the failure that took it down says nothing about it once up.
+    earlier = health.samples if health.state is not State.DOWN or result.ok else ()
+    samples = (earlier + (sample,))[-check.window :]
+    rtt = result.rtt_ms if result.rtt_ms is not None else health.rtt_ms
+    good, bad = (health.good_rounds + 1, 0) if result.ok else (0, health.bad_rounds + 1)
+    judged, problem = quality_problem(samples, check)
+    good_q, bad_q = health.good_quality, health.bad_quality
+    if judged:
+        good_q, bad_q = (0, bad_q + 1) if problem else (good_q + 1, 0)
+    failure = health.failure
+    if not result.ok and result.gateway_ok is not None:
+        failure = "gateway" if result.gateway_ok is False else "upstream"
+    updated = dataclasses.replace(
+        health,
+        good_rounds=good,
+        bad_rounds=bad,
+        good_quality=good_q,
+        bad_quality=bad_q,
+        rtt_ms=rtt,
+        samples=samples,
+        failure=failure,
+        last_round_at=result.started_at,
+    )
+    state = health.state
+    if state is not State.DOWN and bad >= check.fall:
+        reason = f"{bad} consecutive failed rounds: {result.where} ({result.reason})"
         return _transition(updated, State.DOWN, reason, now)
+    if state is State.DOWN and good >= check.rise:
+        reason = f"{good} consecutive good rounds"
+        return _transition(updated, State.UP, reason, now, recovered=health.has_failed)
+    if state is State.UP and problem and bad_q >= check.fall:
+        return _transition(updated, State.DEGRADED, problem, now)
+    if state is State.DEGRADED and judged and not problem and good_q >= check.rise:
+        quality = measure_quality(samples)
+        assert quality is not None
+        reason = f"quality back within the thresholds (loss {quality.loss_pct:.0f}%) for {good_q} rounds"
+        return _transition(updated, State.UP, reason, now, recovered=True)
     return updated, []
 
 
@@ -604,7 +854,7 @@ def observe_link(health: Health, link: LinkObservation, now: float) -> tuple[Hea
     if link.usable == health.link_usable:
         return health, []
     if not link.usable:
-        updated = dataclasses.replace(health, link_usable=False, good_rounds=0, bad_rounds=0)
+        updated = dataclasses.replace(health, link_usable=False, good_rounds=0, bad_rounds=0, failure=None)
         if health.state is State.DOWN:
             return dataclasses.replace(updated, reason=link.reason), []
         return _transition(updated, State.DOWN, link.reason, now)
@@ -616,20 +866,33 @@ def _transition(
     health: Health, state: State, reason: str, now: float, recovered: bool = False
 ) -> tuple[Health, list[Transition]]:
     updated = dataclasses.replace(
-        health, state=state, since=now, reason=reason, recovered=recovered, good_rounds=0, bad_rounds=0
+        health,
+        state=state,
+        since=now,
+        reason=reason,
+        recovered=recovered,
+        good_rounds=0,
+        bad_rounds=0,
+        good_quality=0,
+        bad_quality=0,
     )
-    if state is State.UP:
-        # Keep counting from here: a later failure needs `fall` bad rounds.
-        updated = dataclasses.replace(updated, good_rounds=0)
+    if state is State.DOWN:
+        # What the path did before it failed says nothing about it once back.
+        updated = dataclasses.replace(updated, samples=(), has_failed=True)
+    if state is State.DEGRADED:
+        updated = dataclasses.replace(updated, has_failed=True)
     return updated, [Transition(health.name, health.state, state, reason, now)]
 
 
 def remap_health(health: Health, check: CheckConfig) -> Health:
-    """Carry a health across a reload whose rise/fall changed (as keepalived does)."""
+    """Carry a health across a reload whose rise/fall/window changed (as keepalived does)."""
     return dataclasses.replace(
         health,
         good_rounds=min(health.good_rounds, max(check.rise - 1, 0)),
         bad_rounds=min(health.bad_rounds, max(check.fall - 1, 0)),
+        good_quality=min(health.good_quality, max(check.rise - 1, 0)),
+        bad_quality=min(health.bad_quality, max(check.fall - 1, 0)),
+        samples=health.samples[-check.window :],
     )
 
 
@@ -640,7 +903,7 @@ def remap_health(health: Health, check: CheckConfig) -> Health:
 class Decision:
     selected: str | None
     reason: str
-    #: True when no uplink is up (the last route is kept; say so loudly).
+    #: True when no uplink is up or degraded (the last route is kept; say so loudly).
     stranded: bool = False
     #: Monotonic time at which the selection must be evaluated again (hysteresis).
     wake_at: float | None = None
@@ -655,23 +918,36 @@ def select(
 ) -> Decision:
     """Choose the uplink that carries new traffic.
 
-    Leaving a down uplink is immediate. Moving back to a better uplink waits
-    until it has been up for `hysteresis_s` if it came back from down; one
-    that was merely unknown (at start) takes over as soon as it is confirmed.
-    Among equal priorities the current one stays (no flapping between equals).
+    The best `up` uplink by priority; a `degraded` one only when none is up.
+    Leaving a down or degraded uplink for one that is up is immediate. Moving
+    back to a better uplink waits until it has been up for `hysteresis_s` if
+    it came back from a failure; one that never failed (at start) takes over
+    as soon as it is confirmed. Among equal priorities the current one stays.
     """
     order = {u.name: (u.priority, i) for i, u in enumerate(uplinks)}
-    up = sorted((n for n in order if healths.get(n, Health(n)).state is State.UP), key=order.__getitem__)
+
+    def state(name: str) -> State:
+        return healths[name].state if name in healths else State.DOWN
+
+    up = sorted((n for n in order if state(n) is State.UP), key=order.__getitem__)
+    degraded = sorted((n for n in order if state(n) is State.DEGRADED), key=order.__getitem__)
     if current is not None and current not in order:
-        current = None  # removed by a reload
-    if not up:
+        why_leave = f"{current} cannot carry this traffic now"
+        current = None
+    else:
+        why_leave = "first uplink up" if current is None else f"{current} is {state(current).value}"
+    if not up and not degraded:
         if current is None:
             return Decision(None, "no uplink is up yet", stranded=True)
         return Decision(current, f"no uplink is up; keeping {current}", stranded=True)
+    if not up:
+        if current in degraded:
+            return Decision(current, f"no uplink is up; {current} is degraded, kept as the last resort")
+        best = degraded[0]
+        return Decision(best, f"{why_leave}; no uplink is up, {best} is degraded: the last resort")
     best = up[0]
     if current is None or current not in up:
-        why = "first uplink up" if current is None else f"{current} is {healths[current].state.value}"
-        return Decision(best, f"{why}; {best} is the best uplink up")
+        return Decision(best, f"{why_leave}; {best} is the best uplink up")
     if best == current or order[best][0] >= order[current][0]:
         return Decision(current, f"{current} is the best uplink up")
     candidate = healths[best]
@@ -1088,10 +1364,12 @@ class IcmpEcho:
         self._socket.close()
 
     async def ping(self, target: str, seq: int, timeout_s: float) -> ProbeResult:
+        """Echo `target` ("fe80::1%wan0" for a link-local one); answers come back by (target, seq)."""
         seq &= 0xFFFF
         waiter: asyncio.Future[ProbeResult] = self._loop.create_future()
         request = self._icmplib.ICMPRequest(destination=target, id=self.ident, sequence=seq, payload_size=24)
         sent_at = self._loop.time()
+        target = target.split("%", 1)[0]
         self._waiting[(target, seq)] = (sent_at, waiter)
         try:
             try:
@@ -1134,6 +1412,13 @@ class IcmpEcho:
 
 async def tcp_probe(interface: str, source: str, target: str, port: int, timeout_s: float) -> ProbeResult:
     """A TCP handshake through the interface; refused or reset counts as a failure."""
+    result = await _tcp_handshake(interface, source, target, port, timeout_s)
+    return dataclasses.replace(result, method=Method.TCP)
+
+
+async def _tcp_handshake(
+    interface: str, source: str, target: str, port: int, timeout_s: float
+) -> ProbeResult:
     loop = asyncio.get_running_loop()
     family = ADDRESS_FAMILY[ipaddress.ip_address(target).version]
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -1157,13 +1442,151 @@ async def tcp_probe(interface: str, source: str, target: str, port: int, timeout
         sock.close()
 
 
+async def _bound_connection(interface: str, source: str, target: str, port: int) -> socket.socket:
+    """A TCP socket bound to the interface and address, connected to target:port."""
+    loop = asyncio.get_running_loop()
+    family = ADDRESS_FAMILY[ipaddress.ip_address(target).version]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
+        sock.bind((source, 0))
+        await loop.sock_connect(sock, (target, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def http_probe(
+    interface: str, source: str, target: str, check: CheckConfig, method: Method
+) -> ProbeResult:
+    """GET `url` from the target address; the status must be one we expect (a portal's 302 is not)."""
+    import ssl
+
+    loop = asyncio.get_running_loop()
+    assert check.url is not None
+    url = urllib.parse.urlsplit(check.url)
+    host = url.hostname or target
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    started = loop.time()
+    writer: asyncio.StreamWriter | None = None
+
+    async def exchange() -> int:
+        nonlocal writer
+        sock = await _bound_connection(interface, source, target, check.port_for(method))
+        context: ssl.SSLContext | None = None
+        if method is Method.HTTPS:
+            context = ssl.create_default_context()
+            if not check.tls_verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        reader, writer = await asyncio.open_connection(
+            sock=sock, ssl=context, server_hostname=host if context else None
+        )
+        host_header = url.netloc.rsplit("@", 1)[-1]
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: multiwan-agent/{__version__}\r\n"
+            "Accept: */*\r\nConnection: close\r\n\r\n".encode("ascii")
+        )
+        await writer.drain()
+        status_line = await reader.readline()
+        parts = status_line.decode("latin-1").split()
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise ValueError("not an HTTP response")
+        return int(parts[1])
+
+    try:
+        status = await asyncio.wait_for(exchange(), check.timeout_s)
+    except asyncio.TimeoutError:
+        return ProbeResult(target, False, reason="timeout", method=method)
+    except ConnectionRefusedError:
+        return ProbeResult(target, False, reason="refused", method=method)
+    except ssl.SSLCertVerificationError as err:
+        return ProbeResult(target, False, reason=f"tls: {err.verify_message}", method=method)
+    except (OSError, ssl.SSLError, ValueError) as err:
+        return ProbeResult(
+            target, False, reason=f"error: {getattr(err, 'strerror', None) or err}", method=method
+        )
+    finally:
+        if writer is not None:
+            writer.close()
+    rtt_ms = (loop.time() - started) * 1000.0
+    expected = status in check.expect_status if check.expect_status else 200 <= status < 300
+    if not expected:
+        return ProbeResult(target, False, reason=f"status {status}", method=method)
+    return ProbeResult(target, True, rtt_ms=rtt_ms, method=method)
+
+
+def dns_query(query_id: int, name: str, query_type: str) -> bytes:
+    """A recursive query for one name (RFC 1035 4.1)."""
+    question = b"".join(bytes([len(label)]) + label.encode("idna") for label in name.split(".")) + b"\0"
+    return (
+        struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0)
+        + question
+        + struct.pack("!HH", DNS_TYPES[query_type], 1)
+    )
+
+
+def dns_rcode(response: bytes, query_id: int) -> int | None:
+    """The response code of a reply to `query_id`, or None if it is not one."""
+    if len(response) < 12:
+        return None
+    reply_id, flags = struct.unpack_from("!HH", response)
+    if reply_id != query_id or not flags & 0x8000:
+        return None
+    return int(flags & 0x000F)
+
+
+DNS_RCODES: Final = {1: "formerr", 2: "servfail", 3: "nxdomain", 4: "notimp", 5: "refused"}
+
+
+async def dns_probe(interface: str, source: str, target: str, check: CheckConfig) -> ProbeResult:
+    """Ask the target (a resolver) about `query_name`; a NOERROR answer is success."""
+    loop = asyncio.get_running_loop()
+    assert check.query_name is not None
+    family = ADDRESS_FAMILY[ipaddress.ip_address(target).version]
+    query_id = int.from_bytes(os.urandom(2), "big")
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    started = loop.time()
+
+    async def exchange() -> int:
+        # A connected UDP socket only receives from the target; sock_recv works on Python 3.10.
+        await loop.sock_connect(sock, (target, check.port_for(Method.DNS)))
+        await loop.sock_sendall(sock, dns_query(query_id, check.query_name or "", check.query_type))
+        for _ in range(16):  # skip stray datagrams, boundedly
+            rcode = dns_rcode(await loop.sock_recv(sock, 4096), query_id)
+            if rcode is not None:
+                return rcode
+        raise ValueError("no matching reply")
+
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
+        sock.bind((source, 0))
+        rcode = await asyncio.wait_for(exchange(), check.timeout_s)
+    except asyncio.TimeoutError:
+        return ProbeResult(target, False, reason="timeout", method=Method.DNS)
+    except (OSError, ValueError) as err:
+        return ProbeResult(
+            target, False, reason=f"error: {getattr(err, 'strerror', None) or err}", method=Method.DNS
+        )
+    finally:
+        sock.close()
+    if rcode != 0:
+        return ProbeResult(target, False, reason=DNS_RCODES.get(rcode, f"rcode {rcode}"), method=Method.DNS)
+    return ProbeResult(target, True, rtt_ms=(loop.time() - started) * 1000.0, method=Method.DNS)
+
+
 @dataclass(frozen=True, slots=True)
 class ProbeSource:
-    """Where an uplink's probes leave from right now."""
+    """Where an uplink's probes leave from right now, and its gateways for the gateway check."""
 
     ifindex: int
     address: str | None
     address6: str | None
+    gateway: str | None = None
+    gateway6: str | None = None
 
     def for_target(self, target: str) -> str | None:
         return self.address if ipaddress.ip_address(target).version == 4 else self.address6
@@ -1221,28 +1644,80 @@ class UplinkProber:
         loop = asyncio.get_running_loop()
         check = self.uplink.check
         started = loop.time()
+        jobs = [self._probe(m, t, seq, source) for m in check.methods for t in check.targets]
+        gateways = self._gateways(source) if check.gateway_check else []
+        jobs += [self._ping_gateway(g, seq, source) for g in gateways]
         try:
-            probes = await asyncio.gather(*(self._probe(t, seq, source) for t in check.targets))
+            results = await asyncio.gather(*jobs)
         except OSError as err:
-            probes = [ProbeResult(t, False, reason=f"error: {err.strerror or err}") for t in check.targets]
-        self._deliver(RoundResult(self.uplink.name, seq, started, tuple(probes), check.reliability))
+            reason = f"error: {err.strerror or err}"
+            results = [
+                ProbeResult(t, False, reason=reason, method=m) for m in check.methods for t in check.targets
+            ]
+            results += [ProbeResult(g, False, reason=reason) for g in gateways]
+        probes = tuple(results[: len(results) - len(gateways)])
+        gateway_results = results[len(results) - len(gateways) :]
+        self._deliver(
+            RoundResult(
+                self.uplink.name,
+                seq,
+                started,
+                probes,
+                check.reliability,
+                gateway=", ".join(gateways) or None,
+                gateway_ok=any(g.ok for g in gateway_results) if gateway_results else None,
+            )
+        )
 
-    async def _probe(self, target: str, seq: int, source: ProbeSource) -> ProbeResult:
-        check = self.uplink.check
-        address = source.for_target(target)
-        family = ipaddress.ip_address(target).version
-        if address is None:
-            return ProbeResult(target, False, reason=f"no {FAMILY_TITLE[family]} address")
-        if check.method is Method.TCP:
-            assert check.port is not None
-            return await tcp_probe(self.uplink.interface, address, target, check.port, check.timeout_s)
+    def _gateways(self, source: ProbeSource) -> list[str]:
+        """The uplink's gateways in the families it carries (point-to-point has none)."""
+        found = []
+        for family, gateway in ((4, source.gateway), (6, source.gateway6)):
+            if (
+                gateway is not None
+                and family in self.uplink.families
+                and source.for_target(gateway) is not None
+            ):
+                found.append(gateway)
+        return found
+
+    async def _ping_gateway(self, gateway: str, seq: int, source: ProbeSource) -> ProbeResult:
+        # A link-local IPv6 gateway needs its interface as scope.
+        target = f"{gateway}%{self.uplink.interface}" if gateway.lower().startswith("fe80:") else gateway
+        echo = self._echo_for(ipaddress.ip_address(gateway).version, source)
+        if echo is None:
+            return ProbeResult(gateway, False, reason="no source address")
+        return await echo.ping(target, seq, self.uplink.check.timeout_s)
+
+    def _echo_for(self, family: int, source: ProbeSource) -> IcmpEcho | None:
         # SO_BINDTODEVICE binds to an ifindex: a re-created interface (new
         # index) or a renumbered one needs a new socket.
+        address = source.address if family == 4 else source.address6
+        if address is None:
+            return None
         echo = self._echo.get(family)
         if echo is None or (echo.source, echo.ifindex) != (address, source.ifindex):
             if echo is not None:
                 echo.close()
             echo = self._echo[family] = IcmpEcho(self.uplink.interface, address, self.ident, source.ifindex)
+        return echo
+
+    async def _probe(self, method: Method, target: str, seq: int, source: ProbeSource) -> ProbeResult:
+        check = self.uplink.check
+        address = source.for_target(target)
+        family = ipaddress.ip_address(target).version
+        if address is None:
+            return ProbeResult(target, False, reason=f"no {FAMILY_TITLE[family]} address", method=method)
+        interface = self.uplink.interface
+        if method is Method.TCP:
+            assert check.port is not None
+            return await tcp_probe(interface, address, target, check.port, check.timeout_s)
+        if method in (Method.HTTP, Method.HTTPS):
+            return await http_probe(interface, address, target, check, method)
+        if method is Method.DNS:
+            return await dns_probe(interface, address, target, check)
+        echo = self._echo_for(family, source)
+        assert echo is not None
         return await echo.ping(target, seq, check.timeout_s)
 
 
@@ -1617,13 +2092,16 @@ class Agent:
         previous = self._read_previous_status()
         adopted = self._adoptable(routes)
         for uplink in config.uplinks:
-            health = Health(uplink.name, since=now)
+            health = initial_health(uplink, now)
             if uplink.name in adopted.values():
                 health = dataclasses.replace(
                     health, state=State.UP, reason="adopted the route a previous run left"
                 )
-            elif previous.get(uplink.name) == State.DOWN.value:
-                health = dataclasses.replace(health, state=State.DOWN, reason="down in the previous run")
+            elif previous.get(uplink.name) in (State.DOWN.value, State.DEGRADED.value):
+                # It failed before the restart: it still owes the hysteresis.
+                health = dataclasses.replace(
+                    health, state=State.DOWN, reason="down in the previous run", has_failed=True
+                )
             self.healths[uplink.name] = health
             self.runtime[uplink.name] = UplinkRuntime(uplink)
         for family, name in adopted.items():
@@ -1867,7 +2345,7 @@ class Agent:
             if previous is not None and same_path:
                 healths[uplink.name] = remap_health(previous, uplink.check)
             else:
-                healths[uplink.name] = Health(uplink.name, since=now)
+                healths[uplink.name] = initial_health(uplink, now)
             runtimes[uplink.name] = UplinkRuntime(uplink, before.interface if before and same_path else None)
         self.config = new
         self.healths = healths
@@ -1917,7 +2395,14 @@ class Agent:
             if runtime is None or health is None or runtime.interface is None or not health.link_usable:
                 return None
             interface = runtime.interface
-            return ProbeSource(interface.index, interface.address, interface.address6)
+            uplink = runtime.uplink
+            return ProbeSource(
+                interface.index,
+                interface.address,
+                interface.address6,
+                uplink_gateway(uplink, interface, 4),
+                uplink_gateway(uplink, interface, 6),
+            )
 
         return source
 
@@ -1950,6 +2435,7 @@ class Agent:
         for uplink in self.config.uplinks:
             health = self.healths[uplink.name]
             interface = self.runtime[uplink.name].interface
+            quality = health.quality
             uplinks[uplink.name] = {
                 "state": health.state.value,
                 "since": round(wall_now - (mono_now - health.since), 3),
@@ -1959,7 +2445,10 @@ class Agent:
                 "families": [FAMILY_NAME[f] for f in uplink.families],
                 "selected_for": [FAMILY_NAME[f] for f in FAMILIES if self.selected[f] == uplink.name],
                 "interface": uplink.interface,
-                "link_usable": health.link_usable,
+                # ready: the interface exists, is up, has an address and a gateway; else not probed.
+                "ready": health.link_usable,
+                "ready_reason": None if health.link_usable else link_observation(uplink, interface).reason,
+                "failure": health.failure if health.state is State.DOWN else None,
                 "address": interface.address if interface else None,
                 "gateway": uplink_gateway(uplink, interface, 4),
                 "address6": interface.address6 if interface else None,
@@ -1968,7 +2457,15 @@ class Agent:
                 "table": uplink.table,
                 "mark": uplink.mark,
                 "rtt_ms": None if health.rtt_ms is None else round(health.rtt_ms, 3),
-                "loss_pct": None if health.loss_pct is None else round(health.loss_pct, 1),
+                # over the quality window (the last `window` rounds)
+                "loss_pct": None if quality is None else round(quality.loss_pct, 1),
+                "median_rtt_ms": None
+                if quality is None or quality.rtt_ms is None
+                else round(quality.rtt_ms, 3),
+                "jitter_ms": None
+                if quality is None or quality.jitter_ms is None
+                else round(quality.jitter_ms, 3),
+                "window_rounds": 0 if quality is None else quality.rounds,
                 "good_rounds": health.good_rounds,
                 "bad_rounds": health.bad_rounds,
             }
@@ -2034,7 +2531,7 @@ class Agent:
                 uplink.priority,
                 uplink.table,
                 uplink.mark,
-                check.method.value,
+                check.method_names,
                 f":{check.port}" if check.port else "",
                 ",".join(check.targets),
                 format_duration(check.interval_s),
@@ -2096,7 +2593,7 @@ def describe_plan(config: Config) -> str:
             f"families={','.join(FAMILY_NAME[f] for f in uplink.families)}"
         )
         lines.append(
-            f"    probe: {check.method.value}{':' + str(check.port) if check.port else ''} "
+            f"    probe: {check.method_names}{':' + str(check.port) if check.port else ''} "
             f"{', '.join(check.targets)} every {format_duration(check.interval_s)}, "
             f"timeout {format_duration(check.timeout_s)}, down after {check.fall} failed rounds, "
             f"up after {check.rise} good rounds, round ok with {check.reliability} answer(s); "

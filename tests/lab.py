@@ -44,13 +44,17 @@ only, so it runs in both test venvs.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
 import os
+import re
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -82,6 +86,20 @@ FAMILIES: Final = (4, 6)
 LAB_TOOLS: Final = Path(__file__).resolve().parent / "lab_tools"
 ECHO_SERVER: Final = LAB_TOOLS / "echo_server.py"
 CONNECTOR: Final = LAB_TOOLS / "connector.py"
+
+#: HTTP, HTTPS and DNS (UDP) of services.py, on SERVER_IP and SERVER_IP6 in
+#: inet, steered through files in Lab's control directory (see set_http_status
+#: and set_dns_mode).
+SERVICES: Final = LAB_TOOLS / "services.py"
+HTTP_PORT: Final = 80
+HTTPS_PORT: Final = 443
+DNS_PORT: Final = 53
+#: What services.py answers DNS queries with (set_dns_mode).
+DNS_MODES: Final = ("ok", "servfail", "nxdomain", "silent")
+#: The name the HTTPS certificate is for (CN and SAN).
+HTTPS_CERT_NAME: Final = "check.example"
+#: Where every 3xx answer of services.py points.
+PORTAL_URL: Final = "http://portal.example/"
 
 #: A throw-away route RouteMonitor adds to learn that `ip monitor` has
 #: subscribed (it prints nothing when ready). Table id chosen to be far from
@@ -504,6 +522,11 @@ class Lab:
         self._stoppables: list[RouteMonitor | Connector] = []
         self._built = False
         self._closed = False
+        #: services.py's control directory (a temp dir, removed at close) and process.
+        self._services_dir: Path | None = None
+        self._services_proc: subprocess.Popen[str] | None = None
+        #: isp2's customer link as renumber_isp2() last left it: (router ip, gateway, prefix).
+        self._isp2_link = (ISPS["isp2"].router_ip, ISPS["isp2"].gateway, 30)
 
     # Context manager --------------------------------------------------------
 
@@ -682,6 +705,9 @@ class Lab:
             ]
         for role in ROLES:
             self._ip_batch(role, ["link set lo up", *addresses.get(role, [])])
+        # inet's addresses exist now: the services may bind while the rest is
+        # built (openssl's key takes a noticeable part of a build).
+        self._spawn_services()
 
         # Routes only once every link is up on both ends (a gateway route on a
         # link whose peer is still down would need `onlink`).
@@ -744,6 +770,7 @@ class Lab:
             self.nft(isp.role, _isp_ruleset(isp))
 
         self._start_echo_server()
+        self._wait_services_ready()
 
     def _ip_batch(self, role: str, lines: Sequence[str]) -> None:
         # One `ip` process per namespace and phase keeps the build fast.
@@ -1004,6 +1031,12 @@ class Lab:
             if deleted.returncode != 0:
                 errors.append(f"ip netns del {ns}: {deleted.stderr.strip()}")
         self._created.clear()
+        if self._services_dir is not None:
+            try:
+                shutil.rmtree(self._services_dir)
+            except OSError as exc:
+                errors.append(f"removing {self._services_dir}: {exc}")
+            self._services_dir = None
         if errors:
             raise LabError("lab teardown was not clean:\n" + "\n".join(errors))
 
@@ -1028,6 +1061,195 @@ class Lab:
             time.sleep(POLL_INTERVAL_S * 5)
             sig = signal.SIGKILL  # TERM once, then KILL
         return [f"processes still in {ns} after {TERM_GRACE_S}s"]
+
+    # Services in inet (services.py) ----------------------------------------
+
+    def _spawn_services(self) -> None:
+        # Started during the build, waited for at its end (_wait_services_ready).
+        self._services_dir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}services-"))
+        argv = [
+            sys.executable, str(SERVICES),
+            "--host", SERVER_IP, "--host", SERVER_IP6,
+            "--http-port", str(HTTP_PORT), "--https-port", str(HTTPS_PORT), "--dns-port", str(DNS_PORT),
+            "--control", str(self._services_dir),
+        ]  # fmt: skip
+        self._services_proc = self.popen("inet", argv, stdout=subprocess.PIPE, text=True)
+
+    def _wait_services_ready(self) -> None:
+        proc = self._services_proc
+        assert proc is not None and proc.stdout is not None
+        line = _read_line(proc.stdout, time.monotonic() + READY_TIMEOUT_S)
+        if line is None or line.strip() != "ready":
+            raise LabError(f"services did not become ready (got {line!r}, rc={proc.poll()})")
+
+    def _control_dir(self) -> Path:
+        if self._services_dir is None or self._closed:
+            raise LabError("the services run only in a built, open lab")
+        return self._services_dir
+
+    def _write_control(self, name: str, text: str) -> None:
+        # Temp file + os.replace: services.py reads the old or the new value, never half of one.
+        directory = self._control_dir()
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+            os.replace(tmp, directory / name)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def set_http_status(self, code: int) -> None:
+        """HTTP and HTTPS answer every GET with this status from now on (204 until set).
+
+        A 3xx carries ``Location: http://portal.example/`` (PORTAL_URL).
+        """
+        if isinstance(code, bool) or not isinstance(code, int) or not 200 <= code <= 599:
+            raise LabError(f"HTTP status must be an int 200..599, got {code!r}")
+        self._write_control("http_status", str(code))
+
+    def set_dns_mode(self, mode: str) -> None:
+        """How the DNS service answers from now on: one of DNS_MODES ("ok" until set).
+
+        ok: A 198.18.1.10 / AAAA 2001:db8:ffff::10 for any name, TTL 1;
+        servfail: rcode 2; nxdomain: rcode 3; silent: no reply at all.
+        """
+        if mode not in DNS_MODES:
+            raise LabError(f"DNS mode must be one of {', '.join(DNS_MODES)}, got {mode!r}")
+        self._write_control("dns_mode", mode)
+
+    def http_last_host(self) -> str | None:
+        """The Host header of the last HTTP(S) request; None before any, "" if it had none.
+
+        The server records it before it answers, so it is current as soon as
+        a client has its response.
+        """
+        try:
+            return (self._control_dir() / "http_last_host").read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+    def https_ca_file(self) -> Path | None:
+        """The HTTPS service's self-signed certificate (for check.example), to use as a CA file.
+
+        None if HTTPS is not running because `openssl` is not installed.
+        """
+        path = self._control_dir() / "https_cert.pem"
+        return path if path.is_file() else None
+
+    # Uplink changes ---------------------------------------------------------
+
+    def enable_proxy_arp(self, isp_role: str, on: bool) -> None:
+        """The ISP answers ARP on its `cpe` side for every address it routes elsewhere.
+
+        So the router can use an uplink with no gateway (`default dev wanX`):
+        a point-to-point style uplink, resolving every destination on the link.
+        Also sets the ISP's proxy_delay to 0: by default a proxied ARP reply
+        is delayed by a random 0..0.8 s, which would eat a 1 s ping timeout.
+        Turning it off leaves the router's neighbour entries made so far; they
+        expire as usual (or flush them).
+        """
+        self._isp(isp_role)
+        settings = [f"net.ipv4.conf.cpe.proxy_arp={1 if on else 0}"]
+        if on:
+            settings.append("net.ipv4.neigh.cpe.proxy_delay=0")
+        self.run(isp_role, "sysctl", "-q", "-w", *settings)
+
+    def renumber_isp2(
+        self, new_router_ip: str = "203.0.113.10", new_gateway: str = "203.0.113.9", prefix: int = 30
+    ) -> float:
+        """isp2 hands the router a new address and gateway, as dhclient/networkd apply it.
+
+        In isp2: the new gateway address on `cpe`, BCP38 accepting the new
+        customer net as well (its counters keep counting); in inet: a route
+        to the new net via isp2. Then on the router, in this order: the new
+        address on wan1; main's `proto dhcp` default via the old gateway on
+        wan1 (any metric; metric 200 as built) gets a twin via the new
+        gateway (`ip route append`, same metric), then the old one is
+        deleted; then the old address is deleted (the kernel drops the routes
+        it was the source of). So main has a default on wan1 throughout, and
+        an agent sees: new address, new route, deleted route, deleted address.
+        Returns time.monotonic() once the router's part is done.
+
+        Afterwards the old lease is retired on the ISP side, invisible to the
+        router: isp2's BCP38 accepts only the new net (so a stale source
+        address is counted as spoofed), and the old gateway address and
+        inet's route to the old net are removed (a stale gateway goes
+        unanswered). Calling it again renumbers from the current state, e.g.
+        renumber_isp2("203.0.113.6", "203.0.113.5") goes back. The lab's
+        ISPS constants keep describing the original wiring.
+        """
+        isp = ISPS["isp2"]
+        old_ip, old_gw, old_prefix = self._isp2_link
+        old_net = ipaddress.ip_interface(f"{old_ip}/{old_prefix}").network
+        try:
+            new_if = ipaddress.ip_interface(f"{new_router_ip}/{prefix}")
+            gateway = ipaddress.ip_address(new_gateway)
+        except ValueError as exc:
+            raise LabError(f"renumber_isp2: {exc}") from None
+        net = new_if.network
+        problems = []
+        if not (net.version == 4 and net.subnet_of(ipaddress.IPv4Network("203.0.113.0/24"))):
+            problems.append(f"{net} is not inside 203.0.113.0/24")
+        elif net.overlaps(ipaddress.IPv4Network(ISPS["isp1"].customer_net)) or net.overlaps(old_net):
+            problems.append(f"{net} overlaps isp1's {ISPS['isp1'].customer_net} or the current {old_net}")
+        if gateway not in net or gateway == new_if.ip:
+            problems.append(f"gateway {gateway} must be another address in {net}")
+        if prefix < 31 and {new_if.ip, gateway} & {net.network_address, net.broadcast_address}:
+            problems.append(f"{net}'s network and broadcast addresses cannot be hosts")
+        if problems:
+            raise LabError("renumber_isp2: " + "; ".join(problems))
+
+        self._ip_batch(isp.role, [f"addr replace {gateway}/{prefix} dev cpe"])
+        self._set_bcp38_nets(isp.role, [str(old_net), str(net)])
+        self._ip_batch("inet", [f"route replace {net} via {isp.isp_transit_ip}"])
+
+        dhcp_defaults = [
+            route
+            for route in self.default_routes("router")
+            if route.get("dev") == isp.router_dev
+            and route.get("protocol") == "dhcp"
+            and route.get("gateway") == old_gw
+        ]
+        lines = [f"addr add {new_if} dev {isp.router_dev}"]
+        for route in dhcp_defaults:
+            metric = int(route.get("metric", 0))
+            lines += [
+                f"route append default via {gateway} dev {isp.router_dev} proto dhcp metric {metric}",
+                f"route del default via {old_gw} dev {isp.router_dev} proto dhcp metric {metric}",
+            ]
+        lines.append(f"addr del {old_ip}/{old_prefix} dev {isp.router_dev}")
+        self._ip_batch("router", lines)
+        done = time.monotonic()
+        self._isp2_link = (str(new_if.ip), str(gateway), prefix)
+
+        self._set_bcp38_nets(isp.role, [str(net)])
+        self._ip_batch(isp.role, [f"addr del {old_gw}/{old_prefix} dev cpe"])
+        self._ip_batch("inet", [f"route del {old_net} via {isp.isp_transit_ip}"])
+        return done
+
+    def _set_bcp38_nets(self, isp_role: str, nets: Sequence[str]) -> None:
+        """Let the ISP's IPv4 BCP38 rule accept these customer nets.
+
+        The rule is replaced by handle, in place: the named counters (and
+        their values) stay as they are.
+        """
+        listing = json.loads(self.run(isp_role, "nft", "-j", "-a", "list", "chain", "inet", "isp", "forward").stdout)
+        handles = [
+            item["rule"]["handle"]
+            for item in listing["nftables"]
+            if "rule" in item and {"counter": "spoofed"} in item["rule"]["expr"]
+        ]
+        if len(handles) != 1:
+            raise LabError(f"expected one IPv4 BCP38 rule in {isp_role}, found {len(handles)}")
+        self.run(
+            isp_role, "nft", "replace", "rule", "inet", "isp", "forward", "handle", str(handles[0]),
+            "iifname", '"cpe"', "ip", "saddr", "!=", "{", ", ".join(nets), "}",
+            "counter", "name", "spoofed", "drop",
+        )  # fmt: skip
 
 
 def _sync_link_lines(devices: Sequence[str]) -> list[str]:

@@ -42,13 +42,26 @@ def test_defaults_and_overrides() -> None:
     )
     vpn, isp = config.uplinks
     assert vpn.gateway == "none" and vpn.table == 1001 and vpn.mark == 0x10000
-    assert vpn.check.method is mwa.Method.TCP and vpn.check.port == 443
+    assert vpn.check.methods == (mwa.Method.TCP,) and vpn.check.port == 443
     assert vpn.check.interval_s == 0.25 and vpn.check.timeout_s == 0.2
     assert (vpn.check.fall, vpn.check.rise, vpn.check.reliability) == (2, 4, 2)
     # per-uplink overrides inherit the rest of [check]
-    assert isp.check.method is mwa.Method.ICMP and isp.check.targets == ("198.18.1.3",)
+    assert isp.check.methods == (mwa.Method.ICMP,) and isp.check.targets == ("198.18.1.3",)
     assert isp.check.interval_s == 0.25 and isp.check.reliability == 1
     assert (isp.table, isp.mark, isp.gateway) == (1234, 0x50000, "203.0.113.1")
+
+
+def test_probe_options() -> None:
+    config = mwa.parse_config((DATA / "valid" / "probes.toml").read_text(), "probes.toml")
+    (fibre,) = config.uplinks
+    check = fibre.check
+    assert check.methods == (mwa.Method.ICMP, mwa.Method.HTTPS, mwa.Method.DNS)
+    assert check.port_for(mwa.Method.HTTPS) == 8443 and check.port_for(mwa.Method.DNS) == 53
+    assert check.expect_status == (204, 200) and check.tls_verify is False
+    assert (check.query_name, check.query_type) == ("example.com", "AAAA")
+    assert (check.window, check.max_loss_pct, check.max_rtt_s, check.max_jitter_s) == (30, 10.5, None, 0.04)
+    assert check.gateway_check is False and fibre.initial_state == "up"
+    assert fibre.families == (4, 6)
 
 
 def test_minimal_defaults() -> None:

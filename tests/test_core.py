@@ -34,14 +34,24 @@ def feed(
     return health, transitions
 
 
-def test_unknown_goes_up_after_rise_good_rounds() -> None:
-    health, transitions = feed(mwa.Health("fibre"), [True, True])
-    assert health.state is mwa.State.UNKNOWN and not transitions
+def test_initially_down_goes_up_after_rise_good_rounds_without_owing_hysteresis() -> None:
+    health = mwa.initial_health(UPLINKS[0], 0.0)
+    assert health.state is mwa.State.DOWN and health.reason == "not yet confirmed"
+    health, transitions = feed(health, [True, True])
+    assert health.state is mwa.State.DOWN and not transitions
     health, transitions = feed(health, [True], start=2)
     assert health.state is mwa.State.UP and health.since == 2
-    assert [(t.old, t.new) for t in transitions] == [(mwa.State.UNKNOWN, mwa.State.UP)]
+    assert [(t.old, t.new) for t in transitions] == [(mwa.State.DOWN, mwa.State.UP)]
     assert transitions[0].reason == "3 consecutive good rounds"
-    assert not health.recovered
+    assert not health.recovered  # an assumption at start is not a failure
+
+
+def test_initial_state_up_is_assumed_until_fall_failed_rounds() -> None:
+    uplink = dataclasses.replace(UPLINKS[0], initial_state="up")
+    health = mwa.initial_health(uplink, 0.0)
+    assert health.state is mwa.State.UP
+    health, transitions = feed(health, [False] * 3)
+    assert health.state is mwa.State.DOWN and len(transitions) == 1
 
 
 def test_up_goes_down_after_fall_failed_rounds_with_reason() -> None:
@@ -50,11 +60,11 @@ def test_up_goes_down_after_fall_failed_rounds_with_reason() -> None:
     assert health.state is mwa.State.UP and not transitions  # the good round reset the count
     health, transitions = feed(health, [False], start=20)
     assert health.state is mwa.State.DOWN
-    assert transitions[0].reason == "3 consecutive failed rounds (timeout)"
+    assert transitions[0].reason == "3 consecutive failed rounds: unreachable (timeout)"
 
 
 def test_down_needs_rise_rounds_and_is_marked_recovered() -> None:
-    health = mwa.Health("fibre", state=mwa.State.DOWN)
+    health = mwa.Health("fibre", state=mwa.State.DOWN, has_failed=True)
     health, transitions = feed(health, [True, True, False, True, True])
     assert health.state is mwa.State.DOWN and not transitions
     health, transitions = feed(health, [True], start=5)
@@ -62,14 +72,15 @@ def test_down_needs_rise_rounds_and_is_marked_recovered() -> None:
     assert transitions[0].old is mwa.State.DOWN
 
 
-def test_unknown_goes_down_after_fall_failed_rounds() -> None:
-    health, transitions = feed(mwa.Health("fibre"), [False] * 3)
-    assert health.state is mwa.State.DOWN and len(transitions) == 1
+def test_down_stays_down_and_says_nothing_while_rounds_fail() -> None:
+    health, transitions = feed(mwa.Health("fibre"), [False] * 10)
+    assert health.state is mwa.State.DOWN and not transitions
 
 
 def test_one_event_per_transition_not_per_round() -> None:
     health, transitions = feed(mwa.Health("fibre"), [True] * 10 + [False] * 10 + [True] * 10)
     assert [t.new for t in transitions] == [mwa.State.UP, mwa.State.DOWN, mwa.State.UP]
+    assert transitions[2].old is mwa.State.DOWN
 
 
 def test_link_loss_is_immediate_and_return_restarts_rise() -> None:
@@ -93,9 +104,10 @@ def test_link_loss_of_down_uplink_updates_reason_only() -> None:
 
 
 def test_loss_and_rtt_window() -> None:
-    health, _ = feed(mwa.Health("fibre"), [True, False, True, True])
+    health, _ = feed(mwa.Health("fibre", state=mwa.State.UP), [True, False, True, True])
     assert health.loss_pct == 25.0
     assert health.rtt_ms == 5.0
+    assert health.quality is not None and health.quality.rtt_ms == 5.0 and health.quality.jitter_ms == 0.0
 
 
 def test_round_reliability_and_reason() -> None:
@@ -132,7 +144,7 @@ def test_failback_waits_for_hysteresis() -> None:
 
 
 def test_at_start_backup_carries_then_preferred_takes_over_once_confirmed() -> None:
-    h = healths(fibre=(mwa.State.UNKNOWN, 0, False), lte=(mwa.State.UP, 1, False))
+    h = healths(fibre=(mwa.State.DOWN, 0, False), lte=(mwa.State.UP, 1, False))
     assert mwa.select(h, UPLINKS, None, 30, 1).selected == "lte"
     h = healths(fibre=(mwa.State.UP, 3, False), lte=(mwa.State.UP, 1, False))
     assert mwa.select(h, UPLINKS, "lte", 30, 3).selected == "fibre"
@@ -160,7 +172,7 @@ def test_worse_uplink_recovering_never_takes_over() -> None:
 def test_full_failover_and_failback_timeline() -> None:
     """Drive the state machine and the selection together with a fake clock."""
     interval, hysteresis = 1.0, 10.0
-    hs = {u.name: mwa.Health(u.name) for u in UPLINKS}
+    hs = {u.name: mwa.initial_health(u, 0.0) for u in UPLINKS}
     selected = None
     switches: list[tuple[float, str | None]] = []
     fibre_ok = lambda now: not (20 <= now < 30)  # noqa: E731 - fibre fails silently from 20 s to 30 s
@@ -193,3 +205,98 @@ def test_a_stale_round_completing_late_is_ignored() -> None:
     stale = round_(False, at=1.0)
     health, transitions = mwa.observe_round(health, stale, CHECK, 2.002)
     assert health.good_rounds == 1 and health.bad_rounds == 0 and not transitions
+
+
+QUALITY = dataclasses.replace(CHECK, window=10, max_loss_pct=20.0, max_rtt_s=0.05, max_jitter_s=0.02)
+
+
+def lossy_round(answered: int, at: float, rtt: float = 5.0) -> mwa.RoundResult:
+    probes = tuple(
+        mwa.ProbeResult(
+            t, i < answered, rtt_ms=rtt if i < answered else None, reason="ok" if i < answered else "timeout"
+        )
+        for i, t in enumerate(CHECK.targets)
+    )
+    return mwa.RoundResult("fibre", 1, at, probes)
+
+
+def run(
+    health: mwa.Health, rounds: list[mwa.RoundResult], check: mwa.CheckConfig = QUALITY
+) -> tuple[mwa.Health, list[mwa.Transition]]:
+    transitions: list[mwa.Transition] = []
+    for r in rounds:
+        health, new = mwa.observe_round(health, r, check, r.started_at)
+        transitions += new
+    return health, transitions
+
+
+def test_loss_degrades_after_a_full_window_and_fall_rounds_then_recovers() -> None:
+    health = mwa.Health("fibre", state=mwa.State.UP)
+    # one of two probes lost each round: 50% loss, yet every round is good (reliability 1)
+    health, transitions = run(health, [lossy_round(1, float(i)) for i in range(9)])
+    assert health.state is mwa.State.UP and not transitions  # window not full yet: no verdict
+    health, transitions = run(health, [lossy_round(1, float(i)) for i in range(9, 12)])
+    assert [t.new for t in transitions] == [mwa.State.DEGRADED]
+    assert transitions[0].at == 11.0  # window full at round 10, then fall = 3 judged rounds
+    assert transitions[0].reason == "loss 50% > 20% over the last 10 rounds"
+    # clean rounds: the window drains below 20%, then rise rounds
+    health, transitions = run(health, [lossy_round(2, float(i)) for i in range(12, 30)])
+    assert [t.new for t in transitions] == [mwa.State.UP]
+    assert health.recovered and transitions[0].reason.startswith("quality back within the thresholds")
+
+
+def test_rtt_and_jitter_thresholds() -> None:
+    health = mwa.Health("fibre", state=mwa.State.UP)
+    health, transitions = run(health, [lossy_round(2, float(i), rtt=80.0) for i in range(12)])
+    assert transitions[0].reason == "median rtt 80.0ms > 50ms over the last 10 rounds"
+    health = mwa.Health("fibre", state=mwa.State.UP)
+    jittery = [lossy_round(2, float(i), rtt=5.0 if i % 2 else 60.0) for i in range(12)]
+    health, transitions = run(health, jittery, dataclasses.replace(QUALITY, max_rtt_s=None))
+    assert transitions[0].reason.startswith("jitter 55.0ms > 20ms")
+
+
+def test_degraded_goes_down_on_fall_failed_rounds_and_window_resets() -> None:
+    health = mwa.Health("fibre", state=mwa.State.DEGRADED, samples=(mwa.RoundSample(2, 1, (5.0,)),) * 10)
+    health, transitions = run(health, [lossy_round(0, float(i)) for i in range(3)])
+    assert [t.new for t in transitions] == [mwa.State.DOWN] and health.samples == ()
+
+
+def test_single_slow_reply_never_flaps() -> None:
+    health = mwa.Health("fibre", state=mwa.State.UP)
+    rounds = [lossy_round(2, float(i), rtt=900.0 if i == 15 else 5.0) for i in range(40)]
+    health, transitions = run(health, rounds)
+    assert not transitions
+
+
+def test_gateway_check_names_where_it_failed() -> None:
+    probes = tuple(mwa.ProbeResult(t, False, reason="timeout") for t in CHECK.targets)
+    at_gateway = mwa.RoundResult("fibre", 1, 0.0, probes, gateway="203.0.113.1", gateway_ok=False)
+    upstream = mwa.RoundResult("fibre", 1, 0.0, probes, gateway="203.0.113.1", gateway_ok=True)
+    assert at_gateway.where == "gateway 203.0.113.1 unreachable"
+    assert upstream.where == "upstream unreachable"
+    health = mwa.Health("fibre", state=mwa.State.UP)
+    for i in range(3):
+        health, transitions = mwa.observe_round(
+            health, dataclasses.replace(at_gateway, started_at=float(i)), CHECK, i
+        )
+    assert health.failure == "gateway"
+    assert transitions[0].reason == "3 consecutive failed rounds: gateway 203.0.113.1 unreachable (timeout)"
+
+
+def test_every_method_must_answer() -> None:
+    icmp_ok = mwa.ProbeResult("198.18.1.10", True, 1.0, method=mwa.Method.ICMP)
+    http_302 = mwa.ProbeResult("198.18.1.10", False, reason="status 302", method=mwa.Method.HTTP)
+    result = mwa.RoundResult("fibre", 1, 0.0, (icmp_ok, http_302))
+    assert not result.ok and result.reason == "http status 302"
+
+
+def test_selection_prefers_up_over_degraded_and_uses_degraded_as_last_resort() -> None:
+    h = healths(fibre=(mwa.State.DEGRADED, 10, False), lte=(mwa.State.UP, 0, False))
+    decision = mwa.select(h, UPLINKS, "fibre", 30, 10)
+    assert decision.selected == "lte" and "fibre is degraded" in decision.reason
+    h = healths(fibre=(mwa.State.DEGRADED, 10, False), lte=(mwa.State.DOWN, 0, False))
+    decision = mwa.select(h, UPLINKS, "lte", 30, 10)
+    assert decision.selected == "fibre" and "last resort" in decision.reason and not decision.stranded
+    # a recovered fibre still owes the hysteresis before taking over again
+    h = healths(fibre=(mwa.State.UP, 10, True), lte=(mwa.State.UP, 0, False))
+    assert mwa.select(h, UPLINKS, "lte", 30, 20).selected == "lte"
