@@ -628,10 +628,16 @@ class RoundResult:
 
     @property
     def ok(self) -> bool:
-        """Every method the check uses got `required` answers (or all, with fewer targets)."""
-        methods = {p.method for p in self.probes}
-        for method in methods:
-            results = [p for p in self.probes if p.method is method]
+        """Every method, in every address family, got `required` answers (all, with fewer targets).
+
+        An uplink is one path: if its IPv4 is black-holed while IPv6 answers,
+        it is not healthy for the traffic that selects it.
+        """
+        groups: dict[tuple[Method, int], list[ProbeResult]] = {}
+        for probe in self.probes:
+            key = (probe.method, ipaddress.ip_address(probe.target).version)
+            groups.setdefault(key, []).append(probe)
+        for results in groups.values():
             if sum(1 for p in results if p.ok) < min(self.required, len(results)):
                 return False
         return bool(self.probes)
@@ -702,7 +708,7 @@ def measure_quality(samples: Sequence[RoundSample]) -> Quality | None:
         return None
     rtts = [r for s in samples for r in s.rtts_ms]
     per_round = [statistics.median(s.rtts_ms) for s in samples if s.rtts_ms]
-    steps = [abs(b - a) for a, b in zip(per_round, per_round[1:])]
+    steps = [abs(b - a) for a, b in zip(per_round, per_round[1:], strict=False)]
     return Quality(
         rounds=len(samples),
         loss_pct=100.0 * (sent - sum(s.answered for s in samples)) / sent,
@@ -812,7 +818,7 @@ def observe_round(
     # it back: the failure that took it down says nothing about it once up.
     earlier = health.samples if health.state is not State.DOWN or result.ok else ()
     samples = (earlier + (sample,))[-check.window :]
-    rtt = result.rtt_ms if result.rtt_ms is not None else health.rtt_ms
+    rtt = result.rtt_ms  # None when nothing answered: a down uplink shows no stale RTT
     good, bad = (health.good_rounds + 1, 0) if result.ok else (0, health.bad_rounds + 1)
     judged, problem = quality_problem(samples, check)
     good_q, bad_q = health.good_quality, health.bad_quality
@@ -852,14 +858,20 @@ def observe_round(
 def observe_link(health: Health, link: LinkObservation, now: float) -> tuple[Health, list[Transition]]:
     """Carrier loss, a vanished interface or a lost address make an uplink down at once."""
     if link.usable == health.link_usable:
+        if not link.usable and health.state is State.DOWN and link.reason != health.reason:
+            # Still unusable, for a new reason (down, then deleted): status says what is true now.
+            return dataclasses.replace(health, reason=link.reason), []
         return health, []
     if not link.usable:
-        updated = dataclasses.replace(health, link_usable=False, good_rounds=0, bad_rounds=0, failure=None)
+        updated = dataclasses.replace(
+            health, link_usable=False, good_rounds=0, bad_rounds=0, failure=None, last_round_at=now
+        )
         if health.state is State.DOWN:
             return dataclasses.replace(updated, reason=link.reason), []
         return _transition(updated, State.DOWN, link.reason, now)
-    # The link is back: it must prove itself again through `rise` good rounds.
-    return dataclasses.replace(health, link_usable=True, good_rounds=0, bad_rounds=0), []
+    # The link is back: it must prove itself again through `rise` good rounds
+    # (and a round that began before the change proves nothing).
+    return dataclasses.replace(health, link_usable=True, good_rounds=0, bad_rounds=0, last_round_at=now), []
 
 
 def _transition(
@@ -931,15 +943,17 @@ def select(
 
     up = sorted((n for n in order if state(n) is State.UP), key=order.__getitem__)
     degraded = sorted((n for n in order if state(n) is State.DEGRADED), key=order.__getitem__)
+    if not up and not degraded:
+        # Keep the last route, even through an uplink that cannot carry traffic now:
+        # deleting it would leave nothing, and it may come back first.
+        if current is None:
+            return Decision(None, "no uplink is up yet", stranded=True)
+        return Decision(current, f"no uplink is up; keeping {current}", stranded=True)
     if current is not None and current not in order:
         why_leave = f"{current} cannot carry this traffic now"
         current = None
     else:
         why_leave = "first uplink up" if current is None else f"{current} is {state(current).value}"
-    if not up and not degraded:
-        if current is None:
-            return Decision(None, "no uplink is up yet", stranded=True)
-        return Decision(current, f"no uplink is up; keeping {current}", stranded=True)
     if not up:
         if current in degraded:
             return Decision(current, f"no uplink is up; {current} is degraded, kept as the last resort")
@@ -1211,7 +1225,8 @@ def diff_network(
     ours = {(r.family, r.table): r for r in routes if r.protocol == protocol}
     changes: list[Change] = []
     wanted_tables: set[tuple[int, int]] = set()
-    for route in plan.uplink_routes + plan.default_routes:
+    # The selected defaults first: they are what new traffic needs most.
+    for route in plan.default_routes + plan.uplink_routes:
         wanted_tables.add((route.family, route.table))
         found = ours.get((route.family, route.table))
         index = indexes.get(route.interface)
@@ -1348,8 +1363,12 @@ class IcmpEcho:
         socket_class = icmplib.ICMPv4Socket if self.family == 4 else icmplib.ICMPv6Socket
         self._socket = socket_class(address=source, privileged=True)
         raw: socket.socket = self._socket._sock
-        raw.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
-        raw.setblocking(False)
+        try:
+            raw.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
+            raw.setblocking(False)
+        except OSError:
+            self._socket.close()
+            raise
         self._raw = raw
         self._loop = asyncio.get_running_loop()
         self._waiting: dict[tuple[str, int], tuple[float, asyncio.Future[ProbeResult]]] = {}
@@ -1647,14 +1666,16 @@ class UplinkProber:
         jobs = [self._probe(m, t, seq, source) for m in check.methods for t in check.targets]
         gateways = self._gateways(source) if check.gateway_check else []
         jobs += [self._ping_gateway(g, seq, source) for g in gateways]
-        try:
-            results = await asyncio.gather(*jobs)
-        except OSError as err:
-            reason = f"error: {err.strerror or err}"
-            results = [
-                ProbeResult(t, False, reason=reason, method=m) for m in check.methods for t in check.targets
-            ]
-            results += [ProbeResult(g, False, reason=reason) for g in gateways]
+        # A probe that raises (icmplib's errors are no OSError; a socket that
+        # cannot be opened) is a failed probe, never a lost round.
+        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        names = [(t, m) for m in check.methods for t in check.targets] + [(g, Method.ICMP) for g in gateways]
+        results = [
+            outcome
+            if isinstance(outcome, ProbeResult)
+            else ProbeResult(name, False, reason=f"error: {outcome}", method=method)
+            for outcome, (name, method) in zip(outcomes, names, strict=True)
+        ]
         probes = tuple(results[: len(results) - len(gateways)])
         gateway_results = results[len(results) - len(gateways) :]
         self._deliver(
@@ -1836,12 +1857,13 @@ def nl_rules(ipr: Any) -> list[RuleEntry]:
     return entries
 
 
-def nl_default_routes(ipr: Any, tables: Iterable[int]) -> list[RouteEntry]:
+def nl_default_routes(ipr: Any, tables: Iterable[int], defaults_only: bool = True) -> list[RouteEntry]:
+    """Default routes in these tables (or every route, for the collision check)."""
     entries: list[RouteEntry] = []
     for family in FAMILIES:
         for table in sorted(set(tables)):
             for msg in ipr.get_routes(family=ADDRESS_FAMILY[family], table=table):
-                if msg["dst_len"] != 0 or _route_table(msg) != table:
+                if (defaults_only and msg["dst_len"] != 0) or _route_table(msg) != table:
                     continue
                 entries.append(
                     RouteEntry(
@@ -1855,26 +1877,42 @@ def nl_default_routes(ipr: Any, tables: Iterable[int]) -> list[RouteEntry]:
     return entries
 
 
-def nl_apply(ipr: Any, changes: Sequence[Change], indexes: Mapping[str, int], protocol: int) -> None:
+def nl_apply(
+    ipr: Any, changes: Sequence[Change], indexes: Mapping[str, int], protocol: int
+) -> list[tuple[Change, str]]:
+    """Apply each change on its own; one that fails (a gateway not on-link, an
+    interface gone meanwhile) must not stop the others, least of all the
+    selected default route. Returns the failures."""
+    failed: list[tuple[Change, str]] = []
     for change in changes:
-        if change.kind == "replace_route" and change.route is not None:
-            route = change.route
-            args: dict[str, Any] = dict(
-                dst=DEFAULT_DST[route.family],
-                table=route.table,
-                oif=indexes[route.interface],
-                proto=protocol,
-                family=ADDRESS_FAMILY[route.family],
-            )
-            if route.gateway is not None:
-                args["gateway"] = route.gateway
-            else:
-                args["scope"] = 253  # link: a point-to-point default needs no gateway
-            ipr.route("replace", **args)
-        elif change.kind in ("add_rule", "del_rule") and change.rule is not None:
-            ipr.rule("add" if change.kind == "add_rule" else "del", **_rule_args(change.rule, protocol))
-        elif change.kind == "del_route" and change.table is not None:
-            _delete_default(ipr, change.table, change.family, protocol)
+        try:
+            _apply_one(ipr, change, indexes, protocol)
+        except Exception as err:  # NetlinkError is no OSError; any failure is reported, not raised
+            failed.append((change, str(err)))
+    return failed
+
+
+def _apply_one(ipr: Any, change: Change, indexes: Mapping[str, int], protocol: int) -> None:
+    if change.kind == "replace_route" and change.route is not None:
+        route = change.route
+        args: dict[str, Any] = dict(
+            dst=DEFAULT_DST[route.family],
+            table=route.table,
+            oif=indexes[route.interface],
+            proto=protocol,
+            family=ADDRESS_FAMILY[route.family],
+        )
+        if route.gateway is not None:
+            args["gateway"] = route.gateway
+        else:
+            args["scope"] = 253  # link: a point-to-point default needs no gateway
+        ipr.route("replace", **args)
+    elif change.kind in ("add_rule", "del_rule") and change.rule is not None:
+        ipr.rule("add" if change.kind == "add_rule" else "del", **_rule_args(change.rule, protocol))
+    elif change.kind == "del_route" and change.table is not None:
+        _delete_default(ipr, change.table, change.family, protocol)
+    else:
+        raise ValueError(f"malformed change {change}")
 
 
 def _delete_default(ipr: Any, table: int, family: int, protocol: int) -> None:
@@ -2050,6 +2088,12 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         # One reconcile at a time: the sync loop and a reload must not interleave netlink changes.
         self._sync_lock = asyncio.Lock()
+        #: Changes that failed last time (logged once), and when to try again (doubling back-off).
+        self._apply_failures: set[tuple[str, str]] = set()
+        self._retry_delay_s = 0.0
+        self._retry_at: float | None = None
+        self._dry_run_changes: list[Change] = []
+        self._started_ok = False
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -2083,11 +2127,10 @@ class Agent:
 
     async def _start(self, now: float) -> None:
         config = self.config
-        rules = await self._netlink.call(nl_rules)
-        routes = await self._netlink.call(nl_default_routes, config.tables)
-        problems = find_collisions(config, rules, routes)
+        problems = await self._collisions(config)
         if problems:
             raise StartupRefused("; ".join(problems))
+        routes = await self._netlink.call(nl_default_routes, config.tables)
         self.interfaces = await self._netlink.call(nl_interfaces, config.agent.route_protocol)
         previous = self._read_previous_status()
         adopted = self._adoptable(routes)
@@ -2097,10 +2140,11 @@ class Agent:
                 health = dataclasses.replace(
                     health, state=State.UP, reason="adopted the route a previous run left"
                 )
-            elif previous.get(uplink.name) in (State.DOWN.value, State.DEGRADED.value):
-                # It failed before the restart: it still owes the hysteresis.
+            elif previous.get(uplink.name) in ("down", "degraded", "proving"):
+                # It failed before the restart, or was still proving itself:
+                # it owes the hysteresis again (a restart must not shortcut it).
                 health = dataclasses.replace(
-                    health, state=State.DOWN, reason="down in the previous run", has_failed=True
+                    health, state=State.DOWN, reason="failed in the previous run", has_failed=True
                 )
             self.healths[uplink.name] = health
             self.runtime[uplink.name] = UplinkRuntime(uplink)
@@ -2114,6 +2158,7 @@ class Agent:
         self._log_effective_config()
         self._events = NetlinkEvents(self._request_sync)
         await self._sync()
+        self._started_ok = True
 
     async def _shutdown(self) -> None:
         for task in self._tasks:
@@ -2125,7 +2170,7 @@ class Agent:
         await asyncio.gather(*pending, return_exceptions=True)
         if self._events is not None:
             self._events.close()
-        if self.cleanup and not self.dry_run:
+        if self.cleanup and not self.dry_run and self._started_ok:
             try:
                 done = await self._netlink.call(nl_remove_own, self.config, self.managed_tables)
                 for line in done:
@@ -2133,11 +2178,11 @@ class Agent:
                 log.info("cleanup: removed %d objects of the agent; nothing else was touched", len(done))
             except Exception:
                 log.exception("cleanup failed")
-        elif self.healths:
+        elif self._started_ok:
             log.info("stopping: routes and rules stay in place so the router keeps working")
-        if self.healths:
+        if self._started_ok:
             self._write_status(running=False)
-        self._netlink.close()
+        await asyncio.get_running_loop().run_in_executor(None, self._netlink.close)
 
     # -- observations in ----------------------------------------------------
 
@@ -2178,24 +2223,46 @@ class Agent:
     # -- the one path that changes the system -------------------------------
 
     async def _sync_loop(self) -> None:
+        """The task that reconciles on events, hysteresis expiry, retries and every RESYNC_PERIOD_S."""
         loop = asyncio.get_running_loop()
+        crash_delay_s = 0.5
         while True:
-            timeout = RESYNC_PERIOD_S
-            if self._wake_at is not None:
-                timeout = min(timeout, max(self._wake_at - loop.time(), 0.0))
+            deadline = loop.time() + RESYNC_PERIOD_S
+            for at in (self._wake_at, self._retry_at):
+                if at is not None:
+                    deadline = min(deadline, at)
             try:
-                await asyncio.wait_for(self._sync_wanted.wait(), timeout)
+                await asyncio.wait_for(self._sync_wanted.wait(), max(deadline - loop.time(), 0.0))
             except asyncio.TimeoutError:
                 self._sync_links = True  # periodic repair of what events may have missed
             self._sync_wanted.clear()
             try:
                 await self._sync()
+                crash_delay_s = 0.5
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("sync failed; will retry on the next event")
-                await asyncio.sleep(0.5)
+                # The task boundary: log the bug with its traceback, back off, keep serving.
+                log.exception("sync failed; retrying in %.1fs", crash_delay_s)
+                await asyncio.sleep(crash_delay_s)
+                crash_delay_s = min(crash_delay_s * 2, RESYNC_PERIOD_S)
+                self._sync_links = True
                 self._sync_wanted.set()
+
+    def _report_apply_failures(self, failed: Sequence[tuple[Change, str]]) -> None:
+        """Log a failing change once, not on every retry; retry with a doubling back-off."""
+        current = {(change.describe(), error) for change, error in failed}
+        for what, error in sorted(current - self._apply_failures):
+            log.warning("netlink: %s failed: %s; retrying with back-off", what, error)
+        for what, _ in sorted(self._apply_failures - current):
+            log.info("netlink: %s no longer fails", what)
+        self._apply_failures = current
+        if failed:
+            self._retry_delay_s = min(max(self._retry_delay_s * 2, 0.5), RESYNC_PERIOD_S)
+            self._retry_at = loop_now() + self._retry_delay_s
+            self._sync_links = True
+        else:
+            self._retry_delay_s, self._retry_at = 0.0, None
 
     async def _sync(self) -> None:
         """Observe links, select, and reconcile routes and rules with the plan."""
@@ -2239,17 +2306,16 @@ class Agent:
         routes = await self._netlink.call(nl_default_routes, self.managed_tables)
         indexes = {name: iface.index for name, iface in self.interfaces.items()}
         changes = diff_network(config, plan, rules, routes, indexes, self.managed_tables)
-        if changes:
+        if self.dry_run:
+            if changes != self._dry_run_changes:  # say it once, not on every sync
+                for change in changes:
+                    log.info("dry-run: would %s", change.describe())
+                self._dry_run_changes = changes
+        elif changes:
             for change in changes:
-                log.info("%s%s", "dry-run: would " if self.dry_run else "netlink: ", change.describe())
-            if not self.dry_run:
-                try:
-                    await self._netlink.call(nl_apply, changes, indexes, protocol)
-                except Exception as err:
-                    # An interface can vanish between the dump and the change;
-                    # its netlink event brings a fresh sync.
-                    log.warning("netlink change failed (%s); resyncing", err)
-                    self._request_sync()
+                log.info("netlink: %s", change.describe())
+            failed = await self._netlink.call(nl_apply, changes, indexes, protocol)
+            self._report_apply_failures(failed)
         if self._status_forced:
             self._status_forced = False
             self._status_dirty = False
@@ -2315,32 +2381,55 @@ class Agent:
             log.error("reload rejected, keeping the running config: %s", err)
             self.notifier.send("READY=1")
             return
-        old = self.config
+        problem = self._reload_problem(self.config, new) or "; ".join(await self._collisions(new))
+        if problem:
+            log.error("reload rejected, keeping the running config: %s", problem)
+            self.notifier.send("READY=1")
+            return
+        async with self._sync_lock:  # no sync may run on half-swapped state
+            self._swap_config(new)
+        await self._sync()
+        self.notifier.send("READY=1\nSTATUS=" + self.summary())
+
+    @staticmethod
+    def _reload_problem(old: Config, new: Config) -> str | None:
         fixed = ("rule_priority", "route_protocol", "mark_mask", "default_table")
         changed = [k for k in fixed if getattr(old.agent, k) != getattr(new.agent, k)]
         if changed:
-            log.error(
-                "reload rejected, keeping the running config: [agent] %s cannot change on reload; restart",
-                ", ".join(changed),
-            )
-            self.notifier.send("READY=1")
-            return
+            return f"[agent] {', '.join(changed)} cannot change on reload; restart"
+        before = {u.name: u for u in old.uplinks}
+        for uplink in new.uplinks:
+            was = before.get(uplink.name)
+            if was is not None and (was.table, was.mark) != (uplink.table, uplink.mark):
+                # Ids inherited from the list position move when uplinks are
+                # removed or reordered; marks set elsewhere would route differently.
+                return (
+                    f"uplink {uplink.name}'s table/mark would change from {was.table}/{was.mark:#x} to "
+                    f"{uplink.table}/{uplink.mark:#x}; set them explicitly, or restart"
+                )
+        return None
+
+    async def _collisions(self, config: Config) -> list[str]:
+        rules = await self._netlink.call(nl_rules)
+        routes = await self._netlink.call(nl_default_routes, config.tables, False)
+        return find_collisions(config, rules, routes)
+
+    def _swap_config(self, new: Config) -> None:
         for running in self.runtime.values():
             if running.prober_task is not None:
                 running.prober_task.cancel()
-        await asyncio.gather(
-            *(r.prober_task for r in self.runtime.values() if r.prober_task), return_exceptions=True
-        )
         now = loop_now()
         healths: dict[str, Health] = {}
         runtimes: dict[str, UplinkRuntime] = {}
         for uplink in new.uplinks:
             previous = self.healths.get(uplink.name)
             before = self.runtime.get(uplink.name)
-            same_path = before is not None and (before.uplink.interface, before.uplink.gateway) == (
-                uplink.interface,
-                uplink.gateway,
-            )
+            same_path = before is not None and (
+                before.uplink.interface,
+                before.uplink.gateway,
+                before.uplink.gateway6,
+                before.uplink.families,
+            ) == (uplink.interface, uplink.gateway, uplink.gateway6, uplink.families)
             # State carries across a reload (as keepalived does) unless the uplink now means another path.
             if previous is not None and same_path:
                 healths[uplink.name] = remap_health(previous, uplink.check)
@@ -2356,8 +2445,6 @@ class Agent:
         self._log_effective_config()
         self._start_probers()
         self._status_forced = True
-        await self._sync()
-        self.notifier.send("READY=1\nSTATUS=" + self.summary())
 
     # -- helpers ------------------------------------------------------------
 
@@ -2414,8 +2501,16 @@ class Agent:
                 self._write_status()
 
     async def _watchdog_loop(self, watchdog_s: float) -> None:
+        """WATCHDOG=1 only while both the event loop and the netlink worker answer."""
         while True:
-            self.notifier.send("WATCHDOG=1")
+            try:
+                await asyncio.wait_for(self._netlink.call(lambda ipr: None), watchdog_s / 4)
+            except asyncio.TimeoutError:
+                log.error(
+                    "the netlink worker has not answered for %.1fs; withholding the watchdog", watchdog_s / 4
+                )
+            else:
+                self.notifier.send("WATCHDOG=1")
             await asyncio.sleep(watchdog_s / 2)
 
     def summary(self) -> str:
@@ -2468,6 +2563,8 @@ class Agent:
                 "window_rounds": 0 if quality is None else quality.rounds,
                 "good_rounds": health.good_rounds,
                 "bad_rounds": health.bad_rounds,
+                # came back from a failure: owes the hysteresis before traffic returns
+                "recovered": health.recovered,
             }
         return {
             "version": 1,
@@ -2500,11 +2597,19 @@ class Agent:
             log.warning("cannot write %s: %s", path, err)
 
     def _read_previous_status(self) -> dict[str, str]:
+        """Each uplink's state in the last status.json; "proving" for one still inside its hysteresis."""
         path = Path(self.config.agent.state_dir) / "status.json"
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
-            return {name: str(u.get("state")) for name, u in document.get("uplinks", {}).items()}
-        except (OSError, ValueError, AttributeError):
+            states: dict[str, str] = {}
+            for name, u in document.get("uplinks", {}).items():
+                state = str(u.get("state"))
+                proving_until = float(u.get("since", 0)) + self.config.agent.hysteresis_s
+                if state == "up" and u.get("recovered") and time.time() < proving_until:
+                    state = "proving"
+                states[name] = state
+            return states
+        except (OSError, ValueError, AttributeError, TypeError):
             return {}
 
     def _log_effective_config(self) -> None:
@@ -2688,6 +2793,23 @@ async def run_agent(agent: Agent) -> None:
     await agent.run(stop, reload)
 
 
+#: Capability bits (linux/capability.h) the agent needs: netlink changes, raw ICMP.
+CAP_NET_ADMIN: Final = 12
+CAP_NET_RAW: Final = 13
+
+
+def missing_capabilities(status_text: str, dry_run: bool) -> list[str]:
+    """Which of CAP_NET_ADMIN/CAP_NET_RAW the process lacks, from /proc/self/status."""
+    effective = 0
+    for line in status_text.splitlines():
+        if line.startswith("CapEff:"):
+            effective = int(line.split()[1], 16)
+    needed = {"CAP_NET_RAW": CAP_NET_RAW}
+    if not dry_run:
+        needed["CAP_NET_ADMIN"] = CAP_NET_ADMIN
+    return [name for name, bit in sorted(needed.items()) if not effective >> bit & 1]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     setup_logging("debug" if args.verbose else args.log_level)
     try:
@@ -2695,8 +2817,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    if os.geteuid() != 0 and not args.dry_run:
-        log.warning("not running as root: netlink changes and raw ICMP need CAP_NET_ADMIN and CAP_NET_RAW")
+    try:
+        missing = missing_capabilities(Path("/proc/self/status").read_text(), args.dry_run)
+    except OSError:
+        missing = []
+    if missing:
+        log.error("refusing to start, nothing was changed: missing %s", " and ".join(missing))
+        return EXIT_REFUSED
     agent = Agent(config, dry_run=args.dry_run, cleanup=args.cleanup, verbose=args.verbose)
     try:
         asyncio.run(run_agent(agent))

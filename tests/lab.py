@@ -644,6 +644,9 @@ class Lab:
         for role in ROLES:
             _run(["ip", "netns", "add", self.name(role)])
             self._created.append(self.name(role))
+        # The services bind (FREEBIND) before inet has its addresses, so their
+        # start (openssl makes an RSA key) overlaps the rest of the build.
+        self._spawn_services()
 
         # veth pairs are created from inside a lab namespace with the peer put
         # straight into the other one, so nothing ever appears in the root ns.
@@ -705,9 +708,6 @@ class Lab:
             ]
         for role in ROLES:
             self._ip_batch(role, ["link set lo up", *addresses.get(role, [])])
-        # inet's addresses exist now: the services may bind while the rest is
-        # built (openssl's key takes a noticeable part of a build).
-        self._spawn_services()
 
         # Routes only once every link is up on both ends (a gateway route on a
         # link whose peer is still down would need `onlink`).
@@ -1065,7 +1065,7 @@ class Lab:
     # Services in inet (services.py) ----------------------------------------
 
     def _spawn_services(self) -> None:
-        # Started during the build, waited for at its end (_wait_services_ready).
+        # Started as soon as inet exists, waited for at the end of the build.
         self._services_dir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}services-"))
         argv = [
             sys.executable, str(SERVICES),
@@ -1232,24 +1232,29 @@ class Lab:
         return done
 
     def _set_bcp38_nets(self, isp_role: str, nets: Sequence[str]) -> None:
-        """Let the ISP's IPv4 BCP38 rule accept these customer nets.
+        """Let the ISP's IPv4 BCP38 rule accept exactly these customer nets.
 
-        The rule is replaced by handle, in place: the named counters (and
-        their values) stay as they are.
+        The nets go into a named interval set, customer4 (nft 1.0.6 aborts
+        on `replace rule` with an anonymous interval set), and the rule is
+        replaced by handle, in place, to match against it: the named
+        counters (and their values) stay as they are. One transaction.
         """
-        listing = json.loads(self.run(isp_role, "nft", "-j", "-a", "list", "chain", "inet", "isp", "forward").stdout)
+        listing = self.run(isp_role, "nft", "-j", "-a", "list", "chain", "inet", "isp", "forward").stdout
         handles = [
             item["rule"]["handle"]
-            for item in listing["nftables"]
+            for item in json.loads(listing)["nftables"]
             if "rule" in item and {"counter": "spoofed"} in item["rule"]["expr"]
         ]
         if len(handles) != 1:
             raise LabError(f"expected one IPv4 BCP38 rule in {isp_role}, found {len(handles)}")
-        self.run(
-            isp_role, "nft", "replace", "rule", "inet", "isp", "forward", "handle", str(handles[0]),
-            "iifname", '"cpe"', "ip", "saddr", "!=", "{", ", ".join(nets), "}",
-            "counter", "name", "spoofed", "drop",
-        )  # fmt: skip
+        self.nft(
+            isp_role,
+            "add set inet isp customer4 { type ipv4_addr; flags interval; }\n"
+            "flush set inet isp customer4\n"
+            f"add element inet isp customer4 {{ {', '.join(nets)} }}\n"
+            f"replace rule inet isp forward handle {handles[0]} "
+            'iifname "cpe" ip saddr != @customer4 counter name spoofed drop\n',
+        )
 
 
 def _sync_link_lines(devices: Sequence[str]) -> list[str]:

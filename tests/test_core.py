@@ -300,3 +300,54 @@ def test_selection_prefers_up_over_degraded_and_uses_degraded_as_last_resort() -
     # a recovered fibre still owes the hysteresis before taking over again
     h = healths(fibre=(mwa.State.UP, 10, True), lte=(mwa.State.UP, 0, False))
     assert mwa.select(h, UPLINKS, "lte", 30, 20).selected == "lte"
+
+
+def test_boot_without_link_does_not_owe_hysteresis() -> None:
+    """A lease or carrier that arrives after the agent starts is no failure."""
+    health = mwa.initial_health(UPLINKS[0], 0.0)
+    health, transitions = mwa.observe_link(
+        health, mwa.LinkObservation(False, "no default route from DHCP"), 1.0
+    )
+    assert not transitions
+    health, _ = mwa.observe_link(health, mwa.LinkObservation(True), 2.0)
+    health, transitions = feed(health, [True] * 3, start=3)
+    assert health.state is mwa.State.UP and not health.recovered
+
+
+def test_a_round_begun_before_a_link_change_proves_nothing() -> None:
+    health = mwa.Health("fibre", state=mwa.State.DOWN, link_usable=False)
+    health, _ = mwa.observe_link(health, mwa.LinkObservation(True), 5.0)
+    health, _ = mwa.observe_round(health, round_(True, at=4.9), CHECK, 5.1)
+    assert health.good_rounds == 0
+
+
+def test_selection_keeps_the_last_route_when_the_current_uplink_vanishes() -> None:
+    h = healths(fibre=(mwa.State.DOWN, 5, True), lte=(mwa.State.DOWN, 6, True))
+    # fibre cannot route at all now (not among the candidates), and nothing is up
+    decision = mwa.select(h, UPLINKS[1:], "fibre", 30, 7)
+    assert decision.selected == "fibre" and decision.stranded
+
+
+def test_a_round_needs_every_family_to_answer() -> None:
+    v4 = mwa.ProbeResult("198.18.1.1", False, reason="timeout")
+    v6 = mwa.ProbeResult("2001:db8:ffff::1", True, 1.0)
+    assert not mwa.RoundResult("fibre", 1, 0.0, (v4, v6)).ok
+
+
+def test_missing_capabilities() -> None:
+    root = "CapEff:\t000001ffffffffff\n"
+    assert mwa.missing_capabilities(root, dry_run=False) == []
+    raw_only = f"CapEff:\t{1 << 13:016x}\n"
+    assert mwa.missing_capabilities(raw_only, dry_run=False) == ["CAP_NET_ADMIN"]
+    assert mwa.missing_capabilities(raw_only, dry_run=True) == []
+    assert mwa.missing_capabilities("CapEff:\t0000000000000000\n", dry_run=True) == ["CAP_NET_RAW"]
+
+
+def test_reload_refuses_moved_ids() -> None:
+    text = '[check]\ntargets = ["198.18.1.1"]\n[[uplink]]\nname = "a"\ninterface = "w0"\n[[uplink]]\nname = "b"\ninterface = "w1"\n'
+    old = mwa.parse_config(text, "t")
+    new = mwa.parse_config(text.split('[[uplink]]\nname = "b"')[0].replace('name = "a"', 'name = "b"'), "t")
+    assert mwa.Agent._reload_problem(old, old) is None
+    assert "table/mark would change from 202/0x200 to 201/0x100" in (
+        mwa.Agent._reload_problem(old, new) or ""
+    )

@@ -47,7 +47,9 @@ def test_silent_upstream_failure_fails_over(lab: Lab, tmp_path: Path) -> None:
     lab.silent_drop("isp1", True)
     status = agent.wait_selected("lte", timeout=5)
     assert status["uplinks"]["fibre"]["state"] == "down"
-    assert "3 consecutive failed rounds: upstream unreachable (timeout)" in status["uplinks"]["fibre"]["reason"]
+    assert (
+        "3 consecutive failed rounds: upstream unreachable (timeout)" in status["uplinks"]["fibre"]["reason"]
+    )
     assert lab.connect_once() == LTE_IP
     agent.wait_log("uplink=fibre down: 3 consecutive failed rounds: upstream unreachable (timeout)")
     assert selected_route(lab)[0]["dev"] == "wan1"

@@ -26,8 +26,12 @@ atomically (write a temporary file, then os.replace) between requests:
     file. Without ``openssl`` on PATH, HTTPS is skipped with a message on
     stderr and no certificate is written.
 
-Prints "ready" (flushed) once every listener is bound, so the lab can wait
-for it instead of sleeping. Stops cleanly on SIGTERM/SIGINT.
+The sockets are bound with IP_FREEBIND/IPV6_FREEBIND, so the process may
+start before the namespace has the --host addresses (the lab starts it first
+thing, and openssl's RSA key is made while the rest of the lab is built).
+Prints "ready" (flushed) once every listener is bound and the certificate
+is made, so the lab can wait for it instead of sleeping. Stops cleanly on
+SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final, NamedTuple, cast
 
 #: Control and output files in the --control directory.
 HTTP_STATUS_FILE: Final = "http_status"
@@ -226,23 +230,38 @@ def make_http_handler(control: Path) -> Any:
 # HTTPS #######################################################################
 
 
-def make_tls_context(control: Path) -> ssl.SSLContext | None:
-    """Generate the self-signed certificate with openssl; None (and a message) without openssl."""
+def start_keygen(control: Path) -> subprocess.Popen[str] | None:
+    """Start openssl on the self-signed certificate; None (and a message) without openssl.
+
+    It runs while the sockets are bound (see finish_tls): the RSA key takes
+    0.1 to 0.3 s, the better part of the start.
+    """
     openssl = shutil.which("openssl")
     if openssl is None:
         print("services: openssl not found on PATH, HTTPS disabled", file=sys.stderr, flush=True)
         return None
-    cert, key = control / CERT_FILE, control / KEY_FILE
     argv = [
         openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
         "-subj", f"/CN={CERT_NAME}", "-addext", f"subjectAltName=DNS:{CERT_NAME}",
-        "-keyout", str(key), "-out", str(cert),
+        "-keyout", str(control / KEY_FILE), "-out", str(control / CERT_FILE),
     ]  # fmt: skip
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=OPENSSL_TIMEOUT_S, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"openssl failed (rc={proc.returncode}): {proc.stderr.strip()}")
+    return subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish_tls(keygen: subprocess.Popen[str], control: Path) -> ssl.SSLContext:
+    """Wait (bounded) for openssl; the server context with its certificate."""
+    try:
+        _, err = keygen.communicate(timeout=OPENSSL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        keygen.kill()
+        keygen.communicate()
+        raise RuntimeError(f"openssl took longer than {OPENSSL_TIMEOUT_S}s") from None
+    if keygen.returncode != 0:
+        raise RuntimeError(f"openssl failed (rc={keygen.returncode}): {err.strip()}")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
+    ctx.load_cert_chain(control / CERT_FILE, control / KEY_FILE)
     return ctx
 
 
@@ -301,7 +320,9 @@ def dns_reply(query: bytes, mode: str) -> bytes | None:
         if rdata is not None and qclass == QCLASS_IN:
             packed = ipaddress.ip_address(rdata).packed
             # Name: a pointer to the question's name at offset 12.
-            answers.append(b"\xc0\x0c" + struct.pack("!HHIH", qtype, QCLASS_IN, ANSWER_TTL, len(packed)) + packed)
+            answers.append(
+                b"\xc0\x0c" + struct.pack("!HHIH", qtype, QCLASS_IN, ANSWER_TTL, len(packed)) + packed
+            )
     header = DNS_HEADER.pack(qid, reply_flags | rcode, 1, len(answers), 0, 0)
     return header + question + b"".join(answers)
 
@@ -334,34 +355,76 @@ def _quiet_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str,
     loop.default_exception_handler(context)
 
 
-async def serve(hosts: Sequence[str], http_port: int, https_port: int, dns_port: int, control: Path) -> None:
+#: From linux/in.h and linux/in6.h (Python does not export them): bind to an
+#: address the namespace does not have yet.
+IP_FREEBIND: Final = 15
+IPV6_FREEBIND: Final = 78
+
+
+def bound_socket(host: str, port: int, kind: socket.SocketKind) -> socket.socket:
+    """A socket bound to host:port, even before host is assigned (FREEBIND).
+
+    So the lab can start this process as soon as inet exists, and the
+    certificate is made while the rest of the lab is built.
+    """
+    v6 = ipaddress.ip_address(host).version == 6
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Sockets(NamedTuple):
+    http: list[socket.socket]
+    https: list[socket.socket]
+    dns: list[socket.socket]
+
+
+def bind_all(hosts: Sequence[str], http_port: int, https_port: int | None, dns_port: int) -> Sockets:
+    """Every listening socket; HTTPS ones only if https_port is not None."""
+    sockets = Sockets([], [], [])
+    try:
+        for host in hosts:
+            sockets.http.append(bound_socket(host, http_port, socket.SOCK_STREAM))
+            if https_port is not None:
+                sockets.https.append(bound_socket(host, https_port, socket.SOCK_STREAM))
+            sockets.dns.append(bound_socket(host, dns_port, socket.SOCK_DGRAM))
+    except BaseException:
+        for sock in (*sockets.http, *sockets.https, *sockets.dns):
+            sock.close()
+        raise
+    return sockets
+
+
+async def serve(sockets: Sockets, tls: ssl.SSLContext | None, control: Path) -> None:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_exception_handler)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    tls = make_tls_context(control)
     handler = make_http_handler(control)
     servers: list[asyncio.AbstractServer] = []
     transports: list[asyncio.BaseTransport] = []
     try:
-        for host in hosts:
-            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        for sock in sockets.http:
+            servers.append(await asyncio.start_server(handler, sock=sock, limit=MAX_HEAD_BYTES))
+        for sock in sockets.https:
             servers.append(
                 await asyncio.start_server(
-                    handler, host, http_port, family=family, reuse_address=True, limit=MAX_HEAD_BYTES
+                    handler, sock=sock, limit=MAX_HEAD_BYTES, ssl=tls, ssl_handshake_timeout=REQUEST_TIMEOUT_S
                 )
             )
-            if tls is not None:
-                servers.append(
-                    await asyncio.start_server(
-                        handler, host, https_port, family=family, reuse_address=True,
-                        limit=MAX_HEAD_BYTES, ssl=tls, ssl_handshake_timeout=REQUEST_TIMEOUT_S,
-                    )
-                )  # fmt: skip
-            udp, _ = await loop.create_datagram_endpoint(
-                lambda: DnsServer(control), local_addr=(host, dns_port), family=family
-            )
+        for sock in sockets.dns:
+            udp, _ = await loop.create_datagram_endpoint(lambda: DnsServer(control), sock=sock)
             transports.append(udp)
         print("ready", flush=True)
         await stop.wait()
@@ -401,7 +464,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--host must be an IP address, got {host!r}")
     if not args.control.is_dir():
         parser.error(f"--control {args.control} is not a directory")
-    asyncio.run(serve(args.host, args.http_port, args.https_port, args.dns_port, args.control))
+    keygen = start_keygen(args.control)
+    try:
+        https_port = args.https_port if keygen is not None else None
+        sockets = bind_all(args.host, args.http_port, https_port, args.dns_port)
+        tls = finish_tls(keygen, args.control) if keygen is not None else None
+    finally:
+        if keygen is not None and keygen.poll() is None:
+            keygen.kill()
+            keygen.wait()
+    asyncio.run(serve(sockets, tls, args.control))
     return 0
 
 
