@@ -2278,6 +2278,14 @@ class Agent:
         now = loop_now()
         for uplink in config.uplinks:
             interface = self.interfaces.get(uplink.interface)
+            before = self.runtime[uplink.name].interface
+            if before is not None and interface is not None:
+                renumbered = _describe_renumbering(uplink, before, interface)
+                if renumbered:
+                    # DHCP/RA renewed with new values: the plan below rebuilds the
+                    # uplink's table and rules in this same reconcile.
+                    log.info("uplink=%s renumbered: %s", uplink.name, renumbered)
+                    self._status_forced = True
             self.runtime[uplink.name].interface = interface
             health, transitions = observe_link(
                 self.healths[uplink.name], link_observation(uplink, interface), now
@@ -2651,6 +2659,18 @@ def _probe_detail(probe: ProbeResult) -> str:
     if probe.ok and probe.rtt_ms is not None:
         return f"{probe.rtt_ms:.1f}ms"
     return probe.reason
+
+
+def _describe_renumbering(uplink: UplinkConfig, before: Interface, after: Interface) -> str:
+    """'address 203.0.113.6 -> 203.0.113.10, gateway ...' for what changed, or ''."""
+    fields = (
+        ("ifindex", before.index, after.index),
+        ("address", before.address, after.address),
+        ("gateway", uplink_gateway(uplink, before, 4), uplink_gateway(uplink, after, 4)),
+        ("address6", before.address6, after.address6),
+        ("gateway6", uplink_gateway(uplink, before, 6), uplink_gateway(uplink, after, 6)),
+    )
+    return ", ".join(f"{name} {old} -> {new}" for name, old, new in fields if old != new and old and new)
 
 
 def loop_now() -> float:

@@ -13,6 +13,10 @@ per-run prefix ``mwt<pid>-<n>-``)::
 
     inet lo: 198.18.1.1, 198.18.1.2 (probe targets), 198.18.1.10 (echo server :8080)
 
+198.18.1.10 and 2001:db8:ffff::10 also run lab_tools/services.py: HTTP :80,
+HTTPS :443 (self-signed for check.example) and DNS :53 over UDP, steered
+with set_http_status() and set_dns_mode() (see "Services in inet" below).
+
 IPv6 runs alongside (dual stack; every address is added with ``nodad`` and
 DAD is switched off, so nothing waits for duplicate address detection)::
 
@@ -48,7 +52,6 @@ import ipaddress
 import itertools
 import json
 import os
-import re
 import selectors
 import shutil
 import signal

@@ -344,7 +344,11 @@ def test_missing_capabilities() -> None:
 
 
 def test_reload_refuses_moved_ids() -> None:
-    text = '[check]\ntargets = ["198.18.1.1"]\n[[uplink]]\nname = "a"\ninterface = "w0"\n[[uplink]]\nname = "b"\ninterface = "w1"\n'
+    text = (
+        '[check]\ntargets = ["198.18.1.1"]\n'
+        '[[uplink]]\nname = "a"\ninterface = "w0"\n'
+        '[[uplink]]\nname = "b"\ninterface = "w1"\n'
+    )
     old = mwa.parse_config(text, "t")
     new = mwa.parse_config(text.split('[[uplink]]\nname = "b"')[0].replace('name = "a"', 'name = "b"'), "t")
     assert mwa.Agent._reload_problem(old, old) is None
