@@ -805,10 +805,6 @@ def observe_round(
     if not health.link_usable:
         # A round that was in flight when the link went away says nothing new.
         return health, []
-    if result.started_at <= health.last_round_at:
-        # With timeout >= interval rounds overlap; a failure that times out
-        # after a newer round answered must not reset that newer evidence.
-        return health, []
     sample = RoundSample(
         len(result.probes),
         result.answered,
@@ -818,6 +814,11 @@ def observe_round(
     # it back: the failure that took it down says nothing about it once up.
     earlier = health.samples if health.state is not State.DOWN or result.ok else ()
     samples = (earlier + (sample,))[-check.window :]
+    if result.started_at <= health.last_round_at:
+        # With timeout >= interval rounds overlap; a failure that times out
+        # after a newer round answered must not reset that newer evidence,
+        # but its losses still count in the window (dropping them would hide loss).
+        return dataclasses.replace(health, samples=samples), []
     rtt = result.rtt_ms  # None when nothing answered: a down uplink shows no stale RTT
     good, bad = (health.good_rounds + 1, 0) if result.ok else (0, health.bad_rounds + 1)
     judged, problem = quality_problem(samples, check)

@@ -355,3 +355,10 @@ def test_reload_refuses_moved_ids() -> None:
     assert "table/mark would change from 202/0x200 to 201/0x100" in (
         mwa.Agent._reload_problem(old, new) or ""
     )
+
+
+def test_a_stale_round_still_counts_in_the_quality_window() -> None:
+    health = mwa.Health("fibre", state=mwa.State.UP)
+    health, _ = mwa.observe_round(health, round_(True, at=2.0), CHECK, 2.001)
+    health, _ = mwa.observe_round(health, round_(False, at=1.0), CHECK, 2.002)
+    assert health.loss_pct == 50.0 and health.bad_rounds == 0
