@@ -814,19 +814,29 @@ def observe_round(
     # it back: the failure that took it down says nothing about it once up.
     earlier = health.samples if health.state is not State.DOWN or result.ok else ()
     samples = (earlier + (sample,))[-check.window :]
-    if result.started_at <= health.last_round_at:
-        # With timeout >= interval rounds overlap; a failure that times out
-        # after a newer round answered must not reset that newer evidence,
-        # but its losses still count in the window (dropping them would hide loss).
-        return dataclasses.replace(health, samples=samples), []
-    rtt = result.rtt_ms  # None when nothing answered: a down uplink shows no stale RTT
-    good, bad = (health.good_rounds + 1, 0) if result.ok else (0, health.bad_rounds + 1)
+    # With timeout >= interval rounds overlap, and a round that lost a probe
+    # completes (at its timeout) after the next one answered. Such a stale
+    # round must not reset the newer reachability evidence, but its losses
+    # count in the window, and the window is judged on every round: judging
+    # only fresh rounds would let loss itself slow its own detection.
+    stale = result.started_at <= health.last_round_at
+    if stale:
+        good, bad, rtt, last_round_at = (
+            health.good_rounds,
+            health.bad_rounds,
+            health.rtt_ms,
+            health.last_round_at,
+        )
+    else:
+        good, bad = (health.good_rounds + 1, 0) if result.ok else (0, health.bad_rounds + 1)
+        rtt = result.rtt_ms  # None when nothing answered: a down uplink shows no stale RTT
+        last_round_at = result.started_at
     judged, problem = quality_problem(samples, check)
     good_q, bad_q = health.good_quality, health.bad_quality
     if judged:
         good_q, bad_q = (0, bad_q + 1) if problem else (good_q + 1, 0)
     failure = health.failure
-    if not result.ok and result.gateway_ok is not None:
+    if not stale and not result.ok and result.gateway_ok is not None:
         failure = "gateway" if result.gateway_ok is False else "upstream"
     updated = dataclasses.replace(
         health,
@@ -837,7 +847,7 @@ def observe_round(
         rtt_ms=rtt,
         samples=samples,
         failure=failure,
-        last_round_at=result.started_at,
+        last_round_at=last_round_at,
     )
     state = health.state
     if state is not State.DOWN and bad >= check.fall:
