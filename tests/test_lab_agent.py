@@ -244,8 +244,9 @@ def test_interface_vanishes_and_returns(lab: Lab, tmp_path: Path) -> None:
     agent = start(lab, tmp_path)
     agent.wait_state("lte", "up")
     lab.ip("isp2", "link", "del", "cpe")  # takes the router's wan1 with it
-    status = agent.wait_state("lte", "down", timeout=2)
-    assert status["uplinks"]["lte"]["reason"] == "interface wan1 is gone"
+    # The kernel tells it in steps (routes, addresses, then the link); the reason follows them.
+    agent.wait_for(lambda s: s["uplinks"]["lte"]["reason"] == "interface wan1 is gone", 2, "lte gone")
+    assert agent.status()["uplinks"]["lte"]["state"] == "down"  # type: ignore[index]
     rules = lab.ip("router", "rule", "show")
     assert LTE_IP not in rules  # no stale source rule
     # re-create it (new ifindex), as a USB modem or PPP session would be
@@ -301,8 +302,8 @@ def test_address_loss_is_down_at_once_and_return_rises_again(lab: Lab, tmp_path:
     agent = start(lab, tmp_path)
     agent.wait_state("lte", "up")
     lab.ip("router", "addr", "del", "203.0.113.6/30", "dev", "wan1")
-    status = agent.wait_state("lte", "down", timeout=2)
-    assert status["uplinks"]["lte"]["reason"] == "no IPv4 address on wan1"
+    agent.wait_for(lambda s: s["uplinks"]["lte"]["reason"] == "no IPv4 address on wan1", 2, "no address")
+    assert agent.status()["uplinks"]["lte"]["state"] == "down"  # type: ignore[index]
     assert LTE_IP not in lab.ip("router", "rule", "show")
     lab.ip("router", "addr", "add", "203.0.113.6/30", "dev", "wan1")
     # the kernel removed main's DHCP route with the address; a DHCP client would put it back
