@@ -1794,13 +1794,13 @@ class NetlinkWorker:
         self._executor.shutdown(wait=True)
 
 
-def nl_interfaces(ipr: Any, protocol: int) -> dict[str, Interface]:
+def nl_interfaces(ipr: Any, protocol: int, families: Sequence[int] = FAMILIES) -> dict[str, Interface]:
     """Links, their addresses and main's foreign default routes (DHCP, RA), by name."""
     links: dict[int, tuple[str, int]] = {}
     for msg in ipr.get_links():
         links[msg["index"]] = (msg.get_attr("IFLA_IFNAME"), msg["flags"])
     addresses: dict[int, dict[int, str]] = {4: {}, 6: {}}
-    for family in FAMILIES:
+    for family in families:
         for msg in ipr.get_addr(family=ADDRESS_FAMILY[family]):
             index = msg["index"]
             if index in addresses[family]:
@@ -1815,7 +1815,7 @@ def nl_interfaces(ipr: Any, protocol: int) -> dict[str, Interface]:
             if address:
                 addresses[family][index] = address
     gateways: dict[int, dict[int, tuple[int, str]]] = {4: {}, 6: {}}
-    for family in FAMILIES:
+    for family in families:
         for msg in ipr.get_routes(family=ADDRESS_FAMILY[family], table=RT_TABLE_MAIN):
             if msg["dst_len"] != 0 or msg["proto"] == protocol or _route_table(msg) != RT_TABLE_MAIN:
                 continue
@@ -1845,9 +1845,9 @@ def _route_table(msg: Any) -> int:
     return int(table if table is not None else msg["table"])
 
 
-def nl_rules(ipr: Any) -> list[RuleEntry]:
+def nl_rules(ipr: Any, families: Sequence[int] = FAMILIES) -> list[RuleEntry]:
     entries: list[RuleEntry] = []
-    for family in FAMILIES:
+    for family in families:
         for msg in ipr.get_rules(family=ADDRESS_FAMILY[family]):
             table = msg.get_attr("FRA_TABLE")
             suppress = msg.get_attr("FRA_SUPPRESS_PREFIXLEN")
@@ -1868,10 +1868,12 @@ def nl_rules(ipr: Any) -> list[RuleEntry]:
     return entries
 
 
-def nl_default_routes(ipr: Any, tables: Iterable[int], defaults_only: bool = True) -> list[RouteEntry]:
+def nl_default_routes(
+    ipr: Any, tables: Iterable[int], defaults_only: bool = True, families: Sequence[int] = FAMILIES
+) -> list[RouteEntry]:
     """Default routes in these tables (or every route, for the collision check)."""
     entries: list[RouteEntry] = []
-    for family in FAMILIES:
+    for family in families:
         for table in sorted(set(tables)):
             for msg in ipr.get_routes(family=ADDRESS_FAMILY[family], table=table):
                 if (defaults_only and msg["dst_len"] != 0) or _route_table(msg) != table:
@@ -2104,6 +2106,8 @@ class Agent:
         self._retry_delay_s = 0.0
         self._retry_at: float | None = None
         self._dry_run_changes: list[Change] = []
+        #: The selected default routes as last installed, per family (for the fast path).
+        self._applied_defaults: dict[int, RouteSpec] = {}
         self._started_ok = False
 
     # -- lifecycle ----------------------------------------------------------
@@ -2159,6 +2163,12 @@ class Agent:
                 )
             self.healths[uplink.name] = health
             self.runtime[uplink.name] = UplinkRuntime(uplink)
+        names = {iface.index: name for name, iface in self.interfaces.items()}
+        for route in routes:
+            # What the selection table holds now: the fast path must not re-send it (no flap).
+            if route.table == config.agent.default_table and route.oif in names:
+                spec = RouteSpec(route.table, names[route.oif], route.gateway, route.family)
+                self._applied_defaults[route.family] = spec
         for family, name in adopted.items():
             self.selected[family] = name
             log.info(
@@ -2285,7 +2295,8 @@ class Agent:
         protocol = config.agent.route_protocol
         if self._sync_links:
             self._sync_links = False
-            self.interfaces = await self._netlink.call(nl_interfaces, protocol)
+            # Only the families configured: a dump less on the path of every failover.
+            self.interfaces = await self._netlink.call(nl_interfaces, protocol, config.families)
         now = loop_now()
         for uplink in config.uplinks:
             interface = self.interfaces.get(uplink.interface)
@@ -2321,9 +2332,21 @@ class Agent:
         self._wake_at = min(wakes) if wakes else None
 
         plan = plan_network(config, self.interfaces, self.selected)
-        rules = await self._netlink.call(nl_rules)
-        routes = await self._netlink.call(nl_default_routes, self.managed_tables)
         indexes = {name: iface.index for name, iface in self.interfaces.items()}
+        if not self.dry_run:
+            # Fast path: a new selection is one replace, sent before the
+            # verifying dumps below (which then find it in place).
+            urgent = [
+                Change("replace_route", route=route)
+                for route in plan.default_routes
+                if self._applied_defaults.get(route.family) != route
+            ]
+            if urgent:
+                for change in urgent:
+                    log.info("netlink: %s", change.describe())
+                self._report_apply_failures(await self._netlink.call(nl_apply, urgent, indexes, protocol))
+        rules = await self._netlink.call(nl_rules, config.families)
+        routes = await self._netlink.call(nl_default_routes, self.managed_tables, True, config.families)
         changes = diff_network(config, plan, rules, routes, indexes, self.managed_tables)
         if self.dry_run:
             if changes != self._dry_run_changes:  # say it once, not on every sync
@@ -2335,6 +2358,8 @@ class Agent:
                 log.info("netlink: %s", change.describe())
             failed = await self._netlink.call(nl_apply, changes, indexes, protocol)
             self._report_apply_failures(failed)
+        if not self.dry_run:
+            self._applied_defaults = {route.family: route for route in plan.default_routes}
         if self._status_forced:
             self._status_forced = False
             self._status_dirty = False
@@ -2429,8 +2454,8 @@ class Agent:
         return None
 
     async def _collisions(self, config: Config) -> list[str]:
-        rules = await self._netlink.call(nl_rules)
-        routes = await self._netlink.call(nl_default_routes, config.tables, False)
+        rules = await self._netlink.call(nl_rules, config.families)
+        routes = await self._netlink.call(nl_default_routes, config.tables, False, config.families)
         return find_collisions(config, rules, routes)
 
     def _swap_config(self, new: Config) -> None:

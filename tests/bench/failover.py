@@ -212,7 +212,7 @@ def main() -> int:
     print(
         f"{'idle (2 uplinks x 2 targets)':<34} cpu {idle_cpu_pct:.2f}% of one core over {idle_s:g}s, "
         f"rss {rss / 1024:.1f} MiB (peak {hwm / 1024:.1f} MiB)   bound <2%, <60 MB   "
-        f"{'PASS' if idle_cpu_pct < 2 and rss < 60 * 1000 else 'FAIL'}"
+        f"{'PASS' if idle_cpu_pct < 2 and rss * 1024 < 60_000_000 else 'FAIL'}"
     )
     if args.json:
         Path(args.json).write_text(
