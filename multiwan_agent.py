@@ -961,7 +961,10 @@ def select(
             return Decision(None, "no uplink is up yet", stranded=True)
         return Decision(current, f"no uplink is up; keeping {current}", stranded=True)
     if current is not None and current not in order:
-        why_leave = f"{current} cannot carry this traffic now"
+        gone = current not in healths or healths[current].state is State.UP
+        why_leave = (
+            f"{current} cannot carry this traffic now" if gone else f"{current} is {state(current).value}"
+        )
         current = None
     else:
         why_leave = "first uplink up" if current is None else f"{current} is {state(current).value}"
