@@ -414,8 +414,12 @@ def _read_check(reader: _Reader | None, base: CheckConfig) -> CheckConfig:
         values["tls_verify"] = reader.boolean("tls_verify")
     if reader.has("query_name"):
         name = reader.string("query_name").rstrip(".")
-        labels = name.split(".")
-        if not name or len(name) > 253 or any(not 0 < len(label) <= 63 for label in labels):
+        try:
+            encoded = name.encode("idna")
+        except UnicodeError:
+            encoded = b""
+        labels = encoded.split(b".")
+        if not encoded or len(encoded) > 253 or any(not 0 < len(label) <= 63 for label in labels):
             raise reader.error("query_name", 'a DNS name such as "example.com"', name)
         values["query_name"] = name
     if reader.has("query_type"):
@@ -888,14 +892,17 @@ def observe_link(health: Health, link: LinkObservation, now: float) -> tuple[Hea
 def _transition(
     health: Health, state: State, reason: str, now: float, recovered: bool = False
 ) -> tuple[Health, list[Transition]]:
+    # Between up and degraded reachability did not change: a run of failed
+    # rounds that started while degraded still counts towards down.
+    reachability_changed = (state is State.DOWN) != (health.state is State.DOWN)
     updated = dataclasses.replace(
         health,
         state=state,
         since=now,
         reason=reason,
         recovered=recovered,
-        good_rounds=0,
-        bad_rounds=0,
+        good_rounds=0 if reachability_changed else health.good_rounds,
+        bad_rounds=0 if reachability_changed else health.bad_rounds,
         good_quality=0,
         bad_quality=0,
     )
@@ -1256,7 +1263,9 @@ def diff_network(
     # The selection table's default is never deleted here: with nothing to
     # select we keep the last route (see select()).
     for family in FAMILIES:
-        keep = {t for f, t in wanted_tables if f == family} | {config.agent.default_table}
+        keep = {t for f, t in wanted_tables if f == family}
+        if family in config.families:
+            keep.add(config.agent.default_table)
         for table in sorted(set(managed_tables)):
             if (family, table) in ours and table not in keep:
                 changes.append(Change("del_route", table=table, family=family))
@@ -1491,8 +1500,20 @@ async def _bound_connection(interface: str, source: str, target: str, port: int)
     return sock
 
 
+def tls_context(check: CheckConfig) -> Any:
+    """The TLS context for a check's https probes. Building one reads the whole CA
+    bundle (tens of ms): do it once per prober, in a thread, not per probe."""
+    import ssl
+
+    context = ssl.create_default_context()
+    if not check.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 async def http_probe(
-    interface: str, source: str, target: str, check: CheckConfig, method: Method
+    interface: str, source: str, target: str, check: CheckConfig, method: Method, context: Any = None
 ) -> ProbeResult:
     """GET `url` from the target address; the status must be one we expect (a portal's 302 is not)."""
     import ssl
@@ -1508,14 +1529,14 @@ async def http_probe(
     async def exchange() -> int:
         nonlocal writer
         sock = await _bound_connection(interface, source, target, check.port_for(method))
-        context: ssl.SSLContext | None = None
-        if method is Method.HTTPS:
-            context = ssl.create_default_context()
-            if not check.tls_verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
+        if method is Method.HTTPS and context is None:
+            raise ValueError("no TLS context")
+        if method is Method.HTTP:
+            tls = None
+        else:
+            tls = context
         reader, writer = await asyncio.open_connection(
-            sock=sock, ssl=context, server_hostname=host if context else None
+            sock=sock, ssl=tls, server_hostname=host if tls else None
         )
         host_header = url.netloc.rsplit("@", 1)[-1]
         writer.write(
@@ -1553,7 +1574,8 @@ async def http_probe(
 
 def dns_query(query_id: int, name: str, query_type: str) -> bytes:
     """A recursive query for one name (RFC 1035 4.1)."""
-    question = b"".join(bytes([len(label)]) + label.encode("idna") for label in name.split(".")) + b"\0"
+    labels = name.encode("idna").split(b".")
+    question = b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
     return (
         struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0)
         + question
@@ -1642,6 +1664,9 @@ class UplinkProber:
         self._echo: dict[int, IcmpEcho] = {}
         self._seq = 0
         self._rounds: set[asyncio.Task[None]] = set()
+        self._tls: Any = None
+        #: Gateways that have answered a ping since the prober started.
+        self._gateway_answered: set[str] = set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1677,21 +1702,35 @@ class UplinkProber:
         loop = asyncio.get_running_loop()
         check = self.uplink.check
         started = loop.time()
-        jobs = [self._probe(m, t, seq, source) for m in check.methods for t in check.targets]
+        if Method.HTTPS in check.methods and self._tls is None:
+            self._tls = await loop.run_in_executor(None, tls_context, check)
+        # Only targets of a family the uplink can route now: an IPv4-only LTE
+        # stick in a dual-stack config is judged on its IPv4 answers.
+        targets = [t for t in check.targets if source.for_target(t) is not None]
+        jobs = [self._probe(m, t, seq, source) for m in check.methods for t in targets]
+        names = [(t, m) for m in check.methods for t in targets]
         gateways = self._gateways(source) if check.gateway_check else []
-        jobs += [self._ping_gateway(g, seq, source) for g in gateways]
+        # A gateway that is also a target is answered by that probe (one ICMP id/seq slot each).
+        pinged = [g for g in gateways if not (Method.ICMP in check.methods and g in targets)]
+        jobs += [self._ping_gateway(g, seq, source) for g in pinged]
+        names += [(g, Method.ICMP) for g in pinged]
         # A probe that raises (icmplib's errors are no OSError; a socket that
         # cannot be opened) is a failed probe, never a lost round.
         outcomes = await asyncio.gather(*jobs, return_exceptions=True)
-        names = [(t, m) for m in check.methods for t in check.targets] + [(g, Method.ICMP) for g in gateways]
         results = [
             outcome
             if isinstance(outcome, ProbeResult)
             else ProbeResult(name, False, reason=f"error: {outcome}", method=method)
             for outcome, (name, method) in zip(outcomes, names, strict=True)
         ]
-        probes = tuple(results[: len(results) - len(gateways)])
-        gateway_results = results[len(results) - len(gateways) :]
+        probes = tuple(results[: len(results) - len(pinged)])
+        answers = {r.target: r.ok for r in results[len(results) - len(pinged) :]}
+        answers.update({p.target: p.ok for p in probes if p.method is Method.ICMP and p.target in gateways})
+        for gateway, ok in answers.items():
+            if ok:
+                self._gateway_answered.add(gateway)
+        # Blame the gateway only if it answered pings before: many drop ICMP.
+        judged = [ok for g, ok in answers.items() if g in self._gateway_answered]
         self._deliver(
             RoundResult(
                 self.uplink.name,
@@ -1700,7 +1739,7 @@ class UplinkProber:
                 probes,
                 check.reliability,
                 gateway=", ".join(gateways) or None,
-                gateway_ok=any(g.ok for g in gateway_results) if gateway_results else None,
+                gateway_ok=any(judged) if judged else None,
             )
         )
 
@@ -1748,7 +1787,7 @@ class UplinkProber:
             assert check.port is not None
             return await tcp_probe(interface, address, target, check.port, check.timeout_s)
         if method in (Method.HTTP, Method.HTTPS):
-            return await http_probe(interface, address, target, check, method)
+            return await http_probe(interface, address, target, check, method, self._tls)
         if method is Method.DNS:
             return await dns_probe(interface, address, target, check)
         echo = self._echo_for(family, source)
@@ -1785,7 +1824,18 @@ class NetlinkWorker:
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(self._ipr(), *args))
+        return await loop.run_in_executor(self._executor, lambda: self._with_retry(fn, *args))
+
+    def _with_retry(self, fn: Callable[..., T], *args: Any) -> T:
+        # A dump that raced a change is interrupted (pyroute2's
+        # NetlinkDumpInterrupted); it is safe to ask again.
+        for attempt in range(3):
+            try:
+                return fn(self._ipr(), *args)
+            except Exception as err:
+                if type(err).__name__ != "NetlinkDumpInterrupted" or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         def _close() -> None:
@@ -2154,11 +2204,12 @@ class Agent:
         adopted = self._adoptable(routes)
         for uplink in config.uplinks:
             health = initial_health(uplink, now)
-            if uplink.name in adopted.values():
+            failed_before = previous.get(uplink.name) in ("failed", "proving")
+            if uplink.name in adopted.values() and not failed_before:
                 health = dataclasses.replace(
                     health, state=State.UP, reason="adopted the route a previous run left"
                 )
-            elif previous.get(uplink.name) in ("down", "degraded", "proving"):
+            elif failed_before:
                 # It failed before the restart, or was still proving itself:
                 # it owes the hysteresis again (a restart must not shortcut it).
                 health = dataclasses.replace(
@@ -2344,24 +2395,27 @@ class Agent:
                 for route in plan.default_routes
                 if self._applied_defaults.get(route.family) != route
             ]
+            failed: list[tuple[Change, str]] = []
             if urgent:
                 for change in urgent:
                     log.info("netlink: %s", change.describe())
-                self._report_apply_failures(await self._netlink.call(nl_apply, urgent, indexes, protocol))
-        rules = await self._netlink.call(nl_rules, config.families)
-        routes = await self._netlink.call(nl_default_routes, self.managed_tables, True, config.families)
+                failed += await self._netlink.call(nl_apply, urgent, indexes, protocol)
+        # Every family here: objects of a family a reload dropped must go too.
+        rules = await self._netlink.call(nl_rules)
+        routes = await self._netlink.call(nl_default_routes, self.managed_tables)
         changes = diff_network(config, plan, rules, routes, indexes, self.managed_tables)
         if self.dry_run:
             if changes != self._dry_run_changes:  # say it once, not on every sync
                 for change in changes:
                     log.info("dry-run: would %s", change.describe())
                 self._dry_run_changes = changes
-        elif changes:
+        else:
             for change in changes:
                 log.info("netlink: %s", change.describe())
-            failed = await self._netlink.call(nl_apply, changes, indexes, protocol)
+            if changes:
+                failed += await self._netlink.call(nl_apply, changes, indexes, protocol)
+            # Once per reconcile, failures or not: a retry that finds nothing to do ends the back-off.
             self._report_apply_failures(failed)
-        if not self.dry_run:
             self._applied_defaults = {route.family: route for route in plan.default_routes}
         if self._status_forced:
             self._status_forced = False
@@ -2421,6 +2475,16 @@ class Agent:
     # -- reload -------------------------------------------------------------
 
     async def reload(self) -> None:
+        """SIGHUP. A task boundary too: whatever fails, the running config stays in service."""
+        try:
+            await self._reload()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("reload failed; the running config stays in service")
+            self.notifier.send("READY=1")
+
+    async def _reload(self) -> None:
         self.notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             new = load_config(self.config.source)
@@ -2530,10 +2594,11 @@ class Agent:
                 return None
             interface = runtime.interface
             uplink = runtime.uplink
+            # A family the uplink cannot route now (no address, no gateway) is not probed.
             return ProbeSource(
                 interface.index,
-                interface.address,
-                interface.address6,
+                interface.address if routable(uplink, interface, 4) else None,
+                interface.address6 if routable(uplink, interface, 6) else None,
                 uplink_gateway(uplink, interface, 4),
                 uplink_gateway(uplink, interface, 6),
             )
@@ -2612,6 +2677,7 @@ class Agent:
                 "bad_rounds": health.bad_rounds,
                 # came back from a failure: owes the hysteresis before traffic returns
                 "recovered": health.recovered,
+                "has_failed": health.has_failed,
             }
         return {
             "version": 1,
@@ -2652,7 +2718,9 @@ class Agent:
             for name, u in document.get("uplinks", {}).items():
                 state = str(u.get("state"))
                 proving_until = float(u.get("since", 0)) + self.config.agent.hysteresis_s
-                if state == "up" and u.get("recovered") and time.time() < proving_until:
+                if state in ("down", "degraded") and u.get("has_failed", True):
+                    state = "failed"  # not merely "not yet confirmed"
+                elif state == "up" and u.get("recovered") and time.time() < proving_until:
                     state = "proving"
                 states[name] = state
             return states

@@ -203,3 +203,29 @@ def test_an_uplink_that_is_not_ready_is_not_probed_and_says_why(lab: Lab, tmp_pa
     assert spare["ready"] is False and spare["ready_reason"] == "interface wan9 is gone"
     assert spare["state"] == "down" and spare["rtt_ms"] is None and spare["window_rounds"] == 0
     assert "uplink=spare round=" not in agent.log()
+
+
+def test_a_family_the_uplink_lacks_is_not_probed(lab: Lab, tmp_path: Path) -> None:
+    """Dual-stack targets, and lte loses its IPv6: it stays up for IPv4."""
+    dual = 'targets = ["198.18.1.1", "2001:db8:ffff::1"]'
+    config = lab_config(tmp_path / "state").replace('targets = ["198.18.1.1", "198.18.1.2"]', dual)
+    agent = AgentProcess(lab, tmp_path, config)
+    both_up(agent)
+    lab.ip("router", "-6", "addr", "del", "2001:db8:2::2/64", "dev", "wan1")
+    lab.silent_drop("isp1", True)
+    status = agent.wait_selected("lte", timeout=5)  # IPv4 moves to lte, which still answers on IPv4
+    assert status["uplinks"]["lte"]["state"] == "up"
+    assert status["families"]["ipv6"]["selected"] == "fibre"  # nothing else can carry IPv6
+    assert lab.connect_once() == LTE_IP
+
+
+def test_a_target_that_is_the_gateway_answers(lab: Lab, tmp_path: Path) -> None:
+    """The gateway check and a probe to the same address share nothing that could collide."""
+    config = lab_config(tmp_path / "state").replace(
+        "priority = 2\n", 'priority = 2\n[uplink.check]\ntargets = ["203.0.113.5"]\n'
+    )
+    agent = AgentProcess(lab, tmp_path, config)
+    both_up(agent)
+    lab.gateway_dead("isp2", True)
+    status = agent.wait_state("lte", "down", timeout=5)
+    assert status["uplinks"]["lte"]["failure"] == "gateway"

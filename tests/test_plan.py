@@ -260,3 +260,40 @@ def test_parse_icmp_echo_reply_and_errors() -> None:
     request = _ip_header("198.51.100.10", "203.0.113.2") + struct.pack("!BBHHH", 8, 0, 0, 1, 1)
     assert mwa._parse_icmp(request) is None
     assert mwa._parse_icmp(b"\x45" + b"\0" * 10) is None
+
+
+def test_dns_query_encodes_international_names() -> None:
+    query = mwa.dns_query(0x1234, "bücher.example", "AAAA")
+    labels = b"".join(bytes([len(x)]) + x for x in b"xn--bcher-kva.example".split(b"."))
+    assert query == struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + labels + b"\0" + struct.pack(
+        "!HH", 28, 1
+    )
+    assert mwa.dns_rcode(struct.pack("!HHHHHH", 0x1234, 0x8183, 1, 0, 0, 0), 0x1234) == 3
+    assert mwa.dns_rcode(struct.pack("!HHHHHH", 0x9999, 0x8180, 1, 0, 0, 0), 0x1234) is None
+
+
+def test_a_reload_dropping_a_family_removes_its_objects() -> None:
+    plan = mwa.plan_network(DUAL, DUAL_IFACES, {4: "fibre", 6: "fibre"})
+    indexes = {n: i.index for n, i in DUAL_IFACES.items()}
+    rules = [
+        mwa.RuleEntry(
+            r.priority, r.table, P, r.fwmark, r.fwmask, r.source, r.oifname, r.suppress_prefixlength, r.family
+        )
+        for r in plan.rules
+    ]
+    routes = [
+        mwa.RouteEntry(r.table, indexes[r.interface], r.gateway, P, r.family)
+        for r in plan.default_routes + plan.uplink_routes
+    ]
+    v4_only = mwa.parse_config(
+        '[check]\ntargets = ["198.18.1.1"]\n[[uplink]]\nname = "fibre"\ninterface = "wan0"\n'
+        '[[uplink]]\nname = "lte"\ninterface = "wan1"\npriority = 2\n'
+        '[[uplink]]\nname = "v4only"\ninterface = "wan2"\npriority = 3\n',
+        "t",
+    )
+    changes = mwa.diff_network(
+        v4_only, mwa.plan_network(v4_only, DUAL_IFACES, {4: "fibre"}), rules, routes, indexes, DUAL.tables
+    )
+    assert {c.kind for c in changes if (c.rule or c.route or c).family == 6} == {"del_rule", "del_route"}
+    assert any(c.kind == "del_route" and c.family == 6 and c.table == 200 for c in changes)
+    assert all((c.rule or c.route or c).family == 6 for c in changes)
