@@ -2061,6 +2061,94 @@ class NetlinkEvents:
         self._sock.close()
 
 
+# nftables ####################################################################
+#
+# The agent's own table, `inet multiwan`, holds what routing rules cannot:
+# connection stickiness. A new connection is marked (ct mark) with the uplink
+# it actually leaves through; later packets of it in the original direction
+# get that mark back (meta mark), and the fwmark rules send them through that
+# uplink's table whatever the current default is. Replies are never marked, so
+# they route normally towards the LAN. The table is always written whole in
+# one `nft -f` transaction, and no other table is ever touched.
+
+NFT_TABLE: Final = "inet multiwan"
+#: NFNLGRP_NFTABLES: every nftables change, also another firewall's `flush ruleset`.
+NFNLGRP_NFTABLES: Final = 7
+NETLINK_NETFILTER: Final = 12
+
+
+def render_nft(config: Config) -> str:
+    """The whole table, as one transaction that replaces whatever version is live."""
+    mask = f"{config.agent.mark_mask:#x}"
+    marks = ", ".join(f'"{u.interface}" : {u.mark:#x}' for u in config.uplinks)
+    restore = f"ct direction original ct mark and {mask} != 0 meta mark set ct mark and {mask}"
+    return (
+        f"add table {NFT_TABLE}\n"
+        f"delete table {NFT_TABLE}\n"
+        f"table {NFT_TABLE} {{\n"
+        "\tmap uplink_mark {\n"
+        "\t\ttypeof oifname : meta mark\n"
+        f"\t\telements = {{ {marks} }}\n"
+        "\t}\n"
+        "\tchain prerouting {\n"
+        "\t\ttype filter hook prerouting priority mangle; policy accept;\n"
+        f"\t\t{restore}\n"
+        "\t}\n"
+        "\tchain output {\n"
+        "\t\ttype route hook output priority mangle; policy accept;\n"
+        f"\t\t{restore}\n"
+        "\t}\n"
+        "\tchain postrouting {\n"
+        "\t\ttype filter hook postrouting priority mangle; policy accept;\n"
+        f"\t\tct mark and {mask} == 0 ct mark set oifname map @uplink_mark\n"
+        "\t}\n"
+        "}\n"
+    )
+
+
+async def nft_run(*args: str, script: str | None = None) -> tuple[int, str]:
+    """Run the nft CLI (present wherever nftables is); (exit code, stderr)."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "nft",
+            *args,
+            stdin=asyncio.subprocess.PIPE if script is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as err:
+        return 127, str(err)
+    _, stderr = await proc.communicate(script.encode() if script is not None else None)
+    return proc.returncode or 0, stderr.decode(errors="replace").strip()
+
+
+class NftEvents:
+    """Wakes the daemon on any nftables change (NFNLGRP_NFTABLES), to notice a flushed table."""
+
+    def __init__(self, on_event: Callable[[], None]) -> None:
+        self._on_event = on_event
+        self._sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
+        )
+        self._sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        for _ in range(256):
+            try:
+                self._sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+        self._on_event()
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
 # Status and systemd ##########################################################
 
 
@@ -2159,6 +2247,10 @@ class Agent:
         self._retry_delay_s = 0.0
         self._retry_at: float | None = None
         self._dry_run_changes: list[Change] = []
+        self._nft_events: NftEvents | None = None
+        self._nft_wanted = asyncio.Event()
+        self._nft_installed = False
+        self._nft_script = ""
         #: The selected default routes as last installed, per family (for the fast path).
         self._applied_defaults: dict[int, RouteSpec] = {}
         self._started_ok = False
@@ -2173,6 +2265,7 @@ class Agent:
             self.notifier.send("READY=1\nSTATUS=" + self.summary())
             self._tasks.append(asyncio.ensure_future(self._sync_loop()))
             self._tasks.append(asyncio.ensure_future(self._status_loop()))
+            self._tasks.append(asyncio.ensure_future(self._nft_loop()))
             if self.notifier.watchdog_s:
                 self._tasks.append(asyncio.ensure_future(self._watchdog_loop(self.notifier.watchdog_s)))
             self._start_probers()
@@ -2233,6 +2326,7 @@ class Agent:
         self._log_effective_config()
         self._events = NetlinkEvents(self._request_sync)
         await self._sync()
+        await self._install_nft("start")
         self._started_ok = True
 
     async def _shutdown(self) -> None:
@@ -2245,11 +2339,18 @@ class Agent:
         await asyncio.gather(*pending, return_exceptions=True)
         if self._events is not None:
             self._events.close()
+        if self._nft_events is not None:
+            self._nft_events.close()
         if self.cleanup and not self.dry_run and self._started_ok:
             try:
                 done = await self._netlink.call(nl_remove_own, self.config, self.managed_tables)
                 for line in done:
                     log.info("cleanup: %s", line)
+                code, error = await nft_run("delete", "table", *NFT_TABLE.split())
+                if code == 0:
+                    log.info("cleanup: deleted nft table %s", NFT_TABLE)
+                elif self._nft_installed:
+                    log.warning("cleanup: cannot delete nft table %s: %s", NFT_TABLE, error)
                 log.info("cleanup: removed %d objects of the agent; nothing else was touched", len(done))
             except Exception:
                 log.exception("cleanup failed")
@@ -2556,6 +2657,7 @@ class Agent:
         self._log_effective_config()
         self._start_probers()
         self._status_forced = True
+        self._nft_wanted.set()  # the table follows the config (marks, interfaces)
 
     # -- helpers ------------------------------------------------------------
 
@@ -2604,6 +2706,53 @@ class Agent:
             )
 
         return source
+
+    async def _install_nft(self, why: str) -> None:
+        """Write the whole table in one transaction; an error is logged, routing works on."""
+        script = render_nft(self.config)
+        if self.dry_run:
+            if script != self._nft_script:
+                log.info("dry-run: would install nft table %s (connection stickiness)", NFT_TABLE)
+            self._nft_script = script
+            return
+        code, error = await nft_run("-f", "-", script=script)
+        if code != 0:
+            if self._nft_installed or self._nft_script != script or why == "start":
+                log.error(
+                    "nft: cannot install table %s (%s): %s; connections will not stick to their uplink",
+                    NFT_TABLE,
+                    why,
+                    error,
+                )
+            self._nft_installed = False
+        else:
+            log.info("nft: installed table %s (%s)", NFT_TABLE, why)
+            self._nft_installed = True
+        self._nft_script = script
+
+    async def _nft_loop(self) -> None:
+        """Keep our table installed: another firewall's full reload (`nft flush ruleset`) removes it."""
+        try:
+            self._nft_events = NftEvents(self._nft_wanted.set)
+        except OSError as err:
+            log.warning("nft: no change events (%s); checking every %.0fs", err, RESYNC_PERIOD_S)
+        while True:
+            try:
+                await asyncio.wait_for(self._nft_wanted.wait(), RESYNC_PERIOD_S)
+            except asyncio.TimeoutError:
+                pass
+            self._nft_wanted.clear()
+            if self.dry_run:
+                continue
+            if render_nft(self.config) != self._nft_script:
+                await self._install_nft("config changed")
+                continue
+            code, _ = await nft_run("list", "table", *NFT_TABLE.split())
+            if code != 0:
+                why = "it was removed, e.g. by another firewall's reload" if self._nft_installed else "retry"
+                if self._nft_installed:
+                    log.warning("nft: table %s is gone; re-installing", NFT_TABLE)
+                await self._install_nft(why)
 
     async def _status_loop(self) -> None:
         while True:
@@ -2844,6 +2993,8 @@ def describe_plan(config: Config) -> str:
                 via = f"via {route.gateway}" if route.gateway else "scope link"
                 lines.append(f"  default {via} dev {route.interface} table {route.table}")
         lines.append(f"  default via <selected uplink> table {agent.default_table}")
+    lines += ["", f"nft table {NFT_TABLE} (one transaction; connection stickiness):"]
+    lines += ["  " + line for line in render_nft(config).splitlines()]
     return "\n".join(lines)
 
 

@@ -297,3 +297,14 @@ def test_a_reload_dropping_a_family_removes_its_objects() -> None:
     assert {c.kind for c in changes if (c.rule or c.route or c).family == 6} == {"del_rule", "del_route"}
     assert any(c.kind == "del_route" and c.family == 6 and c.table == 200 for c in changes)
     assert all((c.rule or c.route or c).family == 6 for c in changes)
+
+
+def test_nft_table_is_one_replacing_transaction_with_stickiness() -> None:
+    script = mwa.render_nft(CONFIG)
+    lines = script.splitlines()
+    assert lines[:3] == ["add table inet multiwan", "delete table inet multiwan", "table inet multiwan {"]
+    assert '"wan0" : 0x100, "wan1" : 0x200, "wg0" : 0x300' in script
+    restore = "ct direction original ct mark and 0xff00 != 0 meta mark set ct mark and 0xff00"
+    assert script.count(restore) == 2  # forwarded (prerouting) and the router's own (output)
+    assert "ct mark and 0xff00 == 0 ct mark set oifname map @uplink_mark" in script
+    assert "inet multiwan" in mwa.describe_plan(CONFIG)

@@ -1,0 +1,93 @@
+"""Connections that survive a switch: connmark stickiness through the agent's nft table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from agent_proc import AgentProcess, lab_config
+from lab import LAB_TOOLS, SERVER_IP, SERVER_PORT, Lab
+
+pytestmark = pytest.mark.lab
+
+FIBRE_IP = "203.0.113.2"
+LTE_IP = "203.0.113.6"
+
+
+def hold(lab: Lab, seconds: float) -> subprocess.Popen[str]:
+    proc = lab.popen(
+        "lan",
+        [
+            sys.executable,
+            str(LAB_TOOLS / "holder.py"),
+            "--host",
+            SERVER_IP,
+            "--port",
+            str(SERVER_PORT),
+            "--duration-s",
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return proc
+
+
+def conntrack_count(lab: Lab) -> int:
+    out = lab.run("router", "conntrack", "-C", check=False).stdout.strip()
+    return int(out) if out.isdigit() else 0
+
+
+def failover_to_lte(lab: Lab, agent: AgentProcess) -> None:
+    lab.silent_drop("isp1", True)
+    agent.wait_selected("lte", timeout=5)
+
+
+def test_a_connection_opened_on_the_backup_lives_through_the_failback(lab: Lab, tmp_path: Path) -> None:
+    agent = AgentProcess(lab, tmp_path, lab_config(tmp_path / "state", hysteresis="500ms"))
+    agent.wait_log("nft: installed table inet multiwan")
+    agent.wait_selected("fibre")
+    failover_to_lte(lab, agent)
+    holder = hold(lab, 6)
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == f"# source {LTE_IP}"
+    lab.silent_drop("isp1", False)
+    agent.wait_selected("fibre", timeout=5)
+    before = conntrack_count(lab)
+    assert lab.connect_once() == FIBRE_IP  # new connections take the preferred uplink again
+    time.sleep(1.0)  # the held connection keeps talking after the switch
+    holder.terminate()
+    lines = holder.stdout.read().splitlines()
+    holder.wait(timeout=5)
+    exchanges = [line.split() for line in lines if line and not line.startswith("#")]
+    assert len(exchanges) >= 10, lines
+    assert all(words[1] == "ok" for words in exchanges), lines  # zero failed round trips
+    assert conntrack_count(lab) >= before > 0  # no flush by any switch
+
+
+def test_the_table_comes_back_after_another_firewalls_full_reload(lab: Lab, tmp_path: Path) -> None:
+    agent = AgentProcess(lab, tmp_path, lab_config(tmp_path / "state", hysteresis="500ms"))
+    agent.wait_log("nft: installed table inet multiwan")
+    agent.wait_selected("fibre")
+    # Another firewall reloads: flush everything, then put its own rules back.
+    labnat = lab.run("router", "nft", "list", "table", "ip", "labnat").stdout
+    lab.nft("router", "flush ruleset\n" + labnat)
+    t0 = time.monotonic()
+    while lab.run("router", "nft", "list", "table", "inet", "multiwan", check=False).returncode != 0:
+        assert time.monotonic() - t0 < 1.0, "not re-installed within one probe interval"
+        time.sleep(0.01)
+    agent.wait_log("nft: table inet multiwan is gone; re-installing")
+    # and stickiness works again
+    failover_to_lte(lab, agent)
+    holder = hold(lab, 4)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == f"# source {LTE_IP}"
+    lab.silent_drop("isp1", False)
+    agent.wait_selected("fibre", timeout=5)
+    time.sleep(0.5)
+    holder.terminate()
+    lines = holder.stdout.read().splitlines()
+    holder.wait(timeout=5)
+    assert all(line.split()[1] == "ok" for line in lines if line and not line.startswith("#")), lines
