@@ -203,6 +203,9 @@ class UplinkConfig:
     gateway6: str = "auto"
     #: What to assume before the first rounds: "down" (prove it first) or "up".
     initial_state: str = "down"
+    #: Masquerade what leaves through this uplink (the agent's NAT), except to these destinations.
+    nat: bool = False
+    nat_exclude: tuple[str, ...] = ()
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -539,6 +542,19 @@ def parse_config(text: str, source: str) -> Config:
         gateway = _read_gateway(reader, "gateway", "auto", 4)
         # A point-to-point uplink is point-to-point in both families unless told otherwise.
         gateway6 = _read_gateway(reader, "gateway6", "none" if gateway == "none" else "auto", 6)
+        nat = reader.boolean("nat") if reader.has("nat") else False
+        nat_exclude: list[str] = []
+        if reader.has("nat_exclude"):
+            raw_exclude = reader.raw("nat_exclude")
+            if not isinstance(raw_exclude, list):
+                raise reader.error("nat_exclude", 'an array of networks such as "10.0.0.0/8"', raw_exclude)
+            for i, network in enumerate(raw_exclude):
+                try:
+                    nat_exclude.append(str(ipaddress.ip_network(network, strict=False)))
+                except (TypeError, ValueError):
+                    raise reader.error(
+                        f"nat_exclude[{i}]", 'a network such as "10.0.0.0/8"', network
+                    ) from None
         initial_state = reader.string("initial_state", "down")
         if initial_state not in ("up", "down"):
             raise reader.error("initial_state", '"up" or "down"', initial_state)
@@ -574,6 +590,8 @@ def parse_config(text: str, source: str) -> Config:
                 check=check,
                 gateway6=gateway6,
                 initial_state=initial_state,
+                nat=nat,
+                nat_exclude=tuple(nat_exclude),
             )
         )
     root.finish()
@@ -2102,8 +2120,27 @@ def render_nft(config: Config) -> str:
         "\t\ttype filter hook postrouting priority mangle; policy accept;\n"
         f"\t\tct mark and {mask} == 0 ct mark set oifname map @uplink_mark\n"
         "\t}\n"
+        f"{_render_nat(config)}"
         "}\n"
     )
+
+
+def _render_nat(config: Config) -> str:
+    """Masquerade on the uplinks with `nat = true`, but not towards their `nat_exclude`."""
+    rules: list[str] = []
+    for uplink in config.uplinks:
+        if not uplink.nat:
+            continue
+        oif = f'oifname "{uplink.interface}"'
+        for family, keyword in ((4, "ip"), (6, "ip6")):
+            nets = [n for n in uplink.nat_exclude if ipaddress.ip_network(n).version == family]
+            if nets:
+                rules.append(f"{oif} {keyword} daddr {{ {', '.join(nets)} }} return")
+        rules.append(f"{oif} masquerade")
+    if not rules:
+        return ""
+    body = "".join(f"\t\t{rule}\n" for rule in rules)
+    return f"\tchain nat {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{body}\t}}\n"
 
 
 async def nft_run(*args: str, script: str | None = None) -> tuple[int, str]:

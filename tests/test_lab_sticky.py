@@ -91,3 +91,27 @@ def test_the_table_comes_back_after_another_firewalls_full_reload(lab: Lab, tmp_
     lines = holder.stdout.read().splitlines()
     holder.wait(timeout=5)
     assert all(line.split()[1] == "ok" for line in lines if line and not line.startswith("#")), lines
+
+
+def test_nat_follows_the_path_and_excluded_destinations_are_not_natted(lab: Lab, tmp_path: Path) -> None:
+    lab.run("router", "nft", "delete", "table", "ip", "labnat")  # the agent does NAT now
+    assert lab.connect_once(timeout=0.5) is None  # without NAT, the ISPs drop the LAN's source (BCP38)
+    config = (
+        lab_config(tmp_path / "state", hysteresis="300ms")
+        .replace("priority = 1\n", "priority = 1\nnat = true\n", 1)
+        .replace("priority = 2\n", "priority = 2\nnat = true\n", 1)
+    )
+    agent = AgentProcess(lab, tmp_path, config)
+    agent.wait_log("nft: installed table inet multiwan")
+    agent.wait_selected("fibre")
+    assert lab.connect_once() == FIBRE_IP
+    failover_to_lte(lab, agent)
+    assert lab.connect_once() == LTE_IP  # the next new connection leaves with the new uplink's address
+    agent.stop()
+    excluded = config.replace(
+        "priority = 2\nnat = true\n", 'priority = 2\nnat = true\nnat_exclude = ["198.18.1.10/32"]\n'
+    )
+    again = AgentProcess(lab, tmp_path, excluded, name="excluded")
+    again.wait_log("nft: installed table inet multiwan")
+    assert lab.connect_once(timeout=0.5) is None  # routed without NAT: isp2 drops the LAN source
+    assert lab.counter("isp2", "spoofed") > 0
