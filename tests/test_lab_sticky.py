@@ -54,9 +54,9 @@ def test_a_connection_opened_on_the_backup_lives_through_the_failback(lab: Lab, 
     holder = hold(lab, 6)
     assert holder.stdout is not None
     assert holder.stdout.readline().strip() == f"# source {LTE_IP}"
+    before = conntrack_count(lab)
     lab.silent_drop("isp1", False)
     agent.wait_selected("fibre", timeout=5)
-    before = conntrack_count(lab)
     assert lab.connect_once() == FIBRE_IP  # new connections take the preferred uplink again
     time.sleep(1.0)  # the held connection keeps talking after the switch
     holder.terminate()
@@ -65,7 +65,8 @@ def test_a_connection_opened_on_the_backup_lives_through_the_failback(lab: Lab, 
     exchanges = [line.split() for line in lines if line and not line.startswith("#")]
     assert len(exchanges) >= 10, lines
     assert all(words[1] == "ok" for words in exchanges), lines  # zero failed round trips
-    assert conntrack_count(lab) >= before > 0  # no flush by any switch
+    # No switch flushes conntrack (a flush would leave only the few entries made since).
+    assert before > 0 and conntrack_count(lab) > before // 2
 
 
 def test_the_table_comes_back_after_another_firewalls_full_reload(lab: Lab, tmp_path: Path) -> None:
@@ -90,7 +91,8 @@ def test_the_table_comes_back_after_another_firewalls_full_reload(lab: Lab, tmp_
     holder.terminate()
     lines = holder.stdout.read().splitlines()
     holder.wait(timeout=5)
-    assert all(line.split()[1] == "ok" for line in lines if line and not line.startswith("#")), lines
+    exchanges = [line.split() for line in lines if line and not line.startswith("#")]
+    assert len(exchanges) >= 5 and all(words[1] == "ok" for words in exchanges), lines
 
 
 def test_nat_follows_the_path_and_excluded_destinations_are_not_natted(lab: Lab, tmp_path: Path) -> None:
