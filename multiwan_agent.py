@@ -78,6 +78,8 @@ MAX_UPLINKS: Final = 29
 LOSS_WINDOW_PROBES: Final = 20
 #: Status metrics (rtt, loss) are rewritten at most this often; transitions at once.
 STATUS_METRICS_PERIOD_S: Final = 1.0
+#: How often status counts the tracked connections marked for each uplink (a conntrack dump).
+CONNTRACK_PERIOD_S: Final = 2.0
 #: A full netlink reconcile also runs this often, to repair what events missed.
 RESYNC_PERIOD_S: Final = 30.0
 
@@ -2021,6 +2023,21 @@ def _rule_args(rule: RuleSpec, protocol: int) -> dict[str, Any]:
     return args
 
 
+def nl_conntrack_counts(ipr: Any, marks: Mapping[str, int], mask: int) -> dict[str, int]:
+    """Tracked connections per uplink mark: read-only, filtered by the kernel (CTA_MARK_MASK)."""
+    del ipr  # conntrack lives on NETLINK_NETFILTER, not on the route socket
+    from pyroute2 import Conntrack
+
+    conntrack = Conntrack()
+    try:
+        return {
+            name: sum(1 for _ in conntrack.dump_entries(mark=mark, mark_mask=mask))
+            for name, mark in marks.items()
+        }
+    finally:
+        conntrack.close()
+
+
 def nl_remove_own(ipr: Any, config: Config, tables: Iterable[int]) -> list[str]:
     """--cleanup: our rules first (traffic falls back to main), then our routes."""
     done: list[str] = []
@@ -2285,6 +2302,9 @@ class Agent:
         self._retry_at: float | None = None
         self._dry_run_changes: list[Change] = []
         self._nft_events: NftEvents | None = None
+        #: Tracked connections marked for each uplink (None: conntrack not readable).
+        self._connections: dict[str, int] | None = None
+        self._conntrack_warned = False
         self._nft_wanted = asyncio.Event()
         self._nft_installed = False
         self._nft_script = ""
@@ -2792,11 +2812,30 @@ class Agent:
                 await self._install_nft(why)
 
     async def _status_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_count = loop.time()
         while True:
             await asyncio.sleep(STATUS_METRICS_PERIOD_S)
+            if loop.time() >= next_count:
+                next_count = loop.time() + CONNTRACK_PERIOD_S
+                await self._count_connections()
             if self._status_dirty:
                 self._status_dirty = False
                 self._write_status()
+
+    async def _count_connections(self) -> None:
+        marks = {u.name: u.mark for u in self.config.uplinks}
+        try:
+            counts = await self._netlink.call(nl_conntrack_counts, marks, self.config.agent.mark_mask)
+        except Exception as err:  # no nf_conntrack_netlink: status shows no counts
+            if self._connections is not None or not self._conntrack_warned:
+                log.info("conntrack counts unavailable: %s", err)
+                self._conntrack_warned = True
+            self._connections = None
+            return
+        if counts != self._connections:
+            self._connections = counts
+            self._status_dirty = True
 
     async def _watchdog_loop(self, watchdog_s: float) -> None:
         """WATCHDOG=1 only while both the event loop and the netlink worker answer."""
@@ -2864,6 +2903,8 @@ class Agent:
                 # came back from a failure: owes the hysteresis before traffic returns
                 "recovered": health.recovered,
                 "has_failed": health.has_failed,
+                # tracked connections that stick to this uplink (its connection mark)
+                "connections": None if self._connections is None else self._connections.get(uplink.name),
             }
         return {
             "version": 1,
@@ -3042,14 +3083,18 @@ def render_status(document: Mapping[str, Any]) -> str:
         head += "  [agent not running; last known state]"
     if document.get("stranded"):
         head += "  [NO UPLINK UP]"
-    lines = [head, f"{'uplink':<12} {'state':<8} {'for':>8} {'rtt':>9} {'loss':>6}  interface  reason"]
+    lines = [
+        head,
+        f"{'uplink':<12} {'state':<8} {'for':>8} {'rtt':>9} {'loss':>6} {'conns':>6}  interface  reason",
+    ]
     for name, u in document.get("uplinks", {}).items():
         age = now - float(u.get("since", now))
         rtt = "-" if u.get("rtt_ms") is None else f"{u['rtt_ms']:.1f}ms"
         loss = "-" if u.get("loss_pct") is None else f"{u['loss_pct']:.0f}%"
         mark = "*" if u.get("selected") else " "
+        conns = "-" if u.get("connections") is None else str(u["connections"])
         lines.append(
-            f"{mark}{name:<11} {u.get('state', '?'):<8} {_age(age):>8} {rtt:>9} {loss:>6}  "
+            f"{mark}{name:<11} {u.get('state', '?'):<8} {_age(age):>8} {rtt:>9} {loss:>6} {conns:>6}  "
             f"{u.get('interface', ''):<9}  {u.get('reason', '')}"
         )
     return "\n".join(lines)

@@ -51,9 +51,11 @@ def test_a_connection_opened_on_the_backup_lives_through_the_failback(lab: Lab, 
     agent.wait_log("nft: installed table inet multiwan")
     agent.wait_selected("fibre")
     failover_to_lte(lab, agent)
-    holder = hold(lab, 6)
+    holder = hold(lab, 10)
     assert holder.stdout is not None
     assert holder.stdout.readline().strip() == f"# source {LTE_IP}"
+    # status counts the tracked connections that stick to each uplink
+    agent.wait_for(lambda s: (s["uplinks"]["lte"]["connections"] or 0) >= 1, 6, "a connection on lte")
     before = conntrack_count(lab)
     lab.silent_drop("isp1", False)
     agent.wait_selected("fibre", timeout=5)
