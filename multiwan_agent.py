@@ -74,8 +74,6 @@ RULE_DEFAULT_OFFSET: Final = 99
 #: Per-group slots between the offsets above bound the number of uplinks.
 MAX_UPLINKS: Final = 29
 
-#: Probe outcomes kept per uplink for the loss figure in status.
-LOSS_WINDOW_PROBES: Final = 20
 #: Status metrics (rtt, loss) are rewritten at most this often; transitions at once.
 STATUS_METRICS_PERIOD_S: Final = 1.0
 #: How often status counts the tracked connections marked for each uplink (a conntrack dump).
@@ -117,7 +115,7 @@ DNS_TYPES: Final = {"A": 1, "AAAA": 28}
 DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-IFNAME_RE: Final = re.compile(r"^[^\s/:]{1,15}$")
+IFNAME_RE: Final = re.compile(rf"^[^\s/:]{{1,{IFNAME_MAX}}}$")
 
 
 # Errors ######################################################################
@@ -674,14 +672,11 @@ class RoundResult:
     @property
     def reason(self) -> str:
         """The failure reasons, most common first, e.g. 'timeout' or 'timeout, refused'."""
+        several_methods = len({p.method for p in self.probes}) > 1
         reasons: dict[str, int] = {}
         for probe in self.probes:
             if not probe.ok:
-                text = (
-                    probe.reason
-                    if len({p.method for p in self.probes}) == 1
-                    else f"{probe.method.value} {probe.reason}"
-                )
+                text = f"{probe.method.value} {probe.reason}" if several_methods else probe.reason
                 reasons[text] = reasons.get(text, 0) + 1
         return ", ".join(sorted(reasons, key=lambda r: -reasons[r])) or "ok"
 
@@ -1472,52 +1467,48 @@ class IcmpEcho:
                 waiter.set_result(ProbeResult(target, False, reason=f"{kind} (from {sender})"))
 
 
-async def tcp_probe(interface: str, source: str, target: str, port: int, timeout_s: float) -> ProbeResult:
-    """A TCP handshake through the interface; refused or reset counts as a failure."""
-    result = await _tcp_handshake(interface, source, target, port, timeout_s)
-    return dataclasses.replace(result, method=Method.TCP)
+def _bound_socket(interface: str, source: str, target: str, kind: socket.SocketKind) -> socket.socket:
+    """A non-blocking socket of the target's family, bound to the uplink's interface and address.
 
-
-async def _tcp_handshake(
-    interface: str, source: str, target: str, port: int, timeout_s: float
-) -> ProbeResult:
-    loop = asyncio.get_running_loop()
+    Every probe socket is made here, so no probe can leave by another path.
+    """
     family = ADDRESS_FAMILY[ipaddress.ip_address(target).version]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, kind)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
         sock.bind((source, 0))
-        started = loop.time()
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, (target, port)), timeout_s)
-        except asyncio.TimeoutError:
-            return ProbeResult(target, False, reason="timeout")
-        except ConnectionRefusedError:
-            return ProbeResult(target, False, reason="refused")
-        except OSError as err:
-            return ProbeResult(target, False, reason=f"error: {err.strerror or err}")
-        return ProbeResult(target, True, rtt_ms=(loop.time() - started) * 1000.0)
-    except OSError as err:
-        return ProbeResult(target, False, reason=f"error: {err.strerror or err}")
-    finally:
-        sock.close()
-
-
-async def _bound_connection(interface: str, source: str, target: str, port: int) -> socket.socket:
-    """A TCP socket bound to the interface and address, connected to target:port."""
-    loop = asyncio.get_running_loop()
-    family = ADDRESS_FAMILY[ipaddress.ip_address(target).version]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
-        sock.bind((source, 0))
-        await loop.sock_connect(sock, (target, port))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+async def _bound_connection(interface: str, source: str, target: str, port: int) -> socket.socket:
+    """A bound TCP socket, connected to target:port."""
+    sock = _bound_socket(interface, source, target, socket.SOCK_STREAM)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (target, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def tcp_probe(interface: str, source: str, target: str, port: int, timeout_s: float) -> ProbeResult:
+    """A TCP handshake through the interface; refused or reset counts as a failure."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        sock = await asyncio.wait_for(_bound_connection(interface, source, target, port), timeout_s)
+    except asyncio.TimeoutError:
+        return ProbeResult(target, False, reason="timeout", method=Method.TCP)
+    except ConnectionRefusedError:
+        return ProbeResult(target, False, reason="refused", method=Method.TCP)
+    except OSError as err:
+        return ProbeResult(target, False, reason=f"error: {err.strerror or err}", method=Method.TCP)
+    sock.close()
+    return ProbeResult(target, True, rtt_ms=(loop.time() - started) * 1000.0, method=Method.TCP)
 
 
 def tls_context(check: CheckConfig) -> Any:
@@ -1620,10 +1611,12 @@ async def dns_probe(interface: str, source: str, target: str, check: CheckConfig
     """Ask the target (a resolver) about `query_name`; a NOERROR answer is success."""
     loop = asyncio.get_running_loop()
     assert check.query_name is not None
-    family = ADDRESS_FAMILY[ipaddress.ip_address(target).version]
     query_id = int.from_bytes(os.urandom(2), "big")
-    sock = socket.socket(family, socket.SOCK_DGRAM)
     started = loop.time()
+    try:
+        sock = _bound_socket(interface, source, target, socket.SOCK_DGRAM)
+    except OSError as err:
+        return ProbeResult(target, False, reason=f"error: {err.strerror or err}", method=Method.DNS)
 
     async def exchange() -> int:
         # A connected UDP socket only receives from the target; sock_recv works on Python 3.10.
@@ -1636,9 +1629,6 @@ async def dns_probe(interface: str, source: str, target: str, check: CheckConfig
         raise ValueError("no matching reply")
 
     try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
-        sock.bind((source, 0))
         rcode = await asyncio.wait_for(exchange(), check.timeout_s)
     except asyncio.TimeoutError:
         return ProbeResult(target, False, reason="timeout", method=Method.DNS)
