@@ -111,6 +111,12 @@ class AgentProcess:
     def wait_selected(self, name: str | None, timeout: float = 10.0) -> dict[str, Any]:
         return self.wait_for(lambda s: s.get("selected") == name, timeout, f"selected={name}")
 
+    def wait_both_up(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The lab's steady state: fibre selected and lte up as its backup."""
+        return self.wait_for(
+            lambda s: s["selected"] == "fibre" and s["uplinks"]["lte"]["state"] == "up", timeout, "both up"
+        )
+
     def wait_state(self, uplink: str, state: str, timeout: float = 10.0) -> dict[str, Any]:
         return self.wait_for(lambda s: s["uplinks"][uplink]["state"] == state, timeout, f"{uplink} {state}")
 

@@ -31,6 +31,12 @@ def dual_stack_config(state_dir: Path, **kw: object) -> str:
     return lab_config(state_dir, **kw).replace('targets = ["198.18.1.1", "198.18.1.2"]', DUAL_TARGETS)  # type: ignore[arg-type]
 
 
+def dhcp_default_wan1(lab: Lab, metric: int = 200) -> None:
+    """The default route a DHCP client puts in main for wan1 (again, after a change)."""
+    via = ["default", "via", "203.0.113.5", "dev", "wan1"]
+    lab.ip("router", "route", "add", *via, "proto", "dhcp", "metric", str(metric))
+
+
 def selected_route(lab: Lab) -> list[dict[str, object]]:
     return lab.default_routes("router", "200")
 
@@ -124,20 +130,7 @@ def test_probes_leave_through_their_own_uplink(lab: Lab, tmp_path: Path) -> None
 
 
 def test_dhcp_default_at_metric_0_does_not_beat_the_agent(lab: Lab, tmp_path: Path) -> None:
-    lab.ip(
-        "router",
-        "route",
-        "add",
-        "default",
-        "via",
-        "203.0.113.5",
-        "dev",
-        "wan1",
-        "proto",
-        "dhcp",
-        "metric",
-        "0",
-    )
+    dhcp_default_wan1(lab, metric=0)
     assert lab.connect_once() == LTE_IP  # without the agent, main's metric-0 route wins
     agent = start(lab, tmp_path)
     assert lab.connect_once() == FIBRE_IP
@@ -255,20 +248,7 @@ def test_interface_vanishes_and_returns(lab: Lab, tmp_path: Path) -> None:
     lab.ip("isp2", "link", "set", "cpe", "up")
     lab.ip("router", "addr", "add", "203.0.113.6/30", "dev", "wan1")
     lab.ip("router", "link", "set", "wan1", "up")
-    lab.ip(
-        "router",
-        "route",
-        "add",
-        "default",
-        "via",
-        "203.0.113.5",
-        "dev",
-        "wan1",
-        "proto",
-        "dhcp",
-        "metric",
-        "200",
-    )
+    dhcp_default_wan1(lab)
     agent.wait_state("lte", "up", timeout=5)
     assert f"from {LTE_IP} lookup 202" in lab.ip("router", "rule", "show")
     assert lab.default_routes("router", "202")[0]["dev"] == "wan1"
@@ -307,20 +287,7 @@ def test_address_loss_is_down_at_once_and_return_rises_again(lab: Lab, tmp_path:
     assert LTE_IP not in lab.ip("router", "rule", "show")
     lab.ip("router", "addr", "add", "203.0.113.6/30", "dev", "wan1")
     # the kernel removed main's DHCP route with the address; a DHCP client would put it back
-    lab.ip(
-        "router",
-        "route",
-        "add",
-        "default",
-        "via",
-        "203.0.113.5",
-        "dev",
-        "wan1",
-        "proto",
-        "dhcp",
-        "metric",
-        "200",
-    )
+    dhcp_default_wan1(lab)
     status = agent.wait_state("lte", "up", timeout=5)
     assert status["uplinks"]["lte"]["reason"] == "3 consecutive good rounds"
     assert f"from {LTE_IP} lookup 202" in lab.ip("router", "rule", "show")
@@ -370,7 +337,7 @@ def test_ipv6_probes_leave_through_their_own_uplink(lab: Lab, tmp_path: Path) ->
         .replace("priority = 2\n", 'priority = 2\n[uplink.check]\ntargets = ["2001:db8:ffff::2"]\n')
     )
     agent = AgentProcess(lab, tmp_path, config)
-    agent.wait_for(lambda s: s["selected"] == "fibre" and s["uplinks"]["lte"]["state"] == "up", 10, "both up")
+    agent.wait_both_up()
     names = [(isp, t) for isp in ("isp1", "isp2") for t in ("t1_6", "t2_6")]
     before = {k: lab.counter(*k) for k in names}
     time.sleep(0.5)

@@ -21,17 +21,11 @@ def fibre_check(config: str, check: str) -> str:
     return config.replace("priority = 1\n", f"priority = 1\n[uplink.check]\n{check}\n", 1)
 
 
-def both_up(agent: AgentProcess, timeout: float = 10) -> None:
-    agent.wait_for(
-        lambda s: s["selected"] == "fibre" and s["uplinks"]["lte"]["state"] == "up", timeout, "both up"
-    )
-
-
 def test_loss_degrades_the_uplink_moves_traffic_and_returns_after_hysteresis(
     lab: Lab, tmp_path: Path
 ) -> None:
     agent = AgentProcess(lab, tmp_path, lab_config(tmp_path / "state", hysteresis="1s"))
-    both_up(agent)
+    agent.wait_both_up()
     agent.wait_for(lambda s: s["uplinks"]["fibre"]["window_rounds"] == 20, 5, "a full window")
     lab.loss("isp1", 30)
     status = agent.wait_state("fibre", "degraded", timeout=10)
@@ -48,7 +42,7 @@ def test_loss_degrades_the_uplink_moves_traffic_and_returns_after_hysteresis(
 
 def test_5_percent_loss_never_flaps_over_60_seconds(lab: Lab, tmp_path: Path) -> None:
     agent = AgentProcess(lab, tmp_path, lab_config(tmp_path / "state", interval="250ms", timeout="250ms"))
-    both_up(agent)
+    agent.wait_both_up()
     lab.loss("isp1", 5)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # bounded: 60 s
@@ -68,7 +62,7 @@ def test_http_check_fails_on_a_captive_portal_while_icmp_works(lab: Lab, tmp_pat
         'expect_status = 204\ntargets = ["198.18.1.10"]'
     )
     agent = AgentProcess(lab, tmp_path, fibre_check(lab_config(tmp_path / "state"), check))
-    both_up(agent)
+    agent.wait_both_up()
     assert lab.http_last_host() == "check.example"  # Host header from the URL, address from targets
     lab.set_http_status(302)
     status = agent.wait_state("fibre", "down", timeout=5)
@@ -91,7 +85,7 @@ def test_https_check_with_and_without_certificate_checks(lab: Lab, tmp_path: Pat
         lab_config(tmp_path / "state"), check + "\ntls_verify = false\nexpect_status = [204]"
     )
     agent = AgentProcess(lab, tmp_path, unverified)
-    both_up(agent)
+    agent.wait_both_up()
     agent.stop()
     # The lab's certificate is self-signed: with checks on, the uplink never comes up.
     verified = fibre_check(lab_config(tmp_path / "state"), check)
@@ -103,7 +97,7 @@ def test_https_check_with_and_without_certificate_checks(lab: Lab, tmp_path: Pat
 def test_dns_check_follows_the_resolver(lab: Lab, tmp_path: Path) -> None:
     check = 'method = "dns"\nquery_name = "example.com"\ntargets = ["198.18.1.10", "2001:db8:ffff::10"]'
     agent = AgentProcess(lab, tmp_path, fibre_check(lab_config(tmp_path / "state"), check))
-    both_up(agent)
+    agent.wait_both_up()
     lab.set_dns_mode("servfail")
     status = agent.wait_state("fibre", "down", timeout=5)
     assert "servfail" in status["uplinks"]["fibre"]["reason"]
@@ -116,7 +110,7 @@ def test_dns_check_follows_the_resolver(lab: Lab, tmp_path: Path) -> None:
 
 def test_gateway_check_tells_a_local_failure_from_an_upstream_one(lab: Lab, tmp_path: Path) -> None:
     agent = AgentProcess(lab, tmp_path, lab_config(tmp_path / "state"))
-    both_up(agent)
+    agent.wait_both_up()
     lab.gateway_dead("isp1", True)
     status = agent.wait_state("fibre", "down", timeout=5)
     fibre = status["uplinks"]["fibre"]
@@ -131,7 +125,7 @@ def test_gateway_check_tells_a_local_failure_from_an_upstream_one(lab: Lab, tmp_
 
 def test_renumbering_of_the_backup_is_followed_at_once(lab: Lab, tmp_path: Path) -> None:
     agent = AgentProcess(lab, tmp_path, lab_config(tmp_path / "state", hysteresis="300ms"))
-    both_up(agent)
+    agent.wait_both_up()
     lab.silent_drop("isp1", True)
     agent.wait_selected("lte", timeout=5)
     done = lab.renumber_isp2("203.0.113.10", "203.0.113.9")
@@ -168,7 +162,7 @@ def test_point_to_point_uplink_fails_over_and_back(lab: Lab, tmp_path: Path) -> 
         'interface = "wan1"\ngateway = "auto"', 'interface = "wan1"\ngateway = "none"'
     )
     agent = AgentProcess(lab, tmp_path, config)
-    both_up(agent)
+    agent.wait_both_up()
     assert lab.default_routes("router", "202")[0].get("gateway") is None
     lab.silent_drop("isp1", True)
     agent.wait_selected("lte", timeout=5)
@@ -198,7 +192,7 @@ def test_an_uplink_that_is_not_ready_is_not_probed_and_says_why(lab: Lab, tmp_pa
         '\n[[uplink]]\nname = "spare"\ninterface = "wan9"\npriority = 3\n'
     )
     agent = AgentProcess(lab, tmp_path, config)
-    both_up(agent)
+    agent.wait_both_up()
     spare = agent.status()["uplinks"]["spare"]  # type: ignore[index]
     assert spare["ready"] is False and spare["ready_reason"] == "interface wan9 is gone"
     assert spare["state"] == "down" and spare["rtt_ms"] is None and spare["window_rounds"] == 0
@@ -210,7 +204,7 @@ def test_a_family_the_uplink_lacks_is_not_probed(lab: Lab, tmp_path: Path) -> No
     dual = 'targets = ["198.18.1.1", "2001:db8:ffff::1"]'
     config = lab_config(tmp_path / "state").replace('targets = ["198.18.1.1", "198.18.1.2"]', dual)
     agent = AgentProcess(lab, tmp_path, config)
-    both_up(agent)
+    agent.wait_both_up()
     lab.ip("router", "-6", "addr", "del", "2001:db8:2::2/64", "dev", "wan1")
     lab.silent_drop("isp1", True)
     status = agent.wait_selected("lte", timeout=5)  # IPv4 moves to lte, which still answers on IPv4
@@ -225,7 +219,7 @@ def test_a_target_that_is_the_gateway_answers(lab: Lab, tmp_path: Path) -> None:
         "priority = 2\n", 'priority = 2\n[uplink.check]\ntargets = ["203.0.113.5"]\n'
     )
     agent = AgentProcess(lab, tmp_path, config)
-    both_up(agent)
+    agent.wait_both_up()
     lab.gateway_dead("isp2", True)
     status = agent.wait_state("lte", "down", timeout=5)
     assert status["uplinks"]["lte"]["failure"] == "gateway"

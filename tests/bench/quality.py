@@ -42,9 +42,7 @@ def loss30(runs: int, interval: float) -> list[float]:
             workdir = Path(tmp)
             config = lab_config(workdir / "state", interval=f"{interval}s", timeout=f"{interval}s", fall=FALL)
             agent = AgentProcess(lab, workdir, config)
-            agent.wait_for(
-                lambda s: s["selected"] == "fibre" and s["uplinks"]["lte"]["state"] == "up", 15, "up"
-            )
+            agent.wait_both_up(timeout=15)
             agent.wait_for(
                 lambda s: s["uplinks"]["fibre"]["window_rounds"] == WINDOW, WINDOW * interval + 10, "window"
             )
@@ -68,7 +66,7 @@ def loss5(seconds: float, interval: float) -> tuple[int, int]:
         agent = AgentProcess(
             lab, workdir, lab_config(workdir / "state", interval=f"{interval}s", timeout=f"{interval}s")
         )
-        agent.wait_for(lambda s: s["selected"] == "fibre" and s["uplinks"]["lte"]["state"] == "up", 15, "up")
+        agent.wait_both_up(timeout=15)
         before = agent.log()
         lab.loss("isp1", 5)
         time.sleep(seconds)
@@ -94,9 +92,7 @@ def renumber(runs: int) -> list[float]:
         with tempfile.TemporaryDirectory() as tmp, Lab() as lab:
             workdir = Path(tmp)
             agent = AgentProcess(lab, workdir, lab_config(workdir / "state", hysteresis="300ms"))
-            agent.wait_for(
-                lambda s: s["selected"] == "fibre" and s["uplinks"]["lte"]["state"] == "up", 15, "up"
-            )
+            agent.wait_both_up(timeout=15)
             lab.silent_drop("isp1", True)
             agent.wait_selected("lte", timeout=5)
             done = lab.renumber_isp2("203.0.113.10", "203.0.113.9")
