@@ -99,6 +99,9 @@ IFA_F_SECONDARY: Final = 0x01
 IFA_F_UNUSABLE6: Final = 0x40 | 0x08 | 0x20
 RT_SCOPE_UNIVERSE: Final = 0
 RT_TABLE_MAIN: Final = 254
+RTN_UNREACHABLE: Final = 7
+#: The metric our real defaults get (none is given; IPv6 makes 0 into 1024).
+DEFAULT_METRIC: Final = {4: 0, 6: 1024}
 NLMSG_HEADER: Final = struct.Struct("=IHHII")
 
 #: Address families, as the agent names them (4, 6), and their kernel constants.
@@ -109,6 +112,17 @@ ADDRESS_FAMILY: Final = {4: socket.AF_INET, 6: socket.AF_INET6}
 DEFAULT_DST: Final = {4: "0.0.0.0/0", 6: "::/0"}
 HOST_PREFIX: Final = {4: 32, 6: 128}
 
+#: When an uplink's marked connections are deleted from conntrack (never a flush).
+RELEASE_EVENTS: Final = ("on_down", "on_failback")
+#: How new connections of a balance group are spread: per connection, or per LAN host.
+STICKY_MODES: Final = ("connection", "source")
+#: What a policy's matching traffic does when none of its uplinks is usable.
+POLICY_FALLBACKS: Final = ("default", "drop")
+#: Protocols a policy may match, as nft spells them, and the families they exist in.
+POLICY_PROTOCOLS: Final = {"tcp": (4, 6), "udp": (4, 6), "icmp": (4,), "icmpv6": (6,)}
+#: The metric of the `unreachable default` in each uplink table: below every real default.
+UNREACHABLE_METRIC: Final = 0xFFFF0000
+
 #: DNS record types a dns probe may ask for, by their wire value.
 DNS_TYPES: Final = {"A": 1, "AAAA": 28}
 
@@ -116,6 +130,7 @@ DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 IFNAME_RE: Final = re.compile(rf"^[^\s/:]{{1,{IFNAME_MAX}}}$")
+PORT_RANGE_RE: Final = re.compile(r"^(\d{1,5})-(\d{1,5})$")
 
 
 # Errors ######################################################################
@@ -206,6 +221,10 @@ class UplinkConfig:
     #: Masquerade what leaves through this uplink (the agent's NAT), except to these destinations.
     nat: bool = False
     nat_exclude: tuple[str, ...] = ()
+    #: Share of new connections within its balance group (uplinks of one priority).
+    weight: int = 1
+    #: When its marked conntrack entries are deleted: a subset of RELEASE_EVENTS.
+    release_flows: frozenset[str] = frozenset()
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -223,6 +242,47 @@ class AgentConfig:
     rule_priority: int = 5000
     route_protocol: int = 240
     mark_mask: int = 0xFF00
+    #: "connection": each new connection is placed by weight; "source": each LAN host.
+    sticky: str = "connection"
+    #: With sticky = "source": a host idle this long is placed afresh.
+    sticky_timeout_s: float = 1800.0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyMatch:
+    """What a [[policy]] matches; empty fields match anything."""
+
+    protocol: str | None = None
+    src: tuple[str, ...] = ()
+    dst: tuple[str, ...] = ()
+    #: Ports and port ranges, as nft takes them ("5060", "10000-20000").
+    src_port: tuple[str, ...] = ()
+    dst_port: tuple[str, ...] = ()
+    iif: tuple[str, ...] = ()
+
+    def networks(self, key: str, family: int) -> tuple[str, ...]:
+        nets: tuple[str, ...] = getattr(self, key)
+        return tuple(n for n in nets if ipaddress.ip_network(n).version == family)
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The families this match can apply to (its addresses and protocol allow)."""
+        allowed = POLICY_PROTOCOLS.get(self.protocol or "", FAMILIES)
+        return tuple(
+            f
+            for f in allowed
+            if (not self.src or self.networks("src", f)) and (not self.dst or self.networks("dst", f))
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    name: str
+    match: PolicyMatch
+    #: In order of preference; only usable ones carry the traffic.
+    uplinks: tuple[str, ...]
+    #: "default": fall back to the normal selection; "drop": never leave through another uplink.
+    fallback: str = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +290,7 @@ class Config:
     source: str
     agent: AgentConfig
     uplinks: tuple[UplinkConfig, ...]
+    policies: tuple[PolicyConfig, ...] = ()
 
     def uplink(self, name: str) -> UplinkConfig:
         for uplink in self.uplinks:
@@ -315,6 +376,12 @@ class _Reader:
         if seconds < minimum_s:
             raise self.error(name, f"a duration of at least {format_duration(minimum_s)}", value)
         return seconds
+
+    def choice(self, name: str, options: Sequence[str], default: str) -> str:
+        value = self.string(name, default)
+        if value not in options:
+            raise self.error(name, " or ".join(f'"{o}"' for o in options), value)
+        return value
 
     def boolean(self, name: str) -> bool:
         value = self.raw(name)
@@ -510,6 +577,8 @@ def parse_config(text: str, source: str) -> Config:
             "route_protocol", defaults.route_protocol, FIRST_FREE_PROTOCOL, 255
         ),
         mark_mask=agent_reader.integer("mark_mask", defaults.mark_mask, 1, 0xFFFFFFFF),
+        sticky=agent_reader.choice("sticky", STICKY_MODES, defaults.sticky),
+        sticky_timeout_s=agent_reader.duration("sticky_timeout", defaults.sticky_timeout_s, minimum_s=1.0),
     )
     if agent.default_table in RESERVED_TABLES:
         raise agent_reader.error(
@@ -555,9 +624,9 @@ def parse_config(text: str, source: str) -> Config:
                     raise reader.error(
                         f"nat_exclude[{i}]", 'a network such as "10.0.0.0/8"', network
                     ) from None
-        initial_state = reader.string("initial_state", "down")
-        if initial_state not in ("up", "down"):
-            raise reader.error("initial_state", '"up" or "down"', initial_state)
+        initial_state = reader.choice("initial_state", ("up", "down"), "down")
+        weight = reader.integer("weight", 1, 1, 1000)
+        release_flows = _read_release_flows(reader)
         priority = reader.integer("priority", 1, 0, 1_000_000)
         table = reader.integer("table", agent.default_table + 1 + index, 1, 2**31 - 1)
         if table in RESERVED_TABLES or table == agent.default_table:
@@ -592,10 +661,153 @@ def parse_config(text: str, source: str) -> Config:
                 initial_state=initial_state,
                 nat=nat,
                 nat_exclude=tuple(nat_exclude),
+                weight=weight,
+                release_flows=release_flows,
             )
         )
+    policies = _read_policies(root, uplinks)
     root.finish()
-    return Config(source=source, agent=agent, uplinks=tuple(uplinks))
+    return Config(source=source, agent=agent, uplinks=tuple(uplinks), policies=policies)
+
+
+def _read_release_flows(reader: _Reader) -> frozenset[str]:
+    """`release_flows = "on_down"` or an array of RELEASE_EVENTS."""
+    if not reader.has("release_flows"):
+        return frozenset()
+    value = reader.raw("release_flows")
+    expected = " or ".join(f'"{e}"' for e in RELEASE_EVENTS) + ", or an array of them"
+    items = value if isinstance(value, list) else [value]
+    if not items or any(item not in RELEASE_EVENTS for item in items):
+        raise reader.error("release_flows", expected, value)
+    return frozenset(items)
+
+
+def _read_policies(root: _Reader, uplinks: Sequence[UplinkConfig]) -> tuple[PolicyConfig, ...]:
+    if not root.has("policy"):
+        return ()
+    raw_policies = root.raw("policy")
+    if not isinstance(raw_policies, list):
+        raise root.error("policy", "an array of [[policy]] tables", raw_policies)
+    families = {u.name: u.families for u in uplinks}
+    policies: list[PolicyConfig] = []
+    names: dict[str, int] = {}
+    for index, raw in enumerate(raw_policies):
+        path = f"policy[{index}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(root.source, path, f"expected a table, got {_show(raw)}")
+        reader = _Reader(root.source, path, raw)
+        name = reader.string("name")
+        if not NAME_RE.match(name):
+            raise reader.error("name", "letters, digits, '-' or '_' (at most 32)", name)
+        if name in names:
+            raise ConfigError(
+                root.source, f"{path}.name", f"{_show(name)} is already used by policy[{names[name]}]"
+            )
+        names[name] = index
+        match_reader = reader.sub("match")
+        if match_reader is None:
+            raise ConfigError(root.source, f"{path}.match", "is required")
+        match = _read_match(match_reader)
+        raw_uplinks = reader.raw("uplinks") if reader.has("uplinks") else None
+        if not isinstance(raw_uplinks, list) or not raw_uplinks:
+            raise ConfigError(
+                root.source,
+                f"{path}.uplinks",
+                f"expected a non-empty array of uplink names, got {_show(raw_uplinks)}",
+            )
+        for i, uplink_name in enumerate(raw_uplinks):
+            if uplink_name not in families:
+                known = ", ".join(f'"{n}"' for n in families)
+                raise reader.error(f"uplinks[{i}]", f"the name of an [[uplink]] ({known})", uplink_name)
+            if uplink_name in raw_uplinks[:i]:
+                raise ConfigError(
+                    root.source, f"{path}.uplinks[{i}]", f"{_show(uplink_name)} is listed twice"
+                )
+        if not match.families:
+            raise ConfigError(
+                root.source,
+                f"{path}.match",
+                "can never match: its addresses and protocol share no address family",
+            )
+        if not any(f in families[u] for u in raw_uplinks for f in match.families):
+            matched = "/".join(FAMILY_TITLE[f] for f in match.families)
+            raise ConfigError(
+                root.source,
+                f"{path}.uplinks",
+                f"none of these uplinks is checked for the {matched} traffic this policy matches",
+            )
+        fallback = reader.choice("fallback", POLICY_FALLBACKS, "default")
+        reader.finish()
+        policies.append(PolicyConfig(name, match, tuple(raw_uplinks), fallback))
+    return tuple(policies)
+
+
+def _read_match(reader: _Reader) -> PolicyMatch:
+    if not reader.table:
+        raise ConfigError(
+            reader.source, reader.path, "expected at least one of protocol, src, dst, src_port, dst_port, iif"
+        )
+    protocol = reader.choice("protocol", tuple(POLICY_PROTOCOLS), "tcp") if reader.has("protocol") else None
+    networks: dict[str, tuple[str, ...]] = {}
+    for key in ("src", "dst"):
+        expected = 'a network such as "192.0.2.0/24" or "2001:db8::/32"'
+        parsed: list[str] = []
+        for i, item in enumerate(_string_list(reader, key, expected)):
+            try:
+                parsed.append(str(ipaddress.ip_network(item, strict=False)))
+            except ValueError:
+                raise reader.error(f"{key}[{i}]", expected, item) from None
+        networks[key] = tuple(parsed)
+    ports: dict[str, tuple[str, ...]] = {}
+    for key in ("src_port", "dst_port"):
+        ports[key] = _read_ports(reader, key)
+        if ports[key] and protocol not in ("tcp", "udp"):
+            raise ConfigError(reader.source, reader.key(key), 'needs protocol = "tcp" or "udp"')
+    iif = _string_list(reader, "iif", "an interface name of at most 15 characters")
+    for i, name in enumerate(iif):
+        if not IFNAME_RE.match(name):
+            raise reader.error(f"iif[{i}]", "an interface name of at most 15 characters", name)
+    reader.finish()
+    return PolicyMatch(
+        protocol, networks["src"], networks["dst"], ports["src_port"], ports["dst_port"], tuple(iif)
+    )
+
+
+def _string_list(reader: _Reader, key: str, expected: str) -> list[str]:
+    """A string or an array of non-empty strings (absent: empty)."""
+    if not reader.has(key):
+        return []
+    value = reader.raw(key)
+    items = value if isinstance(value, list) else [value]
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item:
+            raise reader.error(f"{key}[{i}]" if isinstance(value, list) else key, expected, item)
+    if not items:
+        raise reader.error(key, f"{expected} (or an array of them)", value)
+    return items
+
+
+def _read_ports(reader: _Reader, key: str) -> tuple[str, ...]:
+    """Ports: 5060, "10000-20000", or an array of both."""
+    if not reader.has(key):
+        return ()
+    value = reader.raw(key)
+    items = value if isinstance(value, list) else [value]
+    expected = 'a port (1-65535) or a range such as "10000-20000"'
+    result: list[str] = []
+    for i, item in enumerate(items):
+        where = f"{key}[{i}]" if isinstance(value, list) else key
+        if isinstance(item, int) and not isinstance(item, bool) and 1 <= item <= 65535:
+            result.append(str(item))
+            continue
+        found = PORT_RANGE_RE.match(item) if isinstance(item, str) else None
+        low, high = (int(found[1]), int(found[2])) if found else (0, 0)
+        if not found or not 1 <= low < high <= 65535:
+            raise reader.error(where, expected, item)
+        result.append(f"{low}-{high}")
+    if not result:
+        raise reader.error(key, f"{expected}, or an array of them", value)
+    return tuple(result)
 
 
 def load_config(path: str) -> Config:
@@ -1013,6 +1225,90 @@ def select(
     return Decision(best, f"{best} is confirmed up and preferred over {current}")
 
 
+# Core: steering ##############################################################
+#
+# Beyond the selection table's one default route, new connections can be
+# spread over a balance group, and policies can pin some traffic to uplinks
+# of their own. Both are decided here, per family, and carried out by the nft
+# table (see "nftables").
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceGroup:
+    #: (uplink, weight), in config order; fewer than two: nothing to balance.
+    members: tuple[tuple[str, int], ...]
+    #: When a recovered uplink finishes its hysteresis and may join.
+    wake_at: float | None = None
+
+
+def balance_group(
+    healths: Mapping[str, Health],
+    candidates: Sequence[UplinkConfig],
+    selected: str | None,
+    hysteresis_s: float,
+    now: float,
+) -> BalanceGroup:
+    """The uplinks that share new connections with the selected one, by weight.
+
+    Those `up` at the selected uplink's priority. One that recovered from a
+    failure joins after `hysteresis_s` up, as a failback would. A degraded or
+    stranded selection balances nothing: it is a last resort.
+    """
+    by_name = {u.name: u for u in candidates}
+    if selected not in by_name or healths[selected].state is not State.UP:
+        return BalanceGroup(())
+    priority = by_name[selected].priority
+    members: list[tuple[str, int]] = []
+    waits: list[float] = []
+    for uplink in candidates:
+        health = healths.get(uplink.name)
+        if uplink.priority != priority or health is None or health.state is not State.UP:
+            continue
+        ready_at = health.since + hysteresis_s
+        if uplink.name != selected and health.recovered and now < ready_at:
+            waits.append(ready_at)
+            continue
+        members.append((uplink.name, uplink.weight))
+    return BalanceGroup(tuple(members) if len(members) > 1 else (), min(waits) if waits else None)
+
+
+def select_for_policy(
+    policy: PolicyConfig,
+    healths: Mapping[str, Health],
+    candidates: Sequence[UplinkConfig],
+    current: str | None,
+    hysteresis_s: float,
+    now: float,
+) -> Decision:
+    """The uplink a policy's traffic takes: `select` over its own list, in its order.
+
+    None when none of them is up or degraded: the fallback applies (the normal
+    selection, or a drop).
+    """
+    ranked = [
+        dataclasses.replace(u, priority=policy.uplinks.index(u.name))
+        for u in candidates
+        if u.name in policy.uplinks
+    ]
+    decision = select(healths, ranked, current, hysteresis_s, now)
+    if decision.stranded:
+        fallback = (
+            "its traffic is dropped" if policy.fallback == "drop" else "its traffic follows the default"
+        )
+        return Decision(None, f"none of {', '.join(policy.uplinks)} is usable; {fallback}", stranded=True)
+    return decision
+
+
+@dataclass(frozen=True, slots=True)
+class Steering:
+    """What the nft table does with new connections: balance groups and policy uplinks."""
+
+    #: Per family: the balance group's (uplink, weight), empty when there is none.
+    balance: Mapping[int, tuple[tuple[str, int], ...]] = dataclasses.field(default_factory=dict)
+    #: Per policy name and family: its uplink, or None for its fallback.
+    policies: Mapping[str, Mapping[int, str | None]] = dataclasses.field(default_factory=dict)
+
+
 # Core: route plan ############################################################
 
 
@@ -1046,6 +1342,14 @@ class RouteSpec:
     interface: str
     gateway: str | None  # None: point-to-point (scope link)
     family: int = 4
+    #: The uplink table's last resort (`unreachable default`, UNREACHABLE_METRIC; no interface).
+    unreachable: bool = False
+
+    def describe(self) -> str:
+        if self.unreachable:
+            return f"unreachable default metric {UNREACHABLE_METRIC} table {self.table}"
+        via = f"via {self.gateway}" if self.gateway else "scope link"
+        return f"default {via} dev {self.interface} table {self.table}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -1084,6 +1388,7 @@ class RouteEntry:
     gateway: str | None
     protocol: int
     family: int = 4
+    unreachable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1120,6 +1425,8 @@ class NetPlan:
     uplink_routes: tuple[RouteSpec, ...]
     rules: tuple[RuleSpec, ...]
     default_routes: tuple[RouteSpec, ...]
+    #: Each uplink table's `unreachable default`, below its real default.
+    unreachable_routes: tuple[RouteSpec, ...] = ()
 
 
 def uplink_gateway(uplink: UplinkConfig, interface: Interface | None, family: int = 4) -> str | None:
@@ -1172,13 +1479,15 @@ def plan_network(
     - `from ADDR lookup T`: traffic sourced from an uplink's address leaves by it;
     - `fwmark M/MASK lookup T`: marked traffic (policy, stickiness) uses it;
     - `lookup <default_table>`: everything else takes the selected uplink.
-    An empty table falls through, so at worst main's own default applies.
+    An empty selection table falls through, so at worst main's own default
+    applies; an uplink table never does (see its `unreachable` route).
     """
     agent = config.agent
     base = agent.rule_priority
     routes: list[RouteSpec] = []
     rules: list[RuleSpec] = []
     defaults: list[RouteSpec] = []
+    unreachable: list[RouteSpec] = []
     for family in config.families:
         rules.append(RuleSpec(base + RULE_MAIN_OFFSET, RT_TABLE_MAIN, suppress_prefixlength=0, family=family))
         for index, uplink in enumerate(config.uplinks):
@@ -1187,6 +1496,10 @@ def plan_network(
             interface = interfaces.get(uplink.interface)
             gateway = uplink_gateway(uplink, interface, family)
             spec = uplink.gateway if family == 4 else uplink.gateway6
+            # Once the interface is gone the table still answers: marked flows
+            # and sockets bound to the uplink get "unreachable" instead of
+            # leaking through another uplink with this one's source address.
+            unreachable.append(RouteSpec(uplink.table, "", None, family, unreachable=True))
             # The kernel keeps routes through a link without carrier; so do we
             # (the selection already moved away), and the table stays ready.
             if interface is not None and (spec == "none" or gateway is not None):
@@ -1213,7 +1526,12 @@ def plan_network(
                 )
             )
         rules.append(RuleSpec(base + RULE_DEFAULT_OFFSET, agent.default_table, family=family))
-    return NetPlan(tuple(routes), tuple(sorted(rules, key=lambda r: (r.family, r.priority))), tuple(defaults))
+    return NetPlan(
+        tuple(routes),
+        tuple(sorted(rules, key=lambda r: (r.family, r.priority))),
+        tuple(defaults),
+        tuple(unreachable),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -1225,17 +1543,19 @@ class Change:
     rule: RuleSpec | None = None
     table: int | None = None
     family: int = 4
+    #: del_route: the `unreachable` route rather than the uplink's real default.
+    unreachable: bool = False
 
     def describe(self) -> str:
         family = FAMILY_NAME[
             self.route.family if self.route else self.rule.family if self.rule else self.family
         ]
         if self.route is not None:
-            via = f"via {self.route.gateway}" if self.route.gateway else "scope link"
-            return f"{self.kind} {family} default {via} dev {self.route.interface} table {self.route.table}"
+            return f"{self.kind} {family} {self.route.describe()}"
         if self.rule is not None:
             return f"{self.kind} {family} {self.rule.describe()}"
-        return f"{self.kind} {family} default table {self.table}"
+        kind = "unreachable default" if self.unreachable else "default"
+        return f"{self.kind} {family} {kind} table {self.table}"
 
 
 def owns_rule(config: Config, rule: RuleEntry) -> bool:
@@ -1258,14 +1578,15 @@ def diff_network(
     and only objects carrying our protocol id in our ranges are ever removed.
     """
     protocol = config.agent.route_protocol
-    ours = {(r.family, r.table): r for r in routes if r.protocol == protocol}
+    ours = {(r.family, r.table, r.unreachable): r for r in routes if r.protocol == protocol}
     changes: list[Change] = []
-    wanted_tables: set[tuple[int, int]] = set()
+    wanted_routes: set[tuple[int, int, bool]] = set()
     # The selected defaults first: they are what new traffic needs most.
-    for route in plan.default_routes + plan.uplink_routes:
-        wanted_tables.add((route.family, route.table))
-        found = ours.get((route.family, route.table))
-        index = indexes.get(route.interface)
+    for route in plan.default_routes + plan.uplink_routes + plan.unreachable_routes:
+        key = (route.family, route.table, route.unreachable)
+        wanted_routes.add(key)
+        found = ours.get(key)
+        index = None if route.unreachable else indexes.get(route.interface)
         if found is None or found.oif != index or found.gateway != route.gateway:
             changes.append(Change("replace_route", route=route))
     installed = {rule.spec() for rule in rules if owns_rule(config, rule)}
@@ -1277,13 +1598,10 @@ def diff_network(
         changes.append(Change("del_rule", rule=spec))
     # The selection table's default is never deleted here: with nothing to
     # select we keep the last route (see select()).
-    for family in FAMILIES:
-        keep = {t for f, t in wanted_tables if f == family}
-        if family in config.families:
-            keep.add(config.agent.default_table)
-        for table in sorted(set(managed_tables)):
-            if (family, table) in ours and table not in keep:
-                changes.append(Change("del_route", table=table, family=family))
+    for family, table, unreachable in sorted(ours):
+        selection = table == config.agent.default_table and family in config.families
+        if table in managed_tables and (family, table, unreachable) not in wanted_routes and not selection:
+            changes.append(Change("del_route", table=table, family=family, unreachable=unreachable))
     return changes
 
 
@@ -1948,6 +2266,7 @@ def nl_default_routes(
                         gateway=msg.get_attr("RTA_GATEWAY"),
                         protocol=int(msg["proto"]),
                         family=family,
+                        unreachable=msg["type"] == RTN_UNREACHABLE,
                     )
                 )
     return entries
@@ -1969,7 +2288,18 @@ def nl_apply(
 
 
 def _apply_one(ipr: Any, change: Change, indexes: Mapping[str, int], protocol: int) -> None:
-    if change.kind == "replace_route" and change.route is not None:
+    if change.kind == "replace_route" and change.route is not None and change.route.unreachable:
+        route = change.route
+        ipr.route(
+            "replace",
+            dst=DEFAULT_DST[route.family],
+            table=route.table,
+            type="unreachable",
+            priority=UNREACHABLE_METRIC,
+            proto=protocol,
+            family=ADDRESS_FAMILY[route.family],
+        )
+    elif change.kind == "replace_route" and change.route is not None:
         route = change.route
         args: dict[str, Any] = dict(
             dst=DEFAULT_DST[route.family],
@@ -1986,13 +2316,22 @@ def _apply_one(ipr: Any, change: Change, indexes: Mapping[str, int], protocol: i
     elif change.kind in ("add_rule", "del_rule") and change.rule is not None:
         ipr.rule("add" if change.kind == "add_rule" else "del", **_rule_args(change.rule, protocol))
     elif change.kind == "del_route" and change.table is not None:
-        _delete_default(ipr, change.table, change.family, protocol)
+        _delete_default(ipr, change.table, change.family, protocol, change.unreachable)
     else:
         raise ValueError(f"malformed change {change}")
 
 
-def _delete_default(ipr: Any, table: int, family: int, protocol: int) -> None:
-    ipr.route("del", dst=DEFAULT_DST[family], table=table, proto=protocol, family=ADDRESS_FAMILY[family])
+def _delete_default(ipr: Any, table: int, family: int, protocol: int, unreachable: bool = False) -> None:
+    # Type and metric name the one route meant: an uplink table holds two defaults.
+    ipr.route(
+        "del",
+        dst=DEFAULT_DST[family],
+        table=table,
+        proto=protocol,
+        family=ADDRESS_FAMILY[family],
+        type="unreachable" if unreachable else "unicast",
+        priority=UNREACHABLE_METRIC if unreachable else DEFAULT_METRIC[family],
+    )
 
 
 def _rule_args(rule: RuleSpec, protocol: int) -> dict[str, Any]:
@@ -2014,18 +2353,48 @@ def _rule_args(rule: RuleSpec, protocol: int) -> dict[str, Any]:
 
 
 def nl_conntrack_counts(ipr: Any, marks: Mapping[str, int], mask: int) -> dict[str, int]:
-    """Tracked connections per uplink mark: read-only, filtered by the kernel (CTA_MARK_MASK)."""
+    """Tracked connections per uplink mark, both families; read-only, filtered by the kernel."""
     del ipr  # conntrack lives on NETLINK_NETFILTER, not on the route socket
-    from pyroute2 import Conntrack
+    counts = dict.fromkeys(marks, 0)
+    for family in FAMILIES:
+        conntrack = _conntrack(family)
+        try:
+            for name, mark in marks.items():
+                counts[name] += sum(1 for _ in conntrack.dump_entries(mark=mark, mark_mask=mask))
+        finally:
+            conntrack.close()
+    return counts
 
-    conntrack = Conntrack()
-    try:
-        return {
-            name: sum(1 for _ in conntrack.dump_entries(mark=mark, mark_mask=mask))
-            for name, mark in marks.items()
-        }
-    finally:
-        conntrack.close()
+
+def nl_conntrack_release(ipr: Any, mark: int, mask: int) -> int:
+    """Delete the tracked connections marked for one uplink, one by one; never a flush.
+
+    Each delete names the entry's original tuple and its id, so an entry that
+    was re-created meanwhile (a new flow with the same ports, already on the new
+    path) is left alone: the kernel refuses a stale id.
+    """
+    del ipr
+    deleted = 0
+    for family in FAMILIES:
+        conntrack = _conntrack(family)
+        try:
+            # The whole dump first: pyroute2 cannot send while a dump is being read.
+            entries = list(conntrack.dump_entries(mark=mark, mark_mask=mask))
+            for entry in entries:
+                try:
+                    conntrack.entry("del", tuple_orig=entry.tuple_orig, id=entry.id)
+                    deleted += 1
+                except Exception:  # gone meanwhile (timed out, or closed): nothing to release
+                    pass
+        finally:
+            conntrack.close()
+    return deleted
+
+
+def _conntrack(family: int) -> Any:
+    from pyroute2 import Conntrack  # loaded on first use: a router without conntrack still routes
+
+    return Conntrack(nfgen_family=ADDRESS_FAMILY[family])
 
 
 def nl_remove_own(ipr: Any, config: Config, tables: Iterable[int]) -> list[str]:
@@ -2037,8 +2406,9 @@ def nl_remove_own(ipr: Any, config: Config, tables: Iterable[int]) -> list[str]:
             done.append(f"del_rule {FAMILY_NAME[rule.family]} {rule.spec().describe()}")
     for route in nl_default_routes(ipr, tables):
         if route.protocol == config.agent.route_protocol:
-            _delete_default(ipr, route.table, route.family, route.protocol)
-            done.append(f"del_route {FAMILY_NAME[route.family]} default table {route.table}")
+            _delete_default(ipr, route.table, route.family, route.protocol, route.unreachable)
+            kind = "unreachable default" if route.unreachable else "default"
+            done.append(f"del_route {FAMILY_NAME[route.family]} {kind} table {route.table}")
     return done
 
 
@@ -2102,34 +2472,165 @@ NFNLGRP_NFTABLES: Final = 7
 NETLINK_NETFILTER: Final = 12
 
 
-def render_nft(config: Config) -> str:
+def render_nft(config: Config, steering: Steering | None = None) -> str:
     """The whole table, as one transaction that replaces whatever version is live."""
-    mask = f"{config.agent.mark_mask:#x}"
+    mask = config.agent.mark_mask
     marks = ", ".join(f'"{u.interface}" : {u.mark:#x}' for u in config.uplinks)
-    restore = f"ct direction original ct mark and {mask} != 0 meta mark set ct mark and {mask}"
-    return (
-        f"add table {NFT_TABLE}\n"
-        f"delete table {NFT_TABLE}\n"
-        f"table {NFT_TABLE} {{\n"
-        "\tmap uplink_mark {\n"
-        "\t\ttypeof oifname : meta mark\n"
-        f"\t\telements = {{ {marks} }}\n"
-        "\t}\n"
-        "\tchain prerouting {\n"
-        "\t\ttype filter hook prerouting priority mangle; policy accept;\n"
-        f"\t\t{restore}\n"
-        "\t}\n"
-        "\tchain output {\n"
-        "\t\ttype route hook output priority mangle; policy accept;\n"
-        f"\t\t{restore}\n"
-        "\t}\n"
-        "\tchain postrouting {\n"
-        "\t\ttype filter hook postrouting priority mangle; policy accept;\n"
-        f"\t\tct mark and {mask} == 0 ct mark set oifname map @uplink_mark\n"
-        "\t}\n"
-        f"{_render_nat(config)}"
-        "}\n"
-    )
+    restore = f"ct direction original ct mark and {mask:#x} != 0 meta mark set ct mark and {mask:#x}"
+    uplink_ifaces = ", ".join(f'"{u.interface}"' for u in config.uplinks)
+    dynamic = _steering_chains(config, steering or Steering())
+    out = [
+        f"add table {NFT_TABLE}",
+        f"delete table {NFT_TABLE}",
+        f"table {NFT_TABLE} {{",
+        "\tmap uplink_mark {",
+        "\t\ttypeof oifname : meta mark",
+        f"\t\telements = {{ {marks} }}",
+        "\t}",
+    ]
+    for family, name in _source_sets(config):
+        out += [
+            f"\tset source{family}_{name} {{",
+            f"\t\ttypeof {NFT_ADDRESS[family]} saddr",
+            "\t\tflags dynamic, timeout",
+            f"\t\ttimeout {max(1, round(config.agent.sticky_timeout_s))}s",
+            "\t}",
+        ]
+    out += [
+        "\tchain prerouting {",
+        "\t\ttype filter hook prerouting priority mangle; policy accept;",
+        f"\t\t{restore}",
+        # New connections from the LAN only: what comes in from the internet is not ours to place.
+        f"\t\tct state new ct mark and {mask:#x} == 0 iifname != {{ {uplink_ifaces} }} jump steer",
+        "\t}",
+        "\tchain steer {",
+        *(f"\t\t{_policy_match(policy, f)} jump policy_{policy.name}" for policy, f in _policy_rows(config)),
+        "\t\tjump balance",
+        "\t}",
+    ]
+    for chain, rules in dynamic.items():
+        out += [f"\tchain {chain} {{", *(f"\t\t{rule}" for rule in rules), "\t}"]
+    for family, name in _source_sets(config):
+        address = f"{NFT_ADDRESS[family]} saddr"
+        out += [
+            f"\tchain new{family}_{name} {{",
+            f"\t\tadd @source{family}_{name} {{ {address} }} goto to_{name}",
+            "\t}",
+        ]
+    for uplink in config.uplinks:
+        keep = ~mask & 0xFFFFFFFF
+        out += [
+            f"\tchain to_{uplink.name} {{",
+            f"\t\tmeta mark set meta mark and {keep:#x} or {uplink.mark:#x} accept",
+            "\t}",
+        ]
+    out += [
+        "\tchain output {",
+        "\t\ttype route hook output priority mangle; policy accept;",
+        f"\t\t{restore}",
+        "\t}",
+        "\tchain postrouting {",
+        "\t\ttype filter hook postrouting priority mangle; policy accept;",
+        f"\t\tct mark and {mask:#x} == 0 ct mark set oifname map @uplink_mark",
+        "\t}",
+    ]
+    return "\n".join(out) + "\n" + _render_nat(config) + "}\n"
+
+
+def render_steering_update(config: Config, before: Steering, after: Steering) -> str:
+    """One transaction that moves the live table from `before` to `after` without
+    rewriting it: the per-host placements of `sticky = "source"` survive, except
+    those on uplinks that left their balance group (those hosts are placed anew)."""
+    out: list[str] = []
+    for chain, rules in _steering_chains(config, after).items():
+        out.append(f"flush chain {NFT_TABLE} {chain}")
+        out += [f"add rule {NFT_TABLE} {chain} {rule}" for rule in rules]
+    for family, name in _source_sets(config):
+        kept = {n for n, _ in after.balance.get(family, ())}
+        if name in {n for n, _ in before.balance.get(family, ())} - kept:
+            out.append(f"flush set {NFT_TABLE} source{family}_{name}")
+    return "\n".join(out) + "\n"
+
+
+#: nft's keyword for each family's header.
+NFT_ADDRESS: Final = {4: "ip", 6: "ip6"}
+
+
+def _source_sets(config: Config) -> list[tuple[int, str]]:
+    """With `sticky = "source"`: per family and uplink, the hosts placed on it."""
+    if config.agent.sticky != "source":
+        return []
+    return [(f, u.name) for f in config.families for u in config.uplinks if f in u.families]
+
+
+def _policy_rows(config: Config) -> list[tuple[PolicyConfig, int]]:
+    return [(p, f) for p in config.policies for f in p.match.families if f in config.families]
+
+
+def _policy_match(policy: PolicyConfig, family: int) -> str:
+    """The nft match of one policy in one family."""
+    match = policy.match
+    address = NFT_ADDRESS[family]
+    parts = [f"meta nfproto {FAMILY_NAME[family]}"]
+    if match.iif:
+        parts.append(f"iifname {{ {', '.join(json.dumps(i) for i in match.iif)} }}")
+    for key, field in (("src", "saddr"), ("dst", "daddr")):
+        nets = match.networks(key, family)
+        if nets:
+            parts.append(f"{address} {field} {{ {', '.join(nets)} }}")
+    if match.protocol and not (match.src_port or match.dst_port):
+        parts.append(f"meta l4proto {'ipv6-icmp' if match.protocol == 'icmpv6' else match.protocol}")
+    for key, field in (("src_port", "sport"), ("dst_port", "dport")):
+        ports: tuple[str, ...] = getattr(match, key)
+        if ports:
+            parts.append(f"{match.protocol} {field} {{ {', '.join(ports)} }}")
+    return " ".join(parts)
+
+
+def _steering_chains(config: Config, steering: Steering) -> dict[str, list[str]]:
+    """The bodies of the chains that change with health: `balance` and one per policy."""
+    chains = {"balance": _balance_rules(config, steering)}
+    uplink_ifaces = ", ".join(f'"{u.interface}"' for u in config.uplinks)
+    for policy in config.policies:
+        rules: list[str] = []
+        chosen = steering.policies.get(policy.name, {})
+        for family in policy.match.families:
+            if family not in config.families:
+                continue
+            nfproto = f"meta nfproto {FAMILY_NAME[family]}"
+            uplink = chosen.get(family)
+            if uplink is not None:
+                rules.append(f"{nfproto} goto to_{uplink}")
+            elif policy.fallback == "drop":
+                # Only what would leave through an uplink: main's LANs and VPNs stay reachable.
+                rules.append(f"{nfproto} fib daddr oifname {{ {uplink_ifaces} }} drop")
+        chains[f"policy_{policy.name}"] = rules
+    return chains
+
+
+def _balance_rules(config: Config, steering: Steering) -> list[str]:
+    rules: list[str] = []
+    by_source = config.agent.sticky == "source"
+    for family in config.families:
+        members = steering.balance.get(family, ())
+        if len(members) < 2:
+            continue  # the selection table's default route carries it all
+        nfproto = f"meta nfproto {FAMILY_NAME[family]}"
+        host = f"{NFT_ADDRESS[family]} saddr"
+        if by_source:
+            # A host already placed on a member stays there (and its placement is refreshed).
+            for name, _ in members:
+                placed = f"@source{family}_{name}"
+                rules.append(f"{nfproto} {host} {placed} update {placed} {{ {host} }} goto to_{name}")
+        target = f"new{family}_" if by_source else "to_"
+        spans: list[str] = []
+        start = 0
+        for name, weight in members:
+            end = start + weight - 1
+            spans.append(f"{start if end == start else f'{start}-{end}'} : goto {target}{name}")
+            start = end + 1
+        rules.append(f"{nfproto} numgen random mod {start} vmap {{ {', '.join(spans)} }}")
+    return rules
 
 
 def _render_nat(config: Config) -> str:
@@ -2297,7 +2798,19 @@ class Agent:
         self._conntrack_warned = False
         self._nft_wanted = asyncio.Event()
         self._nft_installed = False
-        self._nft_script = ""
+        #: The config the live table was rendered from (a reload re-installs it whole).
+        self._nft_config: Config | None = None
+        #: One nft transaction at a time, so `_nft_steering` says what is live.
+        self._nft_lock = asyncio.Lock()
+        #: What the nft table should steer (decided) and what it does steer (installed).
+        self.steering = Steering()
+        self._nft_steering: Steering | None = None
+        #: Per policy and family: the uplink its traffic takes, and why.
+        self.policy_decisions: dict[str, dict[int, Decision]] = {}
+        #: The uplinks carrying new traffic (selected or balanced), for release_flows = on_failback.
+        self._carrying: set[str] = set()
+        #: Uplinks whose marked connections are to be released, and why.
+        self._release_pending: dict[str, str] = {}
         #: The selected default routes as last installed, per family (for the fast path).
         self._applied_defaults: dict[int, RouteSpec] = {}
         self._started_ok = False
@@ -2441,6 +2954,13 @@ class Agent:
         for t in transitions:
             level = logging.WARNING if t.new is State.DOWN else logging.INFO
             log.log(level, "uplink=%s %s: %s", t.uplink, t.new.value, t.reason)
+            runtime = self.runtime.get(t.uplink)
+            if runtime is None:
+                continue
+            if t.new is State.DOWN and "on_down" in runtime.uplink.release_flows:
+                self._release_pending[t.uplink] = "it went down"
+            elif t.new is State.UP:
+                self._release_pending.pop(t.uplink, None)  # back before its flows were released
         self._status_forced = True
 
     # -- the one path that changes the system -------------------------------
@@ -2518,6 +3038,8 @@ class Agent:
             if transitions:
                 self._on_transitions(transitions)
         wakes: list[float] = []
+        hysteresis_s = config.agent.hysteresis_s
+        balance: dict[int, tuple[tuple[str, int], ...]] = {}
         for family in config.families:
             # Each family chooses among the uplinks that can route it right now.
             candidates = [
@@ -2525,13 +3047,28 @@ class Agent:
                 for u in config.uplinks
                 if family in u.families and routable(u, self.interfaces.get(u.interface), family)
             ]
-            self._decide(
-                family,
-                select(self.healths, candidates, self.selected[family], config.agent.hysteresis_s, now),
-            )
-            if self.decisions[family].wake_at is not None:
-                wakes.append(self.decisions[family].wake_at)  # type: ignore[arg-type]
+            self._decide(family, select(self.healths, candidates, self.selected[family], hysteresis_s, now))
+            group = balance_group(self.healths, candidates, self.selected[family], hysteresis_s, now)
+            balance[family] = group.members
+            for policy in config.policies:
+                if family in policy.match.families:
+                    previous = self.policy_decisions.get(policy.name, {}).get(family)
+                    current = previous.selected if previous is not None else None
+                    decision = select_for_policy(policy, self.healths, candidates, current, hysteresis_s, now)
+                    self._decide_policy(policy, family, decision)
+            waits = [self.decisions[family].wake_at, group.wake_at]
+            waits += [d.get(family, Decision(None, "")).wake_at for d in self.policy_decisions.values()]
+            wakes += [w for w in waits if w is not None]
         self._wake_at = min(wakes) if wakes else None
+        self._steer(
+            Steering(
+                balance,
+                {
+                    name: {f: d.selected for f, d in decisions.items()}
+                    for name, decisions in self.policy_decisions.items()
+                },
+            )
+        )
 
         plan = plan_network(config, self.interfaces, self.selected)
         indexes = {name: iface.index for name, iface in self.interfaces.items()}
@@ -2548,6 +3085,7 @@ class Agent:
                 for change in urgent:
                     log.info("netlink: %s", change.describe())
                 failed += await self._netlink.call(nl_apply, urgent, indexes, protocol)
+            await self._apply_steering()
         # Every family here: objects of a family a reload dropped must go too.
         rules = await self._netlink.call(nl_rules)
         routes = await self._netlink.call(nl_default_routes, self.managed_tables)
@@ -2565,6 +3103,8 @@ class Agent:
             # Once per reconcile, failures or not: a retry that finds nothing to do ends the back-off.
             self._report_apply_failures(failed)
             self._applied_defaults = {route.family: route for route in plan.default_routes}
+            # Last: the flows released now re-establish over the routes installed above.
+            await self._release_flows()
         if self._status_forced:
             self._status_forced = False
             self._status_dirty = False
@@ -2599,6 +3139,101 @@ class Agent:
             self._status_forced = True
         self.selected[family] = decision.selected
         self.decisions[family] = decision
+
+    def _decide_policy(self, policy: PolicyConfig, family: int, decision: Decision) -> None:
+        """Take a policy's decision for one family, logging it when its uplink changes."""
+        decisions = self.policy_decisions.setdefault(policy.name, {})
+        previous = decisions.get(family)
+        if previous is None or previous.selected != decision.selected:
+            level = logging.WARNING if previous is not None else logging.INFO
+            log.log(
+                level,
+                "policy=%s family=%s uplink=%s (was %s): %s",
+                policy.name,
+                FAMILY_NAME[family],
+                decision.selected or f"none, {policy.fallback}",
+                "none" if previous is None else previous.selected or f"none, {policy.fallback}",
+                decision.reason,
+            )
+            self._status_forced = True
+        decisions[family] = decision
+
+    def _steer(self, steering: Steering) -> None:
+        """Take the new steering; log what changed in each balance group, and note released uplinks."""
+        before = self.steering
+        for family in self.config.families:
+            old = dict(before.balance.get(family, ()))
+            new = dict(steering.balance.get(family, ()))
+            if old == new:
+                continue
+            changes = [f"{n} joined" for n in new if n not in old]
+            changes += [
+                f"{n} left ({self.healths[n].state.value if n in self.healths else 'removed'})"
+                for n in old
+                if n not in new
+            ]
+            shares = ", ".join(f"{n} (weight {w})" for n, w in new.items())
+            log.warning(
+                "balance family=%s: %s; %s",
+                FAMILY_NAME[family],
+                f"new connections shared by {shares}" if new else "ended, the selected uplink carries all",
+                ", ".join(changes),
+            )
+            self._status_forced = True
+        self.steering = steering
+        carrying = {n for n in self.selected.values() if n is not None}
+        carrying |= {n for members in steering.balance.values() for n, _ in members}
+        for name in self._carrying - carrying:
+            health = self.healths.get(name)
+            runtime = self.runtime.get(name)
+            if (
+                runtime is not None
+                and health is not None
+                and health.state is not State.DOWN
+                and "on_failback" in runtime.uplink.release_flows
+            ):
+                self._release_pending[name] = "a better uplink took over"
+        self._carrying = carrying
+
+    async def _apply_steering(self) -> None:
+        """Carry a steering change into the live table, in one transaction."""
+        async with self._nft_lock:
+            if self.dry_run or not self._nft_installed or self._nft_steering == self.steering:
+                return
+            before, after = self._nft_steering or Steering(), self.steering
+            code, error = await nft_run("-f", "-", script=render_steering_update(self.config, before, after))
+            if code == 0:
+                self._nft_steering = after
+                return
+        log.warning("nft: cannot update the steering of %s: %s; re-installing the table", NFT_TABLE, error)
+        self._nft_installed = False
+        self._nft_wanted.set()
+
+    async def _release_flows(self) -> None:
+        """release_flows: delete the conntrack entries marked for these uplinks (never a flush)."""
+        for name, why in list(self._release_pending.items()):
+            runtime = self.runtime.get(name)
+            if runtime is None:
+                del self._release_pending[name]
+                continue
+            if name in self._carrying:
+                continue  # still carrying new traffic (nothing better is up): its flows would come back
+            del self._release_pending[name]
+            mark, mask = runtime.uplink.mark, self.config.agent.mark_mask
+            try:
+                released = await self._netlink.call(nl_conntrack_release, mark, mask)
+            except Exception as err:
+                log.warning("uplink=%s cannot release its connections: %s", name, err)
+                continue
+            log.warning(
+                "uplink=%s released %d tracked connection(s) marked %#x/%#x (%s); they re-establish over "
+                "the new path, no other entry was touched",
+                name,
+                released,
+                mark,
+                mask,
+                why,
+            )
 
     def _adoptable(self, routes: Sequence[RouteEntry]) -> dict[int, str]:
         """Per family, the uplink the selection table's default (left by a previous run) points at."""
@@ -2756,26 +3391,31 @@ class Agent:
 
     async def _install_nft(self, why: str) -> None:
         """Write the whole table in one transaction; an error is logged, routing works on."""
-        script = render_nft(self.config)
-        if self.dry_run:
-            if script != self._nft_script:
-                log.info("dry-run: would install nft table %s (connection stickiness)", NFT_TABLE)
-            self._nft_script = script
-            return
-        code, error = await nft_run("-f", "-", script=script)
-        if code != 0:
-            if self._nft_installed or self._nft_script != script or why == "start":
-                log.error(
-                    "nft: cannot install table %s (%s): %s; connections will not stick to their uplink",
-                    NFT_TABLE,
-                    why,
-                    error,
-                )
-            self._nft_installed = False
-        else:
-            log.info("nft: installed table %s (%s)", NFT_TABLE, why)
-            self._nft_installed = True
-        self._nft_script = script
+        async with self._nft_lock:
+            config, steering = self.config, self.steering
+            script = render_nft(config, steering)
+            if self.dry_run:
+                if config is not self._nft_config:
+                    log.info("dry-run: would install nft table %s (stickiness and steering)", NFT_TABLE)
+                self._nft_config = config
+                return
+            code, error = await nft_run("-f", "-", script=script)
+            if code != 0:
+                if self._nft_installed or config is not self._nft_config or why == "start":
+                    log.error(
+                        "nft: cannot install table %s (%s): %s; connections will not stick to their uplink",
+                        NFT_TABLE,
+                        why,
+                        error,
+                    )
+                self._nft_installed = False
+            else:
+                log.info("nft: installed table %s (%s)", NFT_TABLE, why)
+                self._nft_installed = True
+                self._nft_steering = steering
+            self._nft_config = config
+        # The steering may have moved while nft ran: carry it over now.
+        await self._apply_steering()
 
     async def _nft_loop(self) -> None:
         """Keep our table installed: another firewall's full reload (`nft flush ruleset`) removes it."""
@@ -2791,11 +3431,11 @@ class Agent:
             self._nft_wanted.clear()
             if self.dry_run:
                 continue
-            if render_nft(self.config) != self._nft_script:
+            if self.config is not self._nft_config:
                 await self._install_nft("config changed")
                 continue
             code, _ = await nft_run("list", "table", *NFT_TABLE.split())
-            if code != 0:
+            if code != 0 or not self._nft_installed:
                 why = "it was removed, e.g. by another firewall's reload" if self._nft_installed else "retry"
                 if self._nft_installed:
                     log.warning("nft: table %s is gone; re-installing", NFT_TABLE)
@@ -2876,6 +3516,10 @@ class Agent:
                 "address6": interface.address6 if interface else None,
                 "gateway6": uplink_gateway(uplink, interface, 6),
                 "priority": uplink.priority,
+                "weight": uplink.weight,
+                "balanced_for": [
+                    FAMILY_NAME[f] for f, m in self.steering.balance.items() if uplink.name in dict(m)
+                ],
                 "table": uplink.table,
                 "mark": uplink.mark,
                 "rtt_ms": None if health.rtt_ms is None else round(health.rtt_ms, 3),
@@ -2913,8 +3557,22 @@ class Agent:
                     "selected": self.selected[f],
                     "reason": self.decisions[f].reason,
                     "stranded": self.decisions[f].stranded,
+                    # the uplinks sharing new connections, with their weights (empty: no balancing)
+                    "balance": dict(self.steering.balance.get(f, ())),
                 }
                 for f in self.config.families
+            },
+            "sticky": self.config.agent.sticky,
+            # per policy and family: the uplink its traffic takes (null: its fallback)
+            "policies": {
+                policy.name: {
+                    "fallback": policy.fallback,
+                    **{
+                        FAMILY_NAME[f]: {"uplink": d.selected, "reason": d.reason}
+                        for f, d in self.policy_decisions.get(policy.name, {}).items()
+                    },
+                }
+                for policy in self.config.policies
             },
             "uplinks": uplinks,
         }
@@ -3056,14 +3714,31 @@ def describe_plan(config: Config) -> str:
         ]
         lines += [f"  {rule.describe()}" for rule in plan.rules if rule.family == family]
         lines += ["", f"{FAMILY_NAME[family]} routes (protocol {agent.route_protocol}):"]
-        for route in plan.uplink_routes:
-            if route.family == family:
-                via = f"via {route.gateway}" if route.gateway else "scope link"
-                lines.append(f"  default {via} dev {route.interface} table {route.table}")
+        uplink_routes = plan.uplink_routes + plan.unreachable_routes
+        lines += [f"  {route.describe()}" for route in uplink_routes if route.family == family]
         lines.append(f"  default via <selected uplink> table {agent.default_table}")
-    lines += ["", f"nft table {NFT_TABLE} (one transaction; connection stickiness):"]
-    lines += ["  " + line for line in render_nft(config).splitlines()]
+    lines += ["", f"nft table {NFT_TABLE} (one transaction; shown with every uplink up):"]
+    lines += ["  " + line for line in render_nft(config, steering_when_all_up(config)).splitlines()]
     return "\n".join(lines)
+
+
+def steering_when_all_up(config: Config) -> Steering:
+    """`check`: the balance groups and policy uplinks the table would steer by if every uplink were up."""
+    balance: dict[int, tuple[tuple[str, int], ...]] = {}
+    for family in config.families:
+        carrying = [u for u in config.uplinks if family in u.families]
+        best = min(u.priority for u in carrying)
+        members = tuple((u.name, u.weight) for u in carrying if u.priority == best)
+        balance[family] = members if len(members) > 1 else ()
+    policies = {
+        p.name: {
+            f: next((n for n in p.uplinks if f in config.uplink(n).families), None)
+            for f in p.match.families
+            if f in config.families
+        }
+        for p in config.policies
+    }
+    return Steering(balance, policies)
 
 
 def render_status(document: Mapping[str, Any]) -> str:
@@ -3087,6 +3762,15 @@ def render_status(document: Mapping[str, Any]) -> str:
             f"{mark}{name:<11} {u.get('state', '?'):<8} {_age(age):>8} {rtt:>9} {loss:>6} {conns:>6}  "
             f"{u.get('interface', ''):<9}  {u.get('reason', '')}"
         )
+    for family, about in document.get("families", {}).items():
+        if about.get("balance"):
+            shares = ", ".join(f"{n} x{w}" for n, w in about["balance"].items())
+            lines.append(f"balance {family}: {shares} (sticky per {document.get('sticky', 'connection')})")
+    for name, policy in document.get("policies", {}).items():
+        for family, about in policy.items():
+            if isinstance(about, dict):
+                where = about.get("uplink") or f"none: {policy.get('fallback')}"
+                lines.append(f"policy {name} {family}: {where}  ({about.get('reason', '')})")
     return "\n".join(lines)
 
 

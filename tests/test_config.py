@@ -124,3 +124,15 @@ def test_run_with_bad_config_exits_2_before_anything(tmp_path: Path) -> None:
 def test_missing_file() -> None:
     with pytest.raises(mwa.ConfigError, match="cannot read"):
         mwa.load_config("/nonexistent/multiwan.toml")
+
+
+def test_steering_options() -> None:
+    config = mwa.parse_config((DATA / "valid" / "steering.toml").read_text(), "steering.toml")
+    assert config.agent.sticky == "source" and config.agent.sticky_timeout_s == 600
+    fibre, cable, lte = config.uplinks
+    assert (fibre.weight, cable.weight, lte.weight) == (2, 1, 1)
+    assert lte.release_flows == {"on_down", "on_failback"} and not fibre.release_flows
+    voip, guests = config.policies
+    assert voip.match.protocol == "udp" and voip.match.dst_port == ("5060", "10000-20000")
+    assert voip.match.families == (4, 6) and voip.uplinks == ("fibre", "lte") and voip.fallback == "drop"
+    assert guests.match.iif == ("lan1",) and guests.match.families == (4,) and guests.fallback == "default"

@@ -45,11 +45,16 @@ def installed(plan: mwa.NetPlan) -> tuple[list[mwa.RuleEntry], list[mwa.RouteEnt
         )
         for r in plan.rules
     ]
-    routes = [
-        mwa.RouteEntry(r.table, INDEXES[r.interface], r.gateway, P)
-        for r in plan.uplink_routes + plan.default_routes
+    return rules, installed_routes(plan, INDEXES)
+
+
+def installed_routes(plan: mwa.NetPlan, indexes: dict[str, int]) -> list[mwa.RouteEntry]:
+    return [
+        mwa.RouteEntry(
+            r.table, None if r.unreachable else indexes[r.interface], r.gateway, P, r.family, r.unreachable
+        )
+        for r in plan.uplink_routes + plan.default_routes + plan.unreachable_routes
     ]
-    return rules, routes
 
 
 def test_plan_shape() -> None:
@@ -80,7 +85,11 @@ def test_diff_of_an_empty_system_adds_routes_before_rules() -> None:
     plan = mwa.plan_network(CONFIG, IFACES, {4: "fibre"})
     changes = mwa.diff_network(CONFIG, plan, [], [], INDEXES, CONFIG.tables)
     kinds = [c.kind for c in changes]
-    assert kinds == ["replace_route"] * 4 + ["add_rule"] * 11
+    assert kinds == ["replace_route"] * 7 + ["add_rule"] * 11
+    # every uplink table ends in `unreachable`: a flow of a vanished uplink never leaks elsewhere
+    assert [c.describe() for c in changes[4:7]] == [
+        f"replace_route ipv4 unreachable default metric {mwa.UNREACHABLE_METRIC} table {t}" for t in (201, 202, 203)
+    ]
 
 
 def test_diff_of_an_applied_plan_is_empty_and_switch_is_one_replace() -> None:
@@ -202,10 +211,7 @@ def test_dual_stack_plan() -> None:
         for r in plan.rules
     ]
     indexes = {n: i.index for n, i in DUAL_IFACES.items()}
-    routes = [
-        mwa.RouteEntry(r.table, indexes[r.interface], r.gateway, P, r.family)
-        for r in plan.uplink_routes + plan.default_routes
-    ]
+    routes = installed_routes(plan, indexes)
     assert mwa.diff_network(DUAL, plan, rules, routes, indexes, DUAL.tables) == []
     switched = mwa.plan_network(DUAL, DUAL_IFACES, {4: "lte", 6: "lte"})
     # lte cannot route IPv6: no default for it, and the last IPv6 default is kept, not deleted
@@ -281,10 +287,7 @@ def test_a_reload_dropping_a_family_removes_its_objects() -> None:
         )
         for r in plan.rules
     ]
-    routes = [
-        mwa.RouteEntry(r.table, indexes[r.interface], r.gateway, P, r.family)
-        for r in plan.default_routes + plan.uplink_routes
-    ]
+    routes = installed_routes(plan, indexes)
     v4_only = mwa.parse_config(
         '[check]\ntargets = ["198.18.1.1"]\n[[uplink]]\nname = "fibre"\ninterface = "wan0"\n'
         '[[uplink]]\nname = "lte"\ninterface = "wan1"\npriority = 2\n'
