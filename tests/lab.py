@@ -83,6 +83,10 @@ PROBE_TARGETS6: Final = ("2001:db8:ffff::1", "2001:db8:ffff::2")
 SERVER_IP6: Final = "2001:db8:ffff::10"
 LAN_GATEWAY6: Final = "2001:db8:100::1"
 LAN_HOST6: Final = "2001:db8:100::10"
+#: A second LAN (add_second_lan), known to the router only through main's connected route.
+LAN2_GATEWAY: Final = "198.18.200.1"
+LAN2_HOST: Final = "198.18.200.10"
+LAN2_NET: Final = "198.18.200.0/24"
 #: Address families as the API takes them (family=4 / family=6).
 FAMILIES: Final = (4, 6)
 
@@ -619,8 +623,9 @@ class Lab:
         """Packets an ISP's named counter saw.
 
         t1, t2, srv (IPv4 forwarded from cpe to the targets / the server),
-        spoofed (IPv4 BCP38 drops); t1_6, t2_6, srv_6 and spoofed_6 likewise
-        for IPv6.
+        spoofed (IPv4 BCP38 drops), to_lan (anything addressed to a LAN that
+        the router sent to the ISP: a leaked reply); t1_6, t2_6, srv_6,
+        spoofed_6 and to_lan_6 likewise for IPv6.
         """
         self._isp(isp_role)
         out = self.run(isp_role, "nft", "-j", "list", "counter", "inet", "isp", name).stdout
@@ -976,26 +981,87 @@ class Lab:
         connector.wait_started()
         return connector
 
-    def connect_once(self, timeout: float = 2.0, family: int = 4) -> str | None:
-        """One TCP connection from `lan`; the source ip the server saw, or None.
+    def connect_once(
+        self, timeout: float = 2.0, family: int = 4, role: str = "lan", source: str | None = None
+    ) -> str | None:
+        """One TCP connection from `role` (default `lan`); the source ip the server saw, or None.
 
-        family=6 connects to SERVER_IP6.
+        family=6 connects to SERVER_IP6; `source` binds the client to one of its addresses.
         """
-        host = server_ip(family)
+        (seen,) = self.connect_many(1, timeout=timeout, family=family, role=role, source=source)
+        return seen
+
+    def connect_many(
+        self,
+        count: int,
+        timeout: float = 1.0,
+        family: int = 4,
+        role: str = "lan",
+        source: str | None = None,
+        host: str | None = None,
+    ) -> list[str | None]:
+        """`count` new TCP connections one after the other (each a new conntrack flow);
+        per connection the source ip the server saw, or None for a failed one."""
         timeout_ms = max(1, round(timeout * 1000))
+        duration_s = min(count * (timeout + 0.05) + 5, 120)
         proc = self.run(
-            "lan",
+            role,
             sys.executable, str(CONNECTOR),
-            "--host", host, "--port", str(SERVER_PORT),
-            "--max-attempts", "1", "--timeout-ms", str(timeout_ms),
-            "--duration-s", str(min(timeout + 5, 120)),
-            timeout=timeout + 10,
+            "--host", host or server_ip(family), "--port", str(SERVER_PORT),
+            "--max-attempts", str(count), "--timeout-ms", str(timeout_ms), "--period-ms", "1",
+            "--duration-s", str(duration_s),
+            *(("--source", source) if source else ()),
+            timeout=duration_s + 10,
         )  # fmt: skip
+        seen: list[str | None] = []
         for line in proc.stdout.splitlines():
             words = line.split()
-            if len(words) == 3 and words[1] == "ok":
-                return words[2]
-        return None
+            if len(words) == 3 and words[0][0].isdigit():
+                seen.append(words[2] if words[1] == "ok" else None)
+        return seen + [None] * (count - len(seen))
+
+    def start_udp_keepalive(self, period_ms: int, duration_s: float) -> subprocess.Popen[str]:
+        """udp_keepalive.py in `lan`: one UDP flow to the echo server, a datagram every period."""
+        return self.popen(
+            "lan",
+            [
+                sys.executable, str(LAB_TOOLS / "udp_keepalive.py"),
+                "--host", SERVER_IP, "--port", str(SERVER_PORT),
+                "--period-ms", str(period_ms), "--timeout-ms", str(max(10, period_ms * 8 // 10)),
+                "--duration-s", str(duration_s),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )  # fmt: skip
+
+    def add_second_lan(self) -> str:
+        """A second LAN behind the router, reached through main's connected route only.
+
+        Namespace role `lan2`: router lan1 198.18.200.1/24 ---- lan2 eth0
+        198.18.200.10/24, running the echo server on :8080. Returns the host's address.
+        """
+        if "lan2" in self.ns:
+            return LAN2_HOST
+        self.ns["lan2"] = self.prefix + "lan2"
+        _run(["ip", "netns", "add", self.name("lan2")])
+        self._created.append(self.name("lan2"))
+        self._ip_batch("router", [f"link add lan1 type veth peer name eth0 netns {self.name('lan2')}"])
+        self.run("router", "sysctl", "-q", "-w", "net.ipv4.conf.lan1.rp_filter=0")
+        self._ip_batch("router", [f"addr add {LAN2_GATEWAY}/24 dev lan1", "link set lan1 up"])
+        self._ip_batch("lan2", ["link set lo up", f"addr add {LAN2_HOST}/24 dev eth0", "link set eth0 up"])
+        self._ip_batch("lan2", [*_sync_link_lines(["eth0"]), f"route add default via {LAN2_GATEWAY}"])
+        proc = self.popen(
+            "lan2",
+            [sys.executable, str(ECHO_SERVER), "--host", LAN2_HOST, "--port", str(SERVER_PORT)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        line = _read_line(proc.stdout, time.monotonic() + READY_TIMEOUT_S)
+        if line is None or line.strip() != "ready":
+            raise LabError("the echo server in lan2 did not start")
+        return LAN2_HOST
 
     # Teardown ---------------------------------------------------------------
 
@@ -1289,7 +1355,7 @@ def _isp_ruleset(isp: IspSpec) -> str:
     family, so neither BCP38 rule touches the other family's packets, and
     link-local sources (neighbour discovery) never reach the forward hook.
     """
-    names = ("t1", "t2", "srv", "spoofed", "t1_6", "t2_6", "srv_6", "spoofed_6")
+    names = ("t1", "t2", "srv", "spoofed", "t1_6", "t2_6", "srv_6", "spoofed_6", "to_lan", "to_lan_6")
     counters = "".join(f"  counter {name} {{ packets 0 bytes 0 }}\n" for name in names)
     targets = {"t1": PROBE_TARGETS[0], "t2": PROBE_TARGETS[1], "srv": SERVER_IP}
     rules = "".join(f'    iifname "cpe" ip daddr {ip} counter name {name}\n' for name, ip in targets.items())
@@ -1302,6 +1368,9 @@ def _isp_ruleset(isp: IspSpec) -> str:
         f"{counters}"
         "  chain forward {\n"
         "    type filter hook forward priority 0; policy accept;\n"
+        # A router that sends its LAN's replies out of a WAN shows up here.
+        f'    iifname "cpe" ip daddr {{ 198.51.100.0/24, {LAN2_NET} }} counter name to_lan\n'
+        f'    iifname "cpe" ip6 daddr 2001:db8:100::/64 counter name to_lan_6\n'
         f'    iifname "cpe" ip saddr != {isp.customer_net} counter name spoofed drop\n'
         f"{rules}"
         f'    iifname "cpe" ip6 saddr != {isp.customer_net6} counter name spoofed_6 drop\n'

@@ -242,6 +242,13 @@ def test_interface_vanishes_and_returns(lab: Lab, tmp_path: Path) -> None:
     assert agent.status()["uplinks"]["lte"]["state"] == "down"  # type: ignore[index]
     rules = lab.ip("router", "rule", "show")
     assert LTE_IP not in rules  # no stale source rule
+    # Flows still marked for lte get "unreachable" from its table; they never leak through fibre.
+    leak = lab.ip("router", "route", "get", "198.18.1.10", "mark", "0x200", check=False)
+    assert "wan0" not in leak
+    assert (
+        lab.run("router", "ip", "route", "get", "198.18.1.10", "mark", "0x200", check=False).returncode != 0
+    )
+    assert "unreachable" in lab.ip("router", "route", "show", "table", "202")
     # re-create it (new ifindex), as a USB modem or PPP session would be
     lab.ip("isp2", "link", "add", "cpe", "type", "veth", "peer", "name", "wan1", "netns", lab.name("router"))
     lab.ip("isp2", "addr", "add", "203.0.113.5/30", "dev", "cpe")

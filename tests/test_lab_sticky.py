@@ -17,9 +17,9 @@ FIBRE_IP = "203.0.113.2"
 LTE_IP = "203.0.113.6"
 
 
-def hold(lab: Lab, seconds: float) -> subprocess.Popen[str]:
+def hold(lab: Lab, seconds: float, role: str = "lan") -> subprocess.Popen[str]:
     proc = lab.popen(
-        "lan",
+        role,
         [
             sys.executable,
             str(LAB_TOOLS / "holder.py"),
@@ -119,3 +119,42 @@ def test_nat_follows_the_path_and_excluded_destinations_are_not_natted(lab: Lab,
     again.wait_log("nft: installed table inet multiwan")
     assert lab.connect_once(timeout=0.5) is None  # routed without NAT: isp2 drops the LAN source
     assert lab.counter("isp2", "spoofed") > 0
+
+
+def exchanges_of(holder: subprocess.Popen[str]) -> list[list[str]]:
+    holder.terminate()
+    assert holder.stdout is not None
+    lines = holder.stdout.read().splitlines()
+    holder.wait(timeout=5)
+    return [line.split() for line in lines if line and not line.startswith("#")]
+
+
+def test_the_routers_own_connections_follow_the_selection_and_stick(lab: Lab, tmp_path: Path) -> None:
+    agent = AgentProcess(lab, tmp_path, lab_config(tmp_path / "state", hysteresis="500ms"))
+    agent.wait_log("nft: installed table inet multiwan")
+    agent.wait_both_up()
+    assert lab.connect_once(role="router") == FIBRE_IP
+    failover_to_lte(lab, agent)
+    assert lab.connect_once(role="router") == LTE_IP  # follows the selection
+    holder = hold(lab, 10, role="router")
+    assert holder.stdout is not None and holder.stdout.readline().strip() == f"# source {LTE_IP}"
+    lab.silent_drop("isp1", False)
+    agent.wait_selected("fibre", timeout=5)
+    assert lab.connect_once(role="router") == FIBRE_IP  # new ones take the preferred uplink again
+    time.sleep(0.5)  # the held connection keeps talking after the switch
+    exchanges = exchanges_of(holder)
+    assert len(exchanges) >= 5 and all(words[1] == "ok" for words in exchanges), exchanges
+
+
+def test_failure_of_an_idle_uplink_disturbs_no_connection_of_the_others(lab: Lab, tmp_path: Path) -> None:
+    agent = AgentProcess(lab, tmp_path, lab_config(tmp_path / "state", hysteresis="500ms"))
+    agent.wait_both_up()
+    holder = hold(lab, 10)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == f"# source {FIBRE_IP}"
+    lab.carrier("isp2", False)  # the backup, carrying nothing, loses its link
+    agent.wait_state("lte", "down", timeout=5)
+    lab.carrier("isp2", True)
+    agent.wait_state("lte", "up", timeout=5)
+    time.sleep(0.5)  # and fibre's connection keeps talking afterwards
+    exchanges = exchanges_of(holder)
+    assert len(exchanges) >= 5 and all(words[1] == "ok" for words in exchanges), exchanges

@@ -88,7 +88,8 @@ def test_diff_of_an_empty_system_adds_routes_before_rules() -> None:
     assert kinds == ["replace_route"] * 7 + ["add_rule"] * 11
     # every uplink table ends in `unreachable`: a flow of a vanished uplink never leaks elsewhere
     assert [c.describe() for c in changes[4:7]] == [
-        f"replace_route ipv4 unreachable default metric {mwa.UNREACHABLE_METRIC} table {t}" for t in (201, 202, 203)
+        f"replace_route ipv4 unreachable default metric {mwa.UNREACHABLE_METRIC} table {t}"
+        for t in (201, 202, 203)
     ]
 
 

@@ -53,11 +53,13 @@ def address_family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
 
 
-def attempt(host: str, port: int, timeout_s: float) -> tuple[bool, str]:
-    """One connection; (True, source ip) or (False, short reason)."""
+def attempt(host: str, port: int, timeout_s: float, source: str | None = None) -> tuple[bool, str]:
+    """One connection (from `source`, if given); (True, source ip) or (False, short reason)."""
     deadline = time.monotonic() + timeout_s
     try:
         with socket.socket(address_family(host), socket.SOCK_STREAM) as sock:
+            if source:
+                sock.bind((source, 0))
             sock.settimeout(timeout_s)
             sock.connect((host, port))
             buf = b""
@@ -81,7 +83,15 @@ def attempt(host: str, port: int, timeout_s: float) -> tuple[bool, str]:
         return False, name or type(exc).__name__
 
 
-def run(host: str, port: int, period_s: float, timeout_s: float, duration_s: float, max_attempts: int) -> int:
+def run(
+    host: str,
+    port: int,
+    period_s: float,
+    timeout_s: float,
+    duration_s: float,
+    max_attempts: int,
+    source: str | None = None,
+) -> int:
     t0 = time.monotonic()
     end = t0 + duration_s
     print(f"# start {t0:.6f}", flush=True)
@@ -97,7 +107,7 @@ def run(host: str, port: int, period_s: float, timeout_s: float, duration_s: flo
         if _stop_requested:
             break
         started = time.monotonic()
-        ok, detail = attempt(host, port, timeout_s)
+        ok, detail = attempt(host, port, timeout_s, source)
         print(f"{started:.6f} {'ok' if ok else 'fail'} {detail}", flush=True)
         attempts += 1
         # Next slot strictly after now: missed slots are skipped.
@@ -113,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-ms", type=float, default=100.0)
     parser.add_argument("--duration-s", type=float, required=True)
     parser.add_argument("--max-attempts", type=int, default=100_000)
+    parser.add_argument("--source", help="bind to this local address (a LAN host of several)")
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port must be 1..65535, got {args.port}")
@@ -138,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             args.timeout_ms / 1000.0,
             args.duration_s,
             args.max_attempts,
+            args.source,
         )
     except BrokenPipeError:
         # The reader went away (test ended): nothing left to report to.
