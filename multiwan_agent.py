@@ -1235,7 +1235,8 @@ def select(
 
 @dataclass(frozen=True, slots=True)
 class BalanceGroup:
-    #: (uplink, weight), in config order; fewer than two: nothing to balance.
+    #: (uplink, weight), in config order. One member balances nothing (the selection
+    #: table carries it all) but keeps its per-host placements for when others rejoin.
     members: tuple[tuple[str, int], ...]
     #: When a recovered uplink finishes its hysteresis and may join.
     wake_at: float | None = None
@@ -1269,7 +1270,7 @@ def balance_group(
             waits.append(ready_at)
             continue
         members.append((uplink.name, uplink.weight))
-    return BalanceGroup(tuple(members) if len(members) > 1 else (), min(waits) if waits else None)
+    return BalanceGroup(tuple(members), min(waits) if waits else None)
 
 
 def select_for_policy(
@@ -1303,7 +1304,7 @@ def select_for_policy(
 class Steering:
     """What the nft table does with new connections: balance groups and policy uplinks."""
 
-    #: Per family: the balance group's (uplink, weight), empty when there is none.
+    #: Per family: the balance group's (uplink, weight); fewer than two balance nothing.
     balance: Mapping[int, tuple[tuple[str, int], ...]] = dataclasses.field(default_factory=dict)
     #: Per policy name and family: its uplink, or None for its fallback.
     policies: Mapping[str, Mapping[int, str | None]] = dataclasses.field(default_factory=dict)
@@ -3162,8 +3163,8 @@ class Agent:
         """Take the new steering; log what changed in each balance group, and note released uplinks."""
         before = self.steering
         for family in self.config.families:
-            old = dict(before.balance.get(family, ()))
-            new = dict(steering.balance.get(family, ()))
+            old, new = (dict(s.balance.get(family, ())) for s in (before, steering))
+            old, new = (members if len(members) > 1 else {} for members in (old, new))
             if old == new:
                 continue
             changes = [f"{n} joined" for n in new if n not in old]
@@ -3198,7 +3199,12 @@ class Agent:
     async def _apply_steering(self) -> None:
         """Carry a steering change into the live table, in one transaction."""
         async with self._nft_lock:
-            if self.dry_run or not self._nft_installed or self._nft_steering == self.steering:
+            if (
+                self.dry_run
+                or not self._nft_installed
+                or self._nft_config is not self.config  # _nft_loop re-installs it whole
+                or self._nft_steering == self.steering
+            ):
                 return
             before, after = self._nft_steering or Steering(), self.steering
             code, error = await nft_run("-f", "-", script=render_steering_update(self.config, before, after))
@@ -3333,6 +3339,11 @@ class Agent:
         self.config = new
         self.healths = healths
         self.runtime = runtimes
+        # The table is re-installed whole for the new config (per-host placements start
+        # afresh); until the next sync decides, it steers by the plain selection.
+        names = {p.name for p in new.policies}
+        self.policy_decisions = {k: v for k, v in self.policy_decisions.items() if k in names}
+        self.steering = Steering()
         self.managed_tables |= new.tables
         self._sync_links = True
         log.info("reloaded %s: %d uplinks", new.source, len(new.uplinks))
@@ -3518,7 +3529,7 @@ class Agent:
                 "priority": uplink.priority,
                 "weight": uplink.weight,
                 "balanced_for": [
-                    FAMILY_NAME[f] for f, m in self.steering.balance.items() if uplink.name in dict(m)
+                    FAMILY_NAME[f] for f in self.config.families if uplink.name in self._balancing(f)
                 ],
                 "table": uplink.table,
                 "mark": uplink.mark,
@@ -3558,7 +3569,7 @@ class Agent:
                     "reason": self.decisions[f].reason,
                     "stranded": self.decisions[f].stranded,
                     # the uplinks sharing new connections, with their weights (empty: no balancing)
-                    "balance": dict(self.steering.balance.get(f, ())),
+                    "balance": self._balancing(f),
                 }
                 for f in self.config.families
             },
@@ -3576,6 +3587,11 @@ class Agent:
             },
             "uplinks": uplinks,
         }
+
+    def _balancing(self, family: int) -> dict[str, int]:
+        """The uplinks sharing this family's new connections, by weight (empty: none shared)."""
+        members = self.steering.balance.get(family, ())
+        return dict(members) if len(members) > 1 else {}
 
     def _write_status(self, running: bool = True) -> None:
         path = Path(self.config.agent.state_dir) / "status.json"
@@ -3729,7 +3745,7 @@ def steering_when_all_up(config: Config) -> Steering:
         carrying = [u for u in config.uplinks if family in u.families]
         best = min(u.priority for u in carrying)
         members = tuple((u.name, u.weight) for u in carrying if u.priority == best)
-        balance[family] = members if len(members) > 1 else ()
+        balance[family] = members
     policies = {
         p.name: {
             f: next((n for n in p.uplinks if f in config.uplink(n).families), None)

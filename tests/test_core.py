@@ -362,3 +362,45 @@ def test_a_stale_round_still_counts_in_the_quality_window() -> None:
     health, _ = mwa.observe_round(health, round_(True, at=2.0), CHECK, 2.001)
     health, _ = mwa.observe_round(health, round_(False, at=1.0), CHECK, 2.002)
     assert health.loss_pct == 50.0 and health.bad_rounds == 0
+
+
+GROUP = (
+    dataclasses.replace(uplink("fibre", 1, 0), weight=2),
+    uplink("cable", 1, 1),
+    uplink("lte", 2, 2),
+)
+
+
+def test_balance_group_is_the_selected_priority_by_weight() -> None:
+    h = healths(fibre=(mwa.State.UP, 0, False), cable=(mwa.State.UP, 0, False), lte=(mwa.State.UP, 0, False))
+    assert mwa.balance_group(h, GROUP, "fibre", 30, 10) == mwa.BalanceGroup((("fibre", 2), ("cable", 1)))
+    # one member alone balances nothing (the selection table's route carries it all)
+    h["cable"] = mwa.Health("cable", state=mwa.State.DOWN, since=5)
+    assert mwa.balance_group(h, GROUP, "fibre", 30, 10).members == (("fibre", 2),)
+    # a degraded selection is a last resort, never a group
+    h = healths(fibre=(mwa.State.DEGRADED, 0, False), cable=(mwa.State.DEGRADED, 0, False))
+    assert mwa.balance_group(h, GROUP, "fibre", 30, 10).members == ()
+    assert mwa.balance_group(h, GROUP, None, 30, 10).members == ()
+
+
+def test_a_recovered_member_rejoins_only_after_the_hysteresis() -> None:
+    h = healths(fibre=(mwa.State.UP, 0, False), cable=(mwa.State.UP, 100, True), lte=(mwa.State.UP, 0, False))
+    waiting = mwa.balance_group(h, GROUP, "fibre", 30, 110)
+    assert waiting == mwa.BalanceGroup((("fibre", 2),), wake_at=130)
+    assert mwa.balance_group(h, GROUP, "fibre", 30, 130).members == (("fibre", 2), ("cable", 1))
+
+
+def test_policy_takes_its_first_usable_uplink_and_falls_back_when_none_is() -> None:
+    policy = mwa.PolicyConfig("voip", mwa.PolicyMatch(protocol="udp"), ("lte", "fibre"), "drop")
+    h = healths(fibre=(mwa.State.UP, 0, False), cable=(mwa.State.UP, 0, False), lte=(mwa.State.UP, 0, False))
+    assert mwa.select_for_policy(policy, h, GROUP, None, 30, 10).selected == "lte"  # its order, not priority
+    h["lte"] = mwa.Health("lte", state=mwa.State.DOWN, since=20)
+    moved = mwa.select_for_policy(policy, h, GROUP, "lte", 30, 21)
+    assert moved.selected == "fibre" and "lte is down" in moved.reason
+    h["fibre"] = mwa.Health("fibre", state=mwa.State.DOWN, since=22)
+    none = mwa.select_for_policy(policy, h, GROUP, "fibre", 30, 23)
+    assert none.selected is None and none.reason == "none of lte, fibre is usable; its traffic is dropped"
+    # its preferred uplink comes back after the hysteresis, like a failback
+    h = healths(fibre=(mwa.State.UP, 0, False), lte=(mwa.State.UP, 100, True))
+    assert mwa.select_for_policy(policy, h, GROUP, "fibre", 30, 110).selected == "fibre"
+    assert mwa.select_for_policy(policy, h, GROUP, "fibre", 30, 131).selected == "lte"

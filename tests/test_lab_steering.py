@@ -84,6 +84,13 @@ def test_sticky_source_keeps_each_host_on_one_uplink(lab: Lab, tmp_path: Path) -
     # Placements outlive any single connection: a second round finds every host where it was.
     for host in hosts[:4]:
         assert set(lab.connect_many(4, source=host)) == {placed[host]}
+    # lte leaves the group and comes back: the hosts on fibre, healthy all along, never move.
+    lab.silent_drop("isp2", True)
+    agent.wait_for(lambda s: s["families"]["ipv4"]["balance"] == {}, 5, "lte left the group")
+    lab.silent_drop("isp2", False)
+    wait_balanced(agent)
+    for host in (h for h, ip in placed.items() if ip == FIBRE_IP):
+        assert set(lab.connect_many(3, source=host)) == {FIBRE_IP}, host
 
 
 def test_policy_route_and_its_drop_fallback(lab: Lab, tmp_path: Path) -> None:

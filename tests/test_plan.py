@@ -312,3 +312,59 @@ def test_nft_table_is_one_replacing_transaction_with_stickiness() -> None:
     assert script.count(restore) == 2  # forwarded (prerouting) and the router's own (output)
     assert "ct mark and 0xff00 == 0 ct mark set oifname map @uplink_mark" in script
     assert "inet multiwan" in mwa.describe_plan(CONFIG)
+
+
+STEERING = mwa.parse_config(
+    """
+[agent]
+sticky = "source"
+[check]
+targets = ["198.18.1.1", "2001:db8:ffff::1"]
+[[uplink]]
+name = "fibre"
+interface = "wan0"
+weight = 3
+[[uplink]]
+name = "lte"
+interface = "wan1"
+[[policy]]
+name = "voip"
+match = { protocol = "udp", dst_port = [5060, "10000-20000"], src = "198.51.100.50/32" }
+uplinks = ["lte"]
+fallback = "drop"
+""",
+    "steering.toml",
+)
+
+
+def test_nft_steering_rules() -> None:
+    steering = mwa.Steering({4: (("fibre", 3), ("lte", 1)), 6: ()}, {"voip": {4: None}})
+    script = mwa.render_nft(STEERING, steering)
+    lines = [line.strip() for line in script.splitlines()]
+    # only new connections from the LAN are placed; replies and inbound ones never
+    assert 'ct state new ct mark and 0xff00 == 0 iifname != { "wan0", "wan1" } jump steer' in lines
+    assert (
+        "meta nfproto ipv4 ip saddr { 198.51.100.50/32 } udp dport { 5060, 10000-20000 } jump policy_voip"
+    ) in lines
+    # the drop fallback drops only what would leave through an uplink
+    assert 'meta nfproto ipv4 fib daddr oifname { "wan0", "wan1" } drop' in lines
+    assert "meta nfproto ipv4 numgen random mod 4 vmap { 0-2 : goto new4_fibre, 3 : goto new4_lte }" in lines
+    assert "meta nfproto ipv4 ip saddr @source4_lte update @source4_lte { ip saddr } goto to_lte" in lines
+    assert "meta mark set meta mark and 0xffff00ff or 0x200 accept" in lines  # other mark bits kept
+    assert not any("meta nfproto ipv6 numgen" in line for line in lines)  # no IPv6 group
+
+
+def test_steering_update_is_one_transaction_that_keeps_placements() -> None:
+    both = mwa.Steering({4: (("fibre", 3), ("lte", 1)), 6: (("fibre", 3), ("lte", 1))}, {"voip": {4: "lte"}})
+    fibre_only = mwa.Steering({4: (("fibre", 3),), 6: (("fibre", 3),)}, {"voip": {4: None}})
+    update = mwa.render_steering_update(STEERING, both, fibre_only).splitlines()
+    assert update[0] == "flush chain inet multiwan balance"
+    assert "add rule inet multiwan policy_voip meta nfproto ipv4 goto to_lte" not in update
+    # the hosts placed on the uplink that left are placed afresh; fibre's stay where they are
+    flushed = [line for line in update if line.startswith("flush set")]
+    assert flushed == ["flush set inet multiwan source4_lte", "flush set inet multiwan source6_lte"]
+    assert [
+        x for x in mwa.render_steering_update(STEERING, fibre_only, both).splitlines() if "set" in x
+    ] == []
+    plain = mwa.render_nft(CONFIG)
+    assert "set source" not in plain and "chain new4_" not in plain  # sticky per connection: no host sets
