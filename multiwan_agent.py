@@ -2464,10 +2464,16 @@ class NetlinkEvents:
 # it actually leaves through; later packets of it in the original direction
 # get that mark back (meta mark), and the fwmark rules send them through that
 # uplink's table whatever the current default is. Replies are never marked, so
-# they route normally towards the LAN. The table is always written whole in
-# one `nft -f` transaction, and no other table is ever touched.
+# they route normally towards the LAN. New connections from the LAN are also
+# *placed* here (chain `steer`): policies first, then the balance group, by
+# setting the mark of the chosen uplink before routing. The chains that change
+# with health (`balance`, `policy_<name>`) are rewritten in one transaction of
+# their own, so per-host placements survive; otherwise the table is written
+# whole in one `nft -f` transaction. No other table is ever touched.
 
 NFT_TABLE: Final = "inet multiwan"
+#: nft's keyword for each family's header.
+NFT_ADDRESS: Final = {4: "ip", 6: "ip6"}
 #: NFNLGRP_NFTABLES: every nftables change, also another firewall's `flush ruleset`.
 NFNLGRP_NFTABLES: Final = 7
 NETLINK_NETFILTER: Final = 12
@@ -2551,10 +2557,6 @@ def render_steering_update(config: Config, before: Steering, after: Steering) ->
         if name in {n for n, _ in before.balance.get(family, ())} - kept:
             out.append(f"flush set {NFT_TABLE} source{family}_{name}")
     return "\n".join(out) + "\n"
-
-
-#: nft's keyword for each family's header.
-NFT_ADDRESS: Final = {4: "ip", 6: "ip6"}
 
 
 def _source_sets(config: Config) -> list[tuple[int, str]]:
