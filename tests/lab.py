@@ -613,6 +613,10 @@ class Lab:
         """`ip -j -4|-6 route show default table X` (empty if the table does not exist)."""
         return self.ip_json(role, f"-{_check_family(family)}", "route", "show", "default", "table", table)
 
+    def uplink_default(self, table: str, family: int = 4) -> list[dict[str, Any]]:
+        """The router's real default routes in an uplink table (its `unreachable` fallback left out)."""
+        return [r for r in self.default_routes("router", table, family) if r.get("type") != "unreachable"]
+
     def rules(self, role: str = "router", family: int = 4) -> list[dict[str, Any]]:
         """`ip -j rule show` (IPv4, as before) or `ip -j -6 rule show`."""
         if _check_family(family) == 4:

@@ -258,7 +258,7 @@ def test_interface_vanishes_and_returns(lab: Lab, tmp_path: Path) -> None:
     dhcp_default_wan1(lab)
     agent.wait_state("lte", "up", timeout=5)
     assert f"from {LTE_IP} lookup 202" in lab.ip("router", "rule", "show")
-    assert lab.default_routes("router", "202")[0]["dev"] == "wan1"
+    assert lab.uplink_default("202")[0]["dev"] == "wan1"
     assert agent.proc.poll() is None
 
 

@@ -133,7 +133,7 @@ def test_renumbering_of_the_backup_is_followed_at_once(lab: Lab, tmp_path: Path)
     while True:
         rules = lab.ip("router", "rule", "show")
         selected_route = lab.default_routes("router", "200")
-        table = lab.default_routes("router", "202")
+        table = lab.uplink_default("202")
         followed = (
             "from 203.0.113.10 lookup 202" in rules
             and LTE_IP not in rules
@@ -163,7 +163,7 @@ def test_point_to_point_uplink_fails_over_and_back(lab: Lab, tmp_path: Path) -> 
     )
     agent = AgentProcess(lab, tmp_path, config)
     agent.wait_both_up()
-    assert lab.default_routes("router", "202")[0].get("gateway") is None
+    assert lab.uplink_default("202")[0].get("gateway") is None
     lab.silent_drop("isp1", True)
     agent.wait_selected("lte", timeout=5)
     route = lab.default_routes("router", "200")[0]

@@ -103,7 +103,7 @@ def renumber(runs: int) -> list[float]:
                     "from 203.0.113.10 lookup 202" in rules
                     and "203.0.113.6" not in rules
                     and [r.get("gateway") for r in lab.default_routes("router", "200")] == ["203.0.113.9"]
-                    and [r.get("gateway") for r in lab.default_routes("router", "202")] == ["203.0.113.9"]
+                    and [r.get("gateway") for r in lab.uplink_default("202")] == ["203.0.113.9"]
                 ):
                     break
                 time.sleep(0.002)
