@@ -2483,7 +2483,8 @@ def render_nft(config: Config, steering: Steering | None = None) -> str:
     """The whole table, as one transaction that replaces whatever version is live."""
     mask = config.agent.mark_mask
     marks = ", ".join(f'"{u.interface}" : {u.mark:#x}' for u in config.uplinks)
-    restore = f"ct direction original ct mark and {mask:#x} != 0 meta mark set ct mark and {mask:#x}"
+    marked = f"ct mark and {mask:#x} != 0 meta mark set ct mark and {mask:#x}"
+    restore = f"ct direction original {marked}"
     uplink_ifaces = ", ".join(f'"{u.interface}"' for u in config.uplinks)
     dynamic = _steering_chains(config, steering or Steering())
     out = [
@@ -2507,8 +2508,12 @@ def render_nft(config: Config, steering: Steering | None = None) -> str:
         "\tchain prerouting {",
         "\t\ttype filter hook prerouting priority mangle; policy accept;",
         f"\t\t{restore}",
-        # New connections from the LAN only: what comes in from the internet is not ours to place.
+        # The replies of a port forward leave through the uplink its connection came in on
+        # (their source is the LAN host's until the reverse NAT; nothing else would route them back).
+        f"\t\tct direction reply ct status dnat {marked}",
+        # New connections from the LAN are placed; those from the internet belong to their uplink.
         f"\t\tct state new ct mark and {mask:#x} == 0 iifname != {{ {uplink_ifaces} }} jump steer",
+        f"\t\tct state new ct mark and {mask:#x} == 0 ct mark set iifname map @uplink_mark",
         "\t}",
         "\tchain steer {",
         *(f"\t\t{_policy_match(policy, f)} jump policy_{policy.name}" for policy, f in _policy_rows(config)),

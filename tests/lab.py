@@ -1003,6 +1003,7 @@ class Lab:
         role: str = "lan",
         source: str | None = None,
         host: str | None = None,
+        port: int = SERVER_PORT,
     ) -> list[str | None]:
         """`count` new TCP connections one after the other (each a new conntrack flow);
         per connection the source ip the server saw, or None for a failed one."""
@@ -1011,7 +1012,7 @@ class Lab:
         proc = self.run(
             role,
             sys.executable, str(CONNECTOR),
-            "--host", host or server_ip(family), "--port", str(SERVER_PORT),
+            "--host", host or server_ip(family), "--port", str(port),
             "--max-attempts", str(count), "--timeout-ms", str(timeout_ms), "--period-ms", "1",
             "--duration-s", str(duration_s),
             *(("--source", source) if source else ()),
@@ -1038,6 +1039,19 @@ class Lab:
             text=True,
             bufsize=1,
         )  # fmt: skip
+
+    def start_lan_server(self, port: int) -> None:
+        """The echo server on the LAN host (LAN_HOST:port), e.g. behind a port forward."""
+        proc = self.popen(
+            "lan",
+            [sys.executable, str(ECHO_SERVER), "--host", LAN_HOST, "--port", str(port)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        line = _read_line(proc.stdout, time.monotonic() + READY_TIMEOUT_S)
+        if line is None or line.strip() != "ready":
+            raise LabError("the echo server on the LAN host did not start")
 
     def add_second_lan(self) -> str:
         """A second LAN behind the router, reached through main's connected route only.

@@ -219,3 +219,26 @@ def test_release_on_failback_moves_a_backup_flow_to_the_preferred_uplink(lab: La
     later = [w for w in after if w[0] > back_at]
     # The metered backup carries the flow no longer: the next keepalive already goes via fibre.
     assert later and later[0][1:] == ("ok", FIBRE_IP), after
+
+
+def test_a_port_forward_through_the_backup_is_answered_through_the_backup(lab: Lab, tmp_path: Path) -> None:
+    lab.start_lan_server(8080)
+    lab.nft(
+        "router",
+        "table ip labfwd {\n"
+        "  chain pre {\n"
+        "    type nat hook prerouting priority -100; policy accept;\n"
+        f'    iifname "wan1" tcp dport 8081 dnat to {LAN_HOST}:8080\n'
+        "  }\n"
+        "}\n",
+    )
+    # Without the agent the replies follow main's default out of wan0, and isp1 drops them (BCP38).
+    assert lab.connect_many(1, timeout=0.5, role="inet", host=LTE_IP, port=8081) == [None]
+    assert lab.counter("isp1", "spoofed") > 0
+    agent = AgentProcess(lab, tmp_path, lab_config(tmp_path / "state", hysteresis="300ms"))
+    agent.wait_both_up()
+    agent.wait_log("nft: installed table inet multiwan")
+    # The connections come in on lte, so their replies leave by lte (out of fibre they would be
+    # dropped, as above), while fibre carries the default.
+    assert set(lab.connect_many(20, role="inet", host=LTE_IP, port=8081)) == {"198.18.0.6"}
+    assert agent.status()["selected"] == "fibre"  # type: ignore[index]
