@@ -343,6 +343,11 @@ def test_nft_steering_rules() -> None:
     lines = [line.strip() for line in script.splitlines()]
     # only new connections from the LAN are placed; replies and inbound ones never
     assert 'ct state new ct mark and 0xff00 == 0 iifname != { "wan0", "wan1" } jump steer' in lines
+    # connections from the internet belong to the uplink they came in on; port forwards answer through it
+    assert "ct state new ct mark and 0xff00 == 0 ct mark set iifname map @uplink_mark" in lines
+    assert (
+        "ct direction reply ct status dnat ct mark and 0xff00 != 0 meta mark set ct mark and 0xff00" in lines
+    )
     assert (
         "meta nfproto ipv4 ip saddr { 198.51.100.50/32 } udp dport { 5060, 10000-20000 } jump policy_voip"
     ) in lines
