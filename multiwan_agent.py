@@ -1587,8 +1587,14 @@ def diff_network(
         key = (route.family, route.table, route.unreachable)
         wanted_routes.add(key)
         found = ours.get(key)
-        index = None if route.unreachable else indexes.get(route.interface)
-        if found is None or found.oif != index or found.gateway != route.gateway:
+        if route.unreachable:
+            # Presence is all: the kernel reports IPv6 `unreachable` routes with oif lo.
+            stale = found is None
+        else:
+            stale = (
+                found is None or found.oif != indexes.get(route.interface) or found.gateway != route.gateway
+            )
+        if stale:
             changes.append(Change("replace_route", route=route))
     installed = {rule.spec() for rule in rules if owns_rule(config, rule)}
     wanted = set(plan.rules)

@@ -335,6 +335,11 @@ def test_dual_stack_fails_over_and_back_in_both_families(lab: Lab, tmp_path: Pat
     assert lab.connect_once(family=6) == FIBRE_IP6
     # main's RA routes were never touched
     assert [r["protocol"] for r in lab.default_routes("router", "main", family=6)] == ["ra", "ra"]
+    # A steady state is quiet: each uplink table's unreachable fallback was written once per family
+    # (a reconcile that kept rewriting it would wake itself with its own route events).
+    log = agent.log()
+    for family in ("ipv4", "ipv6"):
+        assert log.count(f"replace_route {family} unreachable") == 2, log
 
 
 def test_ipv6_probes_leave_through_their_own_uplink(lab: Lab, tmp_path: Path) -> None:

@@ -49,9 +49,15 @@ def installed(plan: mwa.NetPlan) -> tuple[list[mwa.RuleEntry], list[mwa.RouteEnt
 
 
 def installed_routes(plan: mwa.NetPlan, indexes: dict[str, int]) -> list[mwa.RouteEntry]:
+    """As the kernel dumps them: an IPv6 `unreachable` route comes back with oif lo (1)."""
     return [
         mwa.RouteEntry(
-            r.table, None if r.unreachable else indexes[r.interface], r.gateway, P, r.family, r.unreachable
+            r.table,
+            (1 if r.family == 6 else None) if r.unreachable else indexes[r.interface],
+            r.gateway,
+            P,
+            r.family,
+            r.unreachable,
         )
         for r in plan.uplink_routes + plan.default_routes + plan.unreachable_routes
     ]
