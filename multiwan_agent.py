@@ -2486,22 +2486,19 @@ NETLINK_NETFILTER: Final = 12
 
 
 def render_nft(config: Config, steering: Steering | None = None) -> str:
-    """The whole table, as one transaction that replaces whatever version is live."""
-    mask = config.agent.mark_mask
-    marks = ", ".join(f'"{u.interface}" : {u.mark:#x}' for u in config.uplinks)
-    marked = f"ct mark and {mask:#x} != 0 meta mark set ct mark and {mask:#x}"
-    restore = f"ct direction original {marked}"
-    uplink_ifaces = ", ".join(f'"{u.interface}"' for u in config.uplinks)
+    """The whole table, as one transaction that replaces whatever version is live.
+
+    Only the `mark_mask` bits of the packet and connection marks are ever
+    changed: each uplink's chains `to_<uplink>` (packet) and `ct_<uplink>`
+    (connection) set its mark into those bits and keep the others.
+    """
+    mask = f"{config.agent.mark_mask:#x}"
+    # A connection's uplink, from its mark, and an interface's uplink: verdict maps to those chains.
+    by_mark = ", ".join(f"{u.mark:#x} : goto to_{u.name}" for u in config.uplinks)
+    by_oif = ", ".join(f'"{u.interface}" : goto ct_{u.name}' for u in config.uplinks)
+    restore = f"ct direction original ct mark and {mask} vmap {{ {by_mark} }}"
     dynamic = _steering_chains(config, steering or Steering())
-    out = [
-        f"add table {NFT_TABLE}",
-        f"delete table {NFT_TABLE}",
-        f"table {NFT_TABLE} {{",
-        "\tmap uplink_mark {",
-        "\t\ttypeof oifname : meta mark",
-        f"\t\telements = {{ {marks} }}",
-        "\t}",
-    ]
+    out = [f"add table {NFT_TABLE}", f"delete table {NFT_TABLE}", f"table {NFT_TABLE} {{"]
     for family, name in _source_sets(config):
         out += [
             f"\tset source{family}_{name} {{",
@@ -2516,10 +2513,10 @@ def render_nft(config: Config, steering: Steering | None = None) -> str:
         f"\t\t{restore}",
         # The replies of a port forward leave through the uplink its connection came in on
         # (their source is the LAN host's until the reverse NAT; nothing else would route them back).
-        f"\t\tct direction reply ct status dnat {marked}",
+        f"\t\tct direction reply ct status dnat ct mark and {mask} vmap {{ {by_mark} }}",
         # New connections from the LAN are placed; those from the internet belong to their uplink.
-        f"\t\tct state new ct mark and {mask:#x} == 0 iifname != {{ {uplink_ifaces} }} jump steer",
-        f"\t\tct state new ct mark and {mask:#x} == 0 ct mark set iifname map @uplink_mark",
+        f"\t\tct state new ct mark and {mask} == 0 iifname != {{ {_uplink_interfaces(config)} }} jump steer",
+        f"\t\tct state new ct mark and {mask} == 0 iifname vmap {{ {by_oif} }}",
         "\t}",
         "\tchain steer {",
         *(f"\t\t{_policy_match(policy, f)} jump policy_{policy.name}" for policy, f in _policy_rows(config)),
@@ -2535,11 +2532,14 @@ def render_nft(config: Config, steering: Steering | None = None) -> str:
             f"\t\tadd @source{family}_{name} {{ {address} }} goto to_{name}",
             "\t}",
         ]
+    keep = f"{~config.agent.mark_mask & 0xFFFFFFFF:#x}"
     for uplink in config.uplinks:
-        keep = ~mask & 0xFFFFFFFF
         out += [
             f"\tchain to_{uplink.name} {{",
-            f"\t\tmeta mark set meta mark and {keep:#x} or {uplink.mark:#x} accept",
+            f"\t\tmeta mark set meta mark and {keep} or {uplink.mark:#x} accept",
+            "\t}",
+            f"\tchain ct_{uplink.name} {{",
+            f"\t\tct mark set ct mark and {keep} or {uplink.mark:#x}",
             "\t}",
         ]
     out += [
@@ -2549,10 +2549,16 @@ def render_nft(config: Config, steering: Steering | None = None) -> str:
         "\t}",
         "\tchain postrouting {",
         "\t\ttype filter hook postrouting priority mangle; policy accept;",
-        f"\t\tct mark and {mask:#x} == 0 ct mark set oifname map @uplink_mark",
+        # A new connection belongs to the uplink it actually leaves through.
+        f"\t\tct mark and {mask} == 0 oifname vmap {{ {by_oif} }}",
         "\t}",
     ]
     return "\n".join(out) + "\n" + _render_nat(config) + "}\n"
+
+
+def _uplink_interfaces(config: Config) -> str:
+    """The uplinks' interfaces as the elements of an anonymous nft set."""
+    return ", ".join(f'"{u.interface}"' for u in config.uplinks)
 
 
 def render_steering_update(config: Config, before: Steering, after: Steering) -> str:
@@ -2604,7 +2610,6 @@ def _policy_match(policy: PolicyConfig, family: int) -> str:
 def _steering_chains(config: Config, steering: Steering) -> dict[str, list[str]]:
     """The bodies of the chains that change with health: `balance` and one per policy."""
     chains = {"balance": _balance_rules(config, steering)}
-    uplink_ifaces = ", ".join(f'"{u.interface}"' for u in config.uplinks)
     for policy in config.policies:
         rules: list[str] = []
         chosen = steering.policies.get(policy.name, {})
@@ -2617,7 +2622,7 @@ def _steering_chains(config: Config, steering: Steering) -> dict[str, list[str]]
                 rules.append(f"{nfproto} goto to_{uplink}")
             elif policy.fallback == "drop":
                 # Only what would leave through an uplink: main's LANs and VPNs stay reachable.
-                rules.append(f"{nfproto} fib daddr oifname {{ {uplink_ifaces} }} drop")
+                rules.append(f"{nfproto} fib daddr oifname {{ {_uplink_interfaces(config)} }} drop")
         chains[f"policy_{policy.name}"] = rules
     return chains
 

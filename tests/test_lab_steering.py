@@ -242,3 +242,32 @@ def test_a_port_forward_through_the_backup_is_answered_through_the_backup(lab: L
     # dropped, as above), while fibre carries the default.
     assert set(lab.connect_many(20, role="inet", host=LTE_IP, port=8081)) == {"198.18.0.6"}
     assert agent.status()["selected"] == "fibre"  # type: ignore[index]
+
+
+def test_other_mark_bits_are_left_alone(lab: Lab, tmp_path: Path) -> None:
+    # Another firewall (SQM, a VPN policy) uses bit 0x1 of the packet and connection marks.
+    forwarded = 'iifname "lan0" oifname { "wan0", "wan1" }'
+    lab.nft(
+        "router",
+        "table ip other {\n"
+        "  counter kept { packets 0 bytes 0 }\n"
+        "  counter lost { packets 0 bytes 0 }\n"
+        "  chain pre {\n"
+        "    type filter hook prerouting priority -190; policy accept;\n"  # after conntrack (-200)
+        "    meta mark set meta mark or 0x1 ct mark set ct mark or 0x1\n"
+        "  }\n"
+        "  chain post {\n"
+        "    type filter hook postrouting priority 200; policy accept;\n"
+        f"    {forwarded} meta mark and 0x1 == 0x1 ct mark and 0x1 == 0x1 counter name kept\n"
+        f"    {forwarded} meta mark and 0x1 == 0 counter name lost\n"
+        f"    {forwarded} ct mark and 0x1 == 0 counter name lost\n"
+        "  }\n"
+        "}\n",
+    )
+    agent = AgentProcess(lab, tmp_path, balanced_config(tmp_path))
+    wait_balanced(agent)
+    assert set(lab.connect_many(40)) == {FIBRE_IP, LTE_IP}  # balanced, hence marked by the agent
+    counters = lab.run("router", "nft", "list", "table", "ip", "other").stdout
+    kept = int(re.search(r"counter kept \{\s*packets (\d+)", counters)[1])  # type: ignore[index]
+    lost = int(re.search(r"counter lost \{\s*packets (\d+)", counters)[1])  # type: ignore[index]
+    assert kept >= 80 and lost == 0, counters

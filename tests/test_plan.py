@@ -313,10 +313,15 @@ def test_nft_table_is_one_replacing_transaction_with_stickiness() -> None:
     script = mwa.render_nft(CONFIG)
     lines = script.splitlines()
     assert lines[:3] == ["add table inet multiwan", "delete table inet multiwan", "table inet multiwan {"]
-    assert '"wan0" : 0x100, "wan1" : 0x200, "wg0" : 0x300' in script
-    restore = "ct direction original ct mark and 0xff00 != 0 meta mark set ct mark and 0xff00"
+    by_mark = "0x100 : goto to_fibre, 0x200 : goto to_lte, 0x300 : goto to_vpn"
+    restore = f"ct direction original ct mark and 0xff00 vmap {{ {by_mark} }}"
     assert script.count(restore) == 2  # forwarded (prerouting) and the router's own (output)
-    assert "ct mark and 0xff00 == 0 ct mark set oifname map @uplink_mark" in script
+    by_oif = '"wan0" : goto ct_fibre, "wan1" : goto ct_lte, "wg0" : goto ct_vpn'
+    assert f"ct mark and 0xff00 == 0 oifname vmap {{ {by_oif} }}" in script
+    # only the mark_mask bits of either mark are ever written
+    assert "\t\tmeta mark set meta mark and 0xffff00ff or 0x200 accept\n" in script
+    assert "\t\tct mark set ct mark and 0xffff00ff or 0x300\n" in script
+    assert "meta mark set ct mark" not in script and "map @" not in script
     assert "inet multiwan" in mwa.describe_plan(CONFIG)
 
 
@@ -350,10 +355,10 @@ def test_nft_steering_rules() -> None:
     # only new connections from the LAN are placed; replies and inbound ones never
     assert 'ct state new ct mark and 0xff00 == 0 iifname != { "wan0", "wan1" } jump steer' in lines
     # connections from the internet belong to the uplink they came in on; port forwards answer through it
-    assert "ct state new ct mark and 0xff00 == 0 ct mark set iifname map @uplink_mark" in lines
-    assert (
-        "ct direction reply ct status dnat ct mark and 0xff00 != 0 meta mark set ct mark and 0xff00" in lines
-    )
+    by_oif = '"wan0" : goto ct_fibre, "wan1" : goto ct_lte'
+    assert f"ct state new ct mark and 0xff00 == 0 iifname vmap {{ {by_oif} }}" in lines
+    by_mark = "0x100 : goto to_fibre, 0x200 : goto to_lte"
+    assert f"ct direction reply ct status dnat ct mark and 0xff00 vmap {{ {by_mark} }}" in lines
     assert (
         "meta nfproto ipv4 ip saddr { 198.51.100.50/32 } udp dport { 5060, 10000-20000 } jump policy_voip"
     ) in lines
