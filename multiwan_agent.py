@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import dataclasses
+import errno
 import ipaddress
 import json
 import logging
@@ -100,6 +101,8 @@ IFA_F_UNUSABLE6: Final = 0x40 | 0x08 | 0x20
 RT_SCOPE_UNIVERSE: Final = 0
 RT_TABLE_MAIN: Final = 254
 RTN_UNREACHABLE: Final = 7
+#: Conntrack status bit of a connection whose destination was NATed (a port forward).
+IPS_DST_NAT: Final = 1 << 5
 #: The metric our real defaults get (none is given; IPv6 makes 0 into 1024).
 DEFAULT_METRIC: Final = {4: 0, 6: 1024}
 NLMSG_HEADER: Final = struct.Struct("=IHHII")
@@ -2373,29 +2376,46 @@ def nl_conntrack_counts(ipr: Any, marks: Mapping[str, int], mask: int) -> dict[s
     return counts
 
 
-def nl_conntrack_release(ipr: Any, mark: int, mask: int) -> int:
-    """Delete the tracked connections marked for one uplink, one by one; never a flush.
+@dataclass(frozen=True, slots=True)
+class Released:
+    """What nl_conntrack_release did."""
+
+    deleted: int = 0
+    #: Connections that came in from the internet (port forwards, to the router): kept.
+    inbound_kept: int = 0
+    failed: int = 0
+    error: str | None = None
+
+
+def nl_conntrack_release(ipr: Any, mark: int, mask: int, local: frozenset[str]) -> Released:
+    """Delete the connections placed on one uplink, one by one; never a flush.
 
     Each delete names the entry's original tuple and its id, so an entry that
     was re-created meanwhile (a new flow with the same ports, already on the new
-    path) is left alone: the kernel refuses a stale id.
+    path) is left alone: the kernel refuses a stale id. Connections that came
+    in from the internet (destination NAT, or addressed to one of `local`) are
+    kept: they live or die with their uplink, and the other end re-opens them.
     """
     del ipr
-    deleted = 0
+    released = Released()
     for family in FAMILIES:
         conntrack = _conntrack(family)
         try:
             # The whole dump first: pyroute2 cannot send while a dump is being read.
             entries = list(conntrack.dump_entries(mark=mark, mark_mask=mask))
             for entry in entries:
+                if (entry.status or 0) & IPS_DST_NAT or entry.tuple_orig.daddr in local:
+                    released = dataclasses.replace(released, inbound_kept=released.inbound_kept + 1)
+                    continue
                 try:
                     conntrack.entry("del", tuple_orig=entry.tuple_orig, id=entry.id)
-                    deleted += 1
-                except Exception:  # gone meanwhile (timed out, or closed): nothing to release
-                    pass
+                    released = dataclasses.replace(released, deleted=released.deleted + 1)
+                except Exception as err:  # NetlinkError is no OSError
+                    if getattr(err, "code", None) != errno.ENOENT:  # ENOENT: it went meanwhile
+                        released = dataclasses.replace(released, failed=released.failed + 1, error=str(err))
         finally:
             conntrack.close()
-    return deleted
+    return released
 
 
 def _conntrack(family: int) -> Any:
@@ -3202,6 +3222,7 @@ class Agent:
         self.steering = steering
         carrying = {n for n in self.selected.values() if n is not None}
         carrying |= {n for members in steering.balance.values() for n, _ in members}
+        carrying |= {n for chosen in steering.policies.values() for n in chosen.values() if n is not None}
         for name in self._carrying - carrying:
             health = self.healths.get(name)
             runtime = self.runtime.get(name)
@@ -3211,7 +3232,7 @@ class Agent:
                 and health.state is not State.DOWN
                 and "on_failback" in runtime.uplink.release_flows
             ):
-                self._release_pending[name] = "a better uplink took over"
+                self._release_pending[name] = "it no longer carries new traffic"
         self._carrying = carrying
 
     async def _apply_steering(self) -> None:
@@ -3234,7 +3255,13 @@ class Agent:
         self._nft_wanted.set()
 
     async def _release_flows(self) -> None:
-        """release_flows: delete the conntrack entries marked for these uplinks (never a flush)."""
+        """release_flows: delete the conntrack entries placed on these uplinks (never a flush)."""
+        local = frozenset(
+            address
+            for interface in self.interfaces.values()
+            for address in (interface.address, interface.address6)
+            if address is not None
+        )
         for name, why in list(self._release_pending.items()):
             runtime = self.runtime.get(name)
             if runtime is None:
@@ -3245,19 +3272,24 @@ class Agent:
             del self._release_pending[name]
             mark, mask = runtime.uplink.mark, self.config.agent.mark_mask
             try:
-                released = await self._netlink.call(nl_conntrack_release, mark, mask)
-            except Exception as err:
+                released = await self._netlink.call(nl_conntrack_release, mark, mask, local)
+            except Exception as err:  # no nf_conntrack_netlink, no permission
                 log.warning("uplink=%s cannot release its connections: %s", name, err)
                 continue
             log.warning(
                 "uplink=%s released %d tracked connection(s) marked %#x/%#x (%s); they re-establish over "
-                "the new path, no other entry was touched",
+                "the new path; kept %d that came in from the internet; no other entry was touched",
                 name,
-                released,
+                released.deleted,
                 mark,
                 mask,
                 why,
+                released.inbound_kept,
             )
+            if released.failed:
+                log.warning(
+                    "uplink=%s could not release %d connection(s): %s", name, released.failed, released.error
+                )
 
     def _adoptable(self, routes: Sequence[RouteEntry]) -> dict[int, str]:
         """Per family, the uplink the selection table's default (left by a previous run) points at."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from agent_proc import AgentProcess, lab_config
-from lab import LAN_HOST, Lab
+from lab import LAB_TOOLS, LAN_HOST, Lab
 
 pytestmark = pytest.mark.lab
 
@@ -202,11 +202,23 @@ def test_release_on_failback_moves_a_backup_flow_to_the_preferred_uplink(lab: La
     config = lab_config(tmp_path / "state", hysteresis="300ms").replace(
         "priority = 2\n", 'priority = 2\nrelease_flows = "on_failback"\n', 1
     )
+    forward_to_the_lan(lab)
     agent = AgentProcess(lab, tmp_path, config)
     agent.wait_both_up()
     lab.silent_drop("isp1", True)
     agent.wait_selected("lte", timeout=5)
     flow = lab.start_udp_keepalive(period_ms=500, duration_s=12)
+    # A session from the internet through a port forward on lte: healthy, and not lte's to give up.
+    inbound = lab.popen(
+        "inet",
+        [
+            sys.executable, str(LAB_TOOLS / "holder.py"), "--host", LTE_IP, "--port", "8081",
+            "--duration-s", "10", "--period-ms", "100",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert inbound.stdout is not None and inbound.stdout.readline().startswith("# source")
     first = keepalive_lines(flow, time.monotonic() + 1.2)
     assert first and all(w[1:] == ("ok", LTE_IP) for w in first), first
     lab.silent_drop("isp1", False)
@@ -219,9 +231,15 @@ def test_release_on_failback_moves_a_backup_flow_to_the_preferred_uplink(lab: La
     later = [w for w in after if w[0] > back_at]
     # The metered backup carries the flow no longer: the next keepalive already goes via fibre.
     assert later and later[0][1:] == ("ok", FIBRE_IP), after
+    assert "kept 1 that came in from the internet" in agent.log()
+    inbound.terminate()
+    exchanges = [line.split() for line in inbound.stdout.read().splitlines() if line[:1].isdigit()]
+    inbound.wait(timeout=5)
+    assert len(exchanges) >= 10 and all(words[1] == "ok" for words in exchanges), exchanges
 
 
-def test_a_port_forward_through_the_backup_is_answered_through_the_backup(lab: Lab, tmp_path: Path) -> None:
+def forward_to_the_lan(lab: Lab) -> None:
+    """A port forward on lte (wan1): 203.0.113.6:8081 -> the LAN host's echo server :8080."""
     lab.start_lan_server(8080)
     lab.nft(
         "router",
@@ -232,6 +250,10 @@ def test_a_port_forward_through_the_backup_is_answered_through_the_backup(lab: L
         "  }\n"
         "}\n",
     )
+
+
+def test_a_port_forward_through_the_backup_is_answered_through_the_backup(lab: Lab, tmp_path: Path) -> None:
+    forward_to_the_lan(lab)
     # Without the agent the replies follow main's default out of wan0, and isp1 drops them (BCP38).
     assert lab.connect_many(1, timeout=0.5, role="inet", host=LTE_IP, port=8081) == [None]
     assert lab.counter("isp1", "spoofed") > 0
