@@ -3332,6 +3332,11 @@ class Agent:
             self.notifier.send("READY=1")
             return
         problem = self._reload_problem(self.config, new) or "; ".join(await self._collisions(new))
+        if not problem and not self.dry_run:
+            # The new table must load before anything switches to it (`nft -c` changes nothing).
+            code, error = await nft_run("-c", "-f", "-", script=render_nft(new, steering_when_all_up(new)))
+            if code not in (0, 127):  # 127: no nft at all, as before the reload
+                problem = f"nft rejects its table: {error}"
         if problem:
             log.error("reload rejected, keeping the running config: %s", problem)
             self.notifier.send("READY=1")
@@ -3390,10 +3395,28 @@ class Agent:
         self.healths = healths
         self.runtime = runtimes
         # The table is re-installed whole for the new config (per-host placements start
-        # afresh); until the next sync decides, it steers by the plain selection.
-        names = {p.name for p in new.policies}
-        self.policy_decisions = {k: v for k, v in self.policy_decisions.items() if k in names}
-        self.steering = Steering()
+        # afresh). Until the next sync decides, it keeps the steering that still applies.
+        policies = {p.name: p for p in new.policies}
+        self.policy_decisions = {
+            name: {
+                f: d
+                for f, d in decisions.items()
+                if d.selected is None or d.selected in policies[name].uplinks
+            }
+            for name, decisions in self.policy_decisions.items()
+            if name in policies
+        }
+        weights = {u.name: u.weight for u in new.uplinks}
+        self.steering = Steering(
+            {
+                f: tuple((n, weights[n]) for n, _ in m if n in weights)
+                for f, m in self.steering.balance.items()
+            },
+            {
+                name: {f: d.selected for f, d in decisions.items()}
+                for name, decisions in self.policy_decisions.items()
+            },
+        )
         self.managed_tables |= new.tables
         self._sync_links = True
         log.info("reloaded %s: %d uplinks", new.source, len(new.uplinks))

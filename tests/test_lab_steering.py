@@ -4,6 +4,7 @@ release_flows, and what must never happen to replies and other LANs."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -293,3 +294,18 @@ def test_other_mark_bits_are_left_alone(lab: Lab, tmp_path: Path) -> None:
     kept = int(re.search(r"counter kept \{\s*packets (\d+)", counters)[1])  # type: ignore[index]
     lost = int(re.search(r"counter lost \{\s*packets (\d+)", counters)[1])  # type: ignore[index]
     assert kept >= 80 and lost == 0, counters
+
+
+def test_a_reload_brings_in_balance_and_policies(lab: Lab, tmp_path: Path) -> None:
+    other_host = "198.51.100.30"
+    lab.ip("lan", "addr", "add", f"{other_host}/24", "dev", "eth0")
+    agent = AgentProcess(lab, tmp_path, lab_config(tmp_path / "state", hysteresis="300ms"))
+    agent.wait_both_up()
+    assert set(lab.connect_many(10, source=other_host)) == {FIBRE_IP}
+    policy = f'\n[[policy]]\nname = "pinned"\nmatch = {{ src = "{LAN_HOST}/32" }}\nuplinks = ["lte"]\n'
+    agent.config_path.write_text(balanced_config(tmp_path, 3, 1) + policy)
+    agent.signal(signal.SIGHUP)
+    wait_balanced(agent, {"fibre": 3, "lte": 1})
+    agent.wait_for(lambda s: s["policies"]["pinned"]["ipv4"]["uplink"] == "lte", 5, "policy")
+    assert set(lab.connect_many(10)) == {LTE_IP}  # the policy
+    assert set(lab.connect_many(60, source=other_host)) == {FIBRE_IP, LTE_IP}  # the balance group
