@@ -132,8 +132,11 @@ DNS_TYPES: Final = {"A": 1, "AAAA": 28}
 DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-IFNAME_RE: Final = re.compile(rf"^[^\s/:]{{1,{IFNAME_MAX}}}$")
-PORT_RANGE_RE: Final = re.compile(r"^(\d{1,5})-(\d{1,5})$")
+#: Interface names as the agent accepts them: what nft takes unquoted-safe in a string.
+IFNAME_RE: Final = re.compile(rf"^[A-Za-z0-9_.@-]{{1,{IFNAME_MAX}}}$")
+IFNAME_EXPECTED: Final = f"an interface name (letters, digits, '_', '.', '@', '-'; at most {IFNAME_MAX})"
+#: A port or a port range, as a policy takes them ("443", "10000-20000").
+PORT_RE: Final = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
 
 
 # Errors ######################################################################
@@ -583,6 +586,8 @@ def parse_config(text: str, source: str) -> Config:
         sticky=agent_reader.choice("sticky", STICKY_MODES, defaults.sticky),
         sticky_timeout_s=agent_reader.duration("sticky_timeout", defaults.sticky_timeout_s, minimum_s=1.0),
     )
+    if agent_reader.has("sticky_timeout") and agent.sticky != "source":
+        raise ConfigError(source, "agent.sticky_timeout", 'applies only with sticky = "source"')
     if agent.default_table in RESERVED_TABLES:
         raise agent_reader.error(
             "default_table", "a table id other than 0, 252, 253, 254, 255", agent.default_table
@@ -610,7 +615,7 @@ def parse_config(text: str, source: str) -> Config:
             raise reader.error("name", "letters, digits, '-' or '_' (at most 32)", name)
         interface = reader.string("interface")
         if not IFNAME_RE.match(interface):
-            raise reader.error("interface", "an interface name of at most 15 characters", interface)
+            raise reader.error("interface", IFNAME_EXPECTED, interface)
         gateway = _read_gateway(reader, "gateway", "auto", 4)
         # A point-to-point uplink is point-to-point in both families unless told otherwise.
         gateway6 = _read_gateway(reader, "gateway6", "none" if gateway == "none" else "auto", 6)
@@ -673,16 +678,27 @@ def parse_config(text: str, source: str) -> Config:
     return Config(source=source, agent=agent, uplinks=tuple(uplinks), policies=policies)
 
 
+def _one_or_many(reader: _Reader, key: str, expected: str) -> list[tuple[str, Any]]:
+    """A value or a non-empty array of values, each with its key path (`dst_port[1]`)."""
+    if not reader.has(key):
+        return []
+    value = reader.raw(key)
+    if not isinstance(value, list):
+        return [(key, value)]
+    if not value:
+        raise reader.error(key, f"{expected}, or a non-empty array of them", value)
+    return [(f"{key}[{i}]", item) for i, item in enumerate(value)]
+
+
 def _read_release_flows(reader: _Reader) -> frozenset[str]:
     """`release_flows = "on_down"` or an array of RELEASE_EVENTS."""
-    if not reader.has("release_flows"):
-        return frozenset()
-    value = reader.raw("release_flows")
-    expected = " or ".join(f'"{e}"' for e in RELEASE_EVENTS) + ", or an array of them"
-    items = value if isinstance(value, list) else [value]
-    if not items or any(item not in RELEASE_EVENTS for item in items):
-        raise reader.error("release_flows", expected, value)
-    return frozenset(items)
+    expected = " or ".join(f'"{e}"' for e in RELEASE_EVENTS)
+    events: set[str] = set()
+    for where, item in _one_or_many(reader, "release_flows", expected):
+        if item not in RELEASE_EVENTS:
+            raise reader.error(where, expected, item)
+        events.add(item)
+    return frozenset(events)
 
 
 def _read_policies(root: _Reader, uplinks: Sequence[UplinkConfig]) -> tuple[PolicyConfig, ...]:
@@ -691,7 +707,7 @@ def _read_policies(root: _Reader, uplinks: Sequence[UplinkConfig]) -> tuple[Poli
     raw_policies = root.raw("policy")
     if not isinstance(raw_policies, list):
         raise root.error("policy", "an array of [[policy]] tables", raw_policies)
-    families = {u.name: u.families for u in uplinks}
+    by_name = {u.name: u for u in uplinks}
     policies: list[PolicyConfig] = []
     names: dict[str, int] = {}
     for index, raw in enumerate(raw_policies):
@@ -710,42 +726,41 @@ def _read_policies(root: _Reader, uplinks: Sequence[UplinkConfig]) -> tuple[Poli
         match_reader = reader.sub("match")
         if match_reader is None:
             raise ConfigError(root.source, f"{path}.match", "is required")
-        match = _read_match(match_reader)
-        raw_uplinks = reader.raw("uplinks") if reader.has("uplinks") else None
-        if not isinstance(raw_uplinks, list) or not raw_uplinks:
-            raise ConfigError(
-                root.source,
-                f"{path}.uplinks",
-                f"expected a non-empty array of uplink names, got {_show(raw_uplinks)}",
-            )
-        for i, uplink_name in enumerate(raw_uplinks):
-            if uplink_name not in families:
-                known = ", ".join(f'"{n}"' for n in families)
-                raise reader.error(f"uplinks[{i}]", f"the name of an [[uplink]] ({known})", uplink_name)
-            if uplink_name in raw_uplinks[:i]:
-                raise ConfigError(
-                    root.source, f"{path}.uplinks[{i}]", f"{_show(uplink_name)} is listed twice"
-                )
+        match = _read_match(match_reader, uplinks)
+        if not reader.has("uplinks"):
+            raise ConfigError(root.source, f"{path}.uplinks", "is required")
+        known = ", ".join(f'"{n}"' for n in by_name)
+        chosen: list[str] = []
+        for where, item in _one_or_many(reader, "uplinks", "uplink names"):
+            if not isinstance(item, str) or item not in by_name:
+                raise reader.error(where, f"the name of an [[uplink]] ({known})", item)
+            if item in chosen:
+                raise ConfigError(root.source, reader.key(where), f"{_show(item)} is listed twice")
+            chosen.append(item)
         if not match.families:
             raise ConfigError(
                 root.source,
                 f"{path}.match",
                 "can never match: its addresses and protocol share no address family",
             )
-        if not any(f in families[u] for u in raw_uplinks for f in match.families):
-            matched = "/".join(FAMILY_TITLE[f] for f in match.families)
-            raise ConfigError(
-                root.source,
-                f"{path}.uplinks",
-                f"none of these uplinks is checked for the {matched} traffic this policy matches",
-            )
         fallback = reader.choice("fallback", POLICY_FALLBACKS, "default")
+        for family in match.families:
+            if not any(family in by_name[u].families for u in chosen) and (
+                fallback == "drop" or len(match.families) == 1
+            ):
+                # With "drop" this family's matching traffic would be dropped for good.
+                raise ConfigError(
+                    root.source,
+                    f"{path}.uplinks",
+                    f"none of these uplinks is checked for {FAMILY_TITLE[family]}, which this policy "
+                    f"matches; narrow match.src/dst or add {FAMILY_TITLE[family]} targets",
+                )
         reader.finish()
-        policies.append(PolicyConfig(name, match, tuple(raw_uplinks), fallback))
+        policies.append(PolicyConfig(name, match, tuple(chosen), fallback))
     return tuple(policies)
 
 
-def _read_match(reader: _Reader) -> PolicyMatch:
+def _read_match(reader: _Reader, uplinks: Sequence[UplinkConfig]) -> PolicyMatch:
     if not reader.table:
         raise ConfigError(
             reader.source, reader.path, "expected at least one of protocol, src, dst, src_port, dst_port, iif"
@@ -755,61 +770,44 @@ def _read_match(reader: _Reader) -> PolicyMatch:
     for key in ("src", "dst"):
         expected = 'a network such as "192.0.2.0/24" or "2001:db8::/32"'
         parsed: list[str] = []
-        for i, item in enumerate(_string_list(reader, key, expected)):
+        for where, item in _one_or_many(reader, key, expected):
             try:
                 parsed.append(str(ipaddress.ip_network(item, strict=False)))
-            except ValueError:
-                raise reader.error(f"{key}[{i}]", expected, item) from None
+            except (TypeError, ValueError):
+                raise reader.error(where, expected, item) from None
         networks[key] = tuple(parsed)
     ports: dict[str, tuple[str, ...]] = {}
     for key in ("src_port", "dst_port"):
         ports[key] = _read_ports(reader, key)
         if ports[key] and protocol not in ("tcp", "udp"):
             raise ConfigError(reader.source, reader.key(key), 'needs protocol = "tcp" or "udp"')
-    iif = _string_list(reader, "iif", "an interface name of at most 15 characters")
-    for i, name in enumerate(iif):
-        if not IFNAME_RE.match(name):
-            raise reader.error(f"iif[{i}]", "an interface name of at most 15 characters", name)
+    uplink_interfaces = {u.interface for u in uplinks}
+    iif: list[str] = []
+    for where, item in _one_or_many(reader, "iif", IFNAME_EXPECTED):
+        if not isinstance(item, str) or not IFNAME_RE.match(item):
+            raise reader.error(where, IFNAME_EXPECTED, item)
+        if item in uplink_interfaces:
+            # Only connections from the LAN are placed; what comes in on an uplink stays on it.
+            raise reader.error(where, "a LAN interface (not an uplink's)", item)
+        iif.append(item)
     reader.finish()
     return PolicyMatch(
         protocol, networks["src"], networks["dst"], ports["src_port"], ports["dst_port"], tuple(iif)
     )
 
 
-def _string_list(reader: _Reader, key: str, expected: str) -> list[str]:
-    """A string or an array of non-empty strings (absent: empty)."""
-    if not reader.has(key):
-        return []
-    value = reader.raw(key)
-    items = value if isinstance(value, list) else [value]
-    for i, item in enumerate(items):
-        if not isinstance(item, str) or not item:
-            raise reader.error(f"{key}[{i}]" if isinstance(value, list) else key, expected, item)
-    if not items:
-        raise reader.error(key, f"{expected} (or an array of them)", value)
-    return items
-
-
 def _read_ports(reader: _Reader, key: str) -> tuple[str, ...]:
-    """Ports: 5060, "10000-20000", or an array of both."""
-    if not reader.has(key):
-        return ()
-    value = reader.raw(key)
-    items = value if isinstance(value, list) else [value]
+    """Ports: 5060, "5060", "10000-20000", or an array of them."""
     expected = 'a port (1-65535) or a range such as "10000-20000"'
     result: list[str] = []
-    for i, item in enumerate(items):
-        where = f"{key}[{i}]" if isinstance(value, list) else key
-        if isinstance(item, int) and not isinstance(item, bool) and 1 <= item <= 65535:
-            result.append(str(item))
-            continue
-        found = PORT_RANGE_RE.match(item) if isinstance(item, str) else None
-        low, high = (int(found[1]), int(found[2])) if found else (0, 0)
-        if not found or not 1 <= low < high <= 65535:
+    for where, item in _one_or_many(reader, key, expected):
+        text = str(item) if isinstance(item, (int, str)) and not isinstance(item, bool) else ""
+        found = PORT_RE.match(text)
+        low = int(found[1]) if found else 0
+        high = int(found[2] or low) if found else 0
+        if not found or not 1 <= low <= high <= 65535 or (found[2] and low == high):
             raise reader.error(where, expected, item)
-        result.append(f"{low}-{high}")
-    if not result:
-        raise reader.error(key, f"{expected}, or an array of them", value)
+        result.append(f"{low}-{high}" if found[2] else str(low))
     return tuple(result)
 
 

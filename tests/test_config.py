@@ -136,3 +136,4 @@ def test_steering_options() -> None:
     assert voip.match.protocol == "udp" and voip.match.dst_port == ("5060", "10000-20000")
     assert voip.match.families == (4, 6) and voip.uplinks == ("fibre", "lte") and voip.fallback == "drop"
     assert guests.match.iif == ("lan1",) and guests.match.families == (4,) and guests.fallback == "default"
+    assert guests.match.dst_port == ("443", "8443")  # a port may be written as a string too
