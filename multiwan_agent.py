@@ -2431,9 +2431,11 @@ def nl_remove_own(ipr: Any, config: Config, tables: Iterable[int]) -> list[str]:
             done.append(f"del_rule {FAMILY_NAME[rule.family]} {rule.spec().describe()}")
     for route in nl_default_routes(ipr, tables):
         if route.protocol == config.agent.route_protocol:
-            _delete_default(ipr, route.table, route.family, route.protocol, route.unreachable)
-            kind = "unreachable default" if route.unreachable else "default"
-            done.append(f"del_route {FAMILY_NAME[route.family]} {kind} table {route.table}")
+            change = Change(
+                "del_route", table=route.table, family=route.family, unreachable=route.unreachable
+            )
+            _apply_one(ipr, change, {}, route.protocol)
+            done.append(change.describe())
     return done
 
 

@@ -137,12 +137,17 @@ def test_replies_stay_in_the_lan_and_marked_traffic_reaches_a_second_lan(lab: La
     # carries that mark, and main's connected route must still win.
     policy = f'\n[[policy]]\nname = "all"\nmatch = {{ src = "{LAN_HOST}/32" }}\nuplinks = ["lte"]\n'
     config = balanced_config(tmp_path, extra='sticky = "connection"\n') + policy
+    # Dual stack, so that IPv6 is balanced (and its replies watched) as well.
+    config = config.replace(
+        'targets = ["198.18.1.1", "198.18.1.2"]', 'targets = ["198.18.1.1", "2001:db8:ffff::1"]'
+    )
     agent = AgentProcess(lab, tmp_path, config)
     wait_balanced(agent)
+    agent.wait_for(lambda s: s["families"]["ipv6"]["balance"] == {"fibre": 1, "lte": 1}, 10, "ipv6 balanced")
     assert set(lab.connect_many(40, host=lan2_host)) == {LAN_HOST}
     assert None not in lab.connect_many(40, source=balanced_host)  # internet traffic over both uplinks
     assert set(lab.connect_many(10)) == {LTE_IP}  # LAN_HOST's, all on the policy's uplink
-    lab.connect_many(10, family=6)
+    assert set(lab.connect_many(40, family=6)) == {"2001:db8:1::2", "2001:db8:2::2"}
     for isp in ("isp1", "isp2"):
         assert lab.counter(isp, "to_lan") == 0, f"a reply to the LAN left through {isp}"
         assert lab.counter(isp, "to_lan_6") == 0, f"an IPv6 reply to the LAN left through {isp}"
@@ -174,7 +179,8 @@ def test_udp_flow_of_a_silently_failed_uplink(lab: Lab, tmp_path: Path, release:
     start = time.monotonic()
     first = keepalive_lines(flow, start + 3)[:2]
     assert [w[1:] for w in first] == [("ok", FIBRE_IP)] * 2, first
-    lte_entries = conntrack_ids(lab, 0x200)  # the probes' and others' entries on lte
+    lte_entries = conntrack_ids(lab, 0x200)  # the probes' entries on lte (ICMP, 30 s each)
+    assert lte_entries
     assert conntrack_ids(lab, 0x100), "the flow is tracked with fibre's mark"
     lab.silent_drop("isp1", True)
     agent.wait_selected("lte", timeout=5)

@@ -376,6 +376,10 @@ def test_steering_update_is_one_transaction_that_keeps_placements() -> None:
     update = mwa.render_steering_update(STEERING, both, fibre_only).splitlines()
     assert update[0] == "flush chain inet multiwan balance"
     assert "add rule inet multiwan policy_voip meta nfproto ipv4 goto to_lte" not in update
+    assert (
+        'add rule inet multiwan policy_voip meta nfproto ipv4 fib daddr oifname { "wan0", "wan1" } drop'
+        in update
+    )
     # the hosts placed on the uplink that left are placed afresh; fibre's stay where they are
     flushed = [line for line in update if line.startswith("flush set")]
     assert flushed == ["flush set inet multiwan source4_lte", "flush set inet multiwan source6_lte"]
