@@ -2385,7 +2385,9 @@ class Released:
     error: str | None = None
 
 
-def nl_conntrack_release(ipr: Any, mark: int, mask: int, local: frozenset[str]) -> Released:
+def nl_conntrack_release(
+    ipr: Any, mark: int, mask: int, local: frozenset[str], families: Iterable[int] = FAMILIES
+) -> Released:
     """Delete the connections placed on one uplink, one by one; never a flush.
 
     Each delete names the entry's original tuple and its id, so an entry that
@@ -2396,7 +2398,7 @@ def nl_conntrack_release(ipr: Any, mark: int, mask: int, local: frozenset[str]) 
     """
     del ipr
     released = Released()
-    for family in FAMILIES:
+    for family in sorted(families):
         conntrack = _conntrack(family)
         try:
             # The whole dump first: pyroute2 cannot send while a dump is being read.
@@ -2846,10 +2848,10 @@ class Agent:
         self._nft_steering: Steering | None = None
         #: Per policy and family: the uplink its traffic takes, and why.
         self.policy_decisions: dict[str, dict[int, Decision]] = {}
-        #: The uplinks carrying new traffic (selected or balanced), for release_flows = on_failback.
-        self._carrying: set[str] = set()
-        #: Uplinks whose marked connections are to be released, and why.
-        self._release_pending: dict[str, str] = {}
+        #: (uplink, family) carrying new traffic (selected, balanced, a policy's), for release_flows.
+        self._carrying: set[tuple[str, int]] = set()
+        #: Uplinks whose marked connections are to be released: why, and in which families.
+        self._release_pending: dict[str, tuple[str, frozenset[int]]] = {}
         #: The selected default routes as last installed, per family (for the fast path).
         self._applied_defaults: dict[int, RouteSpec] = {}
         self._started_ok = False
@@ -2997,7 +2999,7 @@ class Agent:
             if runtime is None:
                 continue
             if t.new is State.DOWN and "on_down" in runtime.uplink.release_flows:
-                self._release_pending[t.uplink] = "it went down"
+                self._release_pending[t.uplink] = ("it went down", frozenset(runtime.uplink.families))
             elif t.new is State.UP:
                 self._release_pending.pop(t.uplink, None)  # back before its flows were released
         self._status_forced = True
@@ -3220,10 +3222,12 @@ class Agent:
             )
             self._status_forced = True
         self.steering = steering
-        carrying = {n for n in self.selected.values() if n is not None}
-        carrying |= {n for members in steering.balance.values() for n, _ in members}
-        carrying |= {n for chosen in steering.policies.values() for n in chosen.values() if n is not None}
-        for name in self._carrying - carrying:
+        carrying = {(n, f) for f, n in self.selected.items() if n is not None}
+        carrying |= {(n, f) for f, members in steering.balance.items() for n, _ in members}
+        carrying |= {
+            (n, f) for chosen in steering.policies.values() for f, n in chosen.items() if n is not None
+        }
+        for name, family in self._carrying - carrying:
             health = self.healths.get(name)
             runtime = self.runtime.get(name)
             if (
@@ -3232,7 +3236,8 @@ class Agent:
                 and health.state is not State.DOWN
                 and "on_failback" in runtime.uplink.release_flows
             ):
-                self._release_pending[name] = "it no longer carries new traffic"
+                _, families = self._release_pending.get(name, ("", frozenset()))
+                self._release_pending[name] = ("it no longer carries new traffic", families | {family})
         self._carrying = carrying
 
     async def _apply_steering(self) -> None:
@@ -3262,28 +3267,35 @@ class Agent:
             for address in (interface.address, interface.address6)
             if address is not None
         )
-        for name, why in list(self._release_pending.items()):
+        for name, (why, families) in list(self._release_pending.items()):
             runtime = self.runtime.get(name)
             if runtime is None:
                 del self._release_pending[name]
                 continue
-            if name in self._carrying:
-                continue  # still carrying new traffic (nothing better is up): its flows would come back
-            del self._release_pending[name]
+            # A family it still carries new traffic in (nothing better is up) keeps its flows: they
+            # would come straight back. It is released once it carries that family no more.
+            now = frozenset(f for f in families if (name, f) not in self._carrying)
+            if not now:
+                continue
+            if now == families:
+                del self._release_pending[name]
+            else:
+                self._release_pending[name] = (why, families - now)
             mark, mask = runtime.uplink.mark, self.config.agent.mark_mask
             try:
-                released = await self._netlink.call(nl_conntrack_release, mark, mask, local)
+                released = await self._netlink.call(nl_conntrack_release, mark, mask, local, now)
             except Exception as err:  # no nf_conntrack_netlink, no permission
                 log.warning("uplink=%s cannot release its connections: %s", name, err)
                 continue
             log.warning(
-                "uplink=%s released %d tracked connection(s) marked %#x/%#x (%s); they re-establish over "
-                "the new path; kept %d that came in from the internet; no other entry was touched",
+                "uplink=%s released %d tracked connection(s) marked %#x/%#x (%s; %s); they re-establish "
+                "over the new path; kept %d that came in from the internet; no other entry was touched",
                 name,
                 released.deleted,
                 mark,
                 mask,
                 why,
+                "/".join(FAMILY_TITLE[f] for f in sorted(now)),
                 released.inbound_kept,
             )
             if released.failed:

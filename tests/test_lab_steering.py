@@ -47,13 +47,9 @@ def fibre_share(sources: list[str | None]) -> float:
 
 def conntrack_ids(lab: Lab, mark: int) -> set[str]:
     """Ids of the tracked connections marked for one uplink (mark/0xff00), both families."""
-    ids: set[str] = set()
-    for family in ("ipv4", "ipv6"):
-        out = lab.run(
-            "router", "conntrack", "-L", "-f", family, "-m", f"{mark:#x}/0xff00", "-o", "id", check=False
-        ).stdout
-        ids |= set(re.findall(r"id=(\d+)", out))
-    return ids
+    return {
+        i for family in ("ipv4", "ipv6") for i in re.findall(r"id=(\d+)", conntrack_list(lab, family, mark))
+    }
 
 
 @pytest.mark.parametrize(("fibre_weight", "lte_weight"), [(1, 1), (2, 1)])
@@ -315,3 +311,30 @@ def test_a_reload_brings_in_balance_and_policies(lab: Lab, tmp_path: Path) -> No
     agent.wait_for(lambda s: s["policies"]["pinned"]["ipv4"]["uplink"] == "lte", 5, "policy")
     assert set(lab.connect_many(10)) == {LTE_IP}  # the policy
     assert set(lab.connect_many(60, source=other_host)) == {FIBRE_IP, LTE_IP}  # the balance group
+
+
+def test_release_spares_a_family_the_uplink_still_carries(lab: Lab, tmp_path: Path) -> None:
+    # fibre carries IPv4 and IPv6, lte IPv4 only: when fibre fails, IPv6 has nothing better and keeps it.
+    config = (
+        lab_config(tmp_path / "state", hysteresis="300ms")
+        .replace('targets = ["198.18.1.1", "198.18.1.2"]', 'targets = ["198.18.1.1", "2001:db8:ffff::1"]')
+        .replace("priority = 1\n", 'priority = 1\nrelease_flows = "on_down"\n', 1)
+        .replace("priority = 2\n", 'priority = 2\n[uplink.check]\ntargets = ["198.18.1.2"]\n', 1)
+    )
+    agent = AgentProcess(lab, tmp_path, config)
+    agent.wait_for(lambda s: s["families"]["ipv6"]["selected"] == "fibre", 10, "ipv6 on fibre")
+    agent.wait_both_up()
+    v6_before = set(re.findall(r"id=(\d+)", conntrack_list(lab, "ipv6", 0x100)))
+    assert v6_before  # fibre's IPv6 probes
+    lab.silent_drop("isp1", True)
+    agent.wait_selected("lte", timeout=5)
+    agent.wait_log("uplink=fibre released")
+    assert "(it went down; IPv4)" in agent.log()
+    assert "NO UPLINK IS UP family=ipv6" in agent.log()  # IPv6 is stranded on fibre
+    assert v6_before <= set(re.findall(r"id=(\d+)", conntrack_list(lab, "ipv6", 0x100)))
+
+
+def conntrack_list(lab: Lab, family: str, mark: int) -> str:
+    return lab.run(
+        "router", "conntrack", "-L", "-f", family, "-m", f"{mark:#x}/0xff00", "-o", "id", check=False
+    ).stdout
