@@ -23,6 +23,7 @@ import concurrent.futures
 import dataclasses
 import errno
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -85,6 +86,7 @@ RESYNC_PERIOD_S: Final = 30.0
 # Kernel constants not exported by the socket module on every Python.
 SO_BINDTODEVICE: Final = getattr(socket, "SO_BINDTODEVICE", 25)
 NETLINK_ROUTE: Final = 0
+NETLINK_NETFILTER: Final = 12
 RTMGRP_LINK: Final = 0x1
 RTMGRP_IPV4_IFADDR: Final = 0x10
 RTMGRP_IPV4_ROUTE: Final = 0x40
@@ -106,6 +108,25 @@ IPS_DST_NAT: Final = 1 << 5
 #: The metric our real defaults get (none is given; IPv6 makes 0 into 1024).
 DEFAULT_METRIC: Final = {4: 0, 6: 1024}
 NLMSG_HEADER: Final = struct.Struct("=IHHII")
+NLMSG_ERROR: Final = 2
+NLMSG_DONE: Final = 3
+NLM_F_REQUEST: Final = 0x1
+NLM_F_DUMP: Final = 0x300
+NLM_F_ACK: Final = 0x4
+NLA_HEADER: Final = 4
+NLA_TYPE_MASK: Final = 0x3FFF
+#: ctnetlink: (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET / _DELETE, and the attributes we read.
+CT_GET: Final = (1 << 8) | 1
+CT_DELETE: Final = (1 << 8) | 2
+CTA_TUPLE_ORIG: Final = 1
+CTA_STATUS: Final = 3
+CTA_MARK: Final = 8
+CTA_ID: Final = 12
+CTA_ZONE: Final = 18
+CTA_MARK_MASK: Final = 21
+CTA_TUPLE_IP: Final = 1
+CTA_IP_V4_DST: Final = 2
+CTA_IP_V6_DST: Final = 4
 
 #: Address families, as the agent names them (4, 6), and their kernel constants.
 FAMILIES: Final = (4, 6)
@@ -2361,16 +2382,18 @@ def _rule_args(rule: RuleSpec, protocol: int) -> dict[str, Any]:
 
 
 def nl_conntrack_counts(ipr: Any, marks: Mapping[str, int], mask: int) -> dict[str, int]:
-    """Tracked connections per uplink mark, both families; read-only, filtered by the kernel."""
+    """Tracked connections per uplink mark, both families; read-only.
+
+    The kernel filters the dump by mark (CTA_MARK/CTA_MARK_MASK) and we only
+    count its messages: a router tracks tens of thousands of connections, and
+    decoding each of them (as pyroute2 does) every few seconds costs a core.
+    """
     del ipr  # conntrack lives on NETLINK_NETFILTER, not on the route socket
     counts = dict.fromkeys(marks, 0)
-    for family in FAMILIES:
-        conntrack = _conntrack(family)
-        try:
-            for name, mark in marks.items():
-                counts[name] += sum(1 for _ in conntrack.dump_entries(mark=mark, mark_mask=mask))
-        finally:
-            conntrack.close()
+    with _ctnetlink_socket() as sock:
+        for name, mark in marks.items():
+            for family in FAMILIES:
+                counts[name] += sum(1 for _ in _ct_dump(sock, family, mark, mask))
     return counts
 
 
@@ -2397,31 +2420,109 @@ def nl_conntrack_release(
     kept: they live or die with their uplink, and the other end re-opens them.
     """
     del ipr
-    released = Released()
-    for family in sorted(families):
-        conntrack = _conntrack(family)
-        try:
-            # The whole dump first: pyroute2 cannot send while a dump is being read.
-            entries = list(conntrack.dump_entries(mark=mark, mark_mask=mask))
-            for entry in entries:
-                if (entry.status or 0) & IPS_DST_NAT or entry.tuple_orig.daddr in local:
-                    released = dataclasses.replace(released, inbound_kept=released.inbound_kept + 1)
+    deleted = inbound = failed = 0
+    error: str | None = None
+    with _ctnetlink_socket() as sock:
+        for family in sorted(families):
+            # The whole dump first: a delete on the socket would cut it short.
+            for entry in list(_ct_dump(sock, family, mark, mask)):
+                if entry.status & IPS_DST_NAT or entry.destination in local:
+                    inbound += 1
                     continue
                 try:
-                    conntrack.entry("del", tuple_orig=entry.tuple_orig, id=entry.id)
-                    released = dataclasses.replace(released, deleted=released.deleted + 1)
-                except Exception as err:  # NetlinkError is no OSError
-                    if getattr(err, "code", None) != errno.ENOENT:  # ENOENT: it went meanwhile
-                        released = dataclasses.replace(released, failed=released.failed + 1, error=str(err))
-        finally:
-            conntrack.close()
-    return released
+                    list(_ct_request(sock, CT_DELETE, NLM_F_ACK, family, entry.key))
+                    deleted += 1
+                except OSError as err:
+                    if err.errno != errno.ENOENT:  # ENOENT: it went meanwhile (closed, timed out)
+                        failed, error = failed + 1, str(err)
+    return Released(deleted, inbound, failed, error)
 
 
-def _conntrack(family: int) -> Any:
-    from pyroute2 import Conntrack  # loaded on first use: a router without conntrack still routes
+# ctnetlink, spoken directly: pyroute2 decodes every attribute of every entry,
+# which is seconds of CPU for a busy router's table; we need three of them.
 
-    return Conntrack(nfgen_family=ADDRESS_FAMILY[family])
+
+@dataclass(frozen=True, slots=True)
+class TrackedEntry:
+    status: int
+    destination: str | None
+    #: CTA_TUPLE_ORIG, CTA_ID (and CTA_ZONE) as the kernel sent them: what names this entry.
+    key: bytes
+
+
+def _ctnetlink_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+    sock.settimeout(5.0)
+    sock.bind((0, 0))
+    return sock
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    attr = struct.pack("=HH", NLA_HEADER + len(payload), kind) + payload
+    return attr + b"\0" * (-len(attr) % 4)
+
+
+def _nla_walk(data: bytes, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(type, payload start, payload end) of each attribute in data[offset:end]."""
+    while offset + NLA_HEADER <= end:
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < NLA_HEADER:
+            return
+        yield kind & NLA_TYPE_MASK, offset + NLA_HEADER, offset + length
+        offset += (length + 3) & ~3
+
+
+_sequence = itertools.count(1)
+
+
+def _ct_request(sock: socket.socket, kind: int, flags: int, family: int, attrs: bytes) -> Iterator[bytes]:
+    """Send one ctnetlink request; yield each answer message's payload (after nfgenmsg).
+
+    An ack (error 0) ends it; an error raises OSError. A generator: the caller
+    must consume it (a delete is `list(...)`-ed by its caller below).
+    """
+    seq = next(_sequence)
+    body = struct.pack("=BBH", ADDRESS_FAMILY[family], 0, 0) + attrs  # nfgenmsg: family, v0, res_id
+    sock.send(NLMSG_HEADER.pack(NLMSG_HEADER.size + len(body), kind, NLM_F_REQUEST | flags, seq, 0) + body)
+    while True:
+        data = sock.recv(1 << 20)
+        offset = 0
+        while offset + NLMSG_HEADER.size <= len(data):
+            length, msg_type, _, msg_seq, _ = NLMSG_HEADER.unpack_from(data, offset)
+            if length < NLMSG_HEADER.size:
+                return
+            start, offset = offset, offset + ((length + 3) & ~3)
+            if msg_seq != seq:
+                continue
+            if msg_type == NLMSG_DONE:
+                return
+            if msg_type == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", data, start + NLMSG_HEADER.size)
+                if code:
+                    raise OSError(-code, os.strerror(-code))
+                return
+            yield data[start + NLMSG_HEADER.size + 4 : start + length]
+
+
+def _ct_dump(sock: socket.socket, family: int, mark: int, mask: int) -> Iterator[TrackedEntry]:
+    """The entries of one family whose mark matches, filtered by the kernel."""
+    # nla headers are host order; these payloads are network order.
+    attrs = _nla(CTA_MARK, struct.pack("!I", mark)) + _nla(CTA_MARK_MASK, struct.pack("!I", mask))
+    for payload in _ct_request(sock, CT_GET, NLM_F_DUMP, family, attrs):
+        status, destination, key = 0, None, b""
+        for kind, start, end in _nla_walk(payload, 0, len(payload)):
+            if kind in (CTA_TUPLE_ORIG, CTA_ID, CTA_ZONE):
+                key += _nla(kind, payload[start:end])
+            if kind == CTA_STATUS:
+                (status,) = struct.unpack_from("!I", payload, start)
+            elif kind == CTA_TUPLE_ORIG:
+                for ip_kind, ip_start, ip_end in _nla_walk(payload, start, end):
+                    if ip_kind == CTA_TUPLE_IP:
+                        for addr_kind, a_start, a_end in _nla_walk(payload, ip_start, ip_end):
+                            if addr_kind in (CTA_IP_V4_DST, CTA_IP_V6_DST):
+                                raw = payload[a_start:a_end]
+                                destination = str(ipaddress.ip_address(raw))
+        yield TrackedEntry(status, destination, key)
 
 
 def nl_remove_own(ipr: Any, config: Config, tables: Iterable[int]) -> list[str]:
@@ -2504,7 +2605,6 @@ NFT_TABLE: Final = "inet multiwan"
 NFT_ADDRESS: Final = {4: "ip", 6: "ip6"}
 #: NFNLGRP_NFTABLES: every nftables change, also another firewall's `flush ruleset`.
 NFNLGRP_NFTABLES: Final = 7
-NETLINK_NETFILTER: Final = 12
 
 
 def render_nft(config: Config, steering: Steering | None = None) -> str:
@@ -3543,8 +3643,10 @@ class Agent:
         while True:
             await asyncio.sleep(STATUS_METRICS_PERIOD_S)
             if loop.time() >= next_count:
-                next_count = loop.time() + CONNTRACK_PERIOD_S
+                began = loop.time()
                 await self._count_connections()
+                # A huge table makes the count dearer: keep it under 5 % of a core.
+                next_count = loop.time() + max(CONNTRACK_PERIOD_S, 20 * (loop.time() - began))
             if self._status_dirty:
                 self._status_dirty = False
                 self._write_status()
