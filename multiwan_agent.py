@@ -3645,8 +3645,8 @@ class Agent:
             if loop.time() >= next_count:
                 began = loop.time()
                 await self._count_connections()
-                # A huge table makes the count dearer: keep it under 5 % of a core.
-                next_count = loop.time() + max(CONNTRACK_PERIOD_S, 20 * (loop.time() - began))
+                # A huge table makes the count dearer: keep it under 1 % of a core.
+                next_count = loop.time() + max(CONNTRACK_PERIOD_S, 100 * (loop.time() - began))
             if self._status_dirty:
                 self._status_dirty = False
                 self._write_status()

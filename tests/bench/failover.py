@@ -142,11 +142,12 @@ def main() -> int:
             fall=fall,
             rise=rise,
         )
-        # 500 new connections a second to one server wrap the ephemeral ports within a minute, and
-        # a new SYN on the ports of an attempt still tracked as unreplied is, to conntrack, that
-        # attempt's retransmission: same entry, same uplink. Real clients do not reuse ports that
-        # fast; unreplied entries here expire after 5 s instead of 120 s so that none is reused.
-        lab.run("router", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_timeout_syn_sent=5")
+        # 500 new connections a second hold the whole ephemeral port range in TIME_WAIT (60 s),
+        # so the kernel would hand out only the ports of attempts that just failed, and a SYN on
+        # the ports of an attempt conntrack still tracks as unreplied is that attempt's
+        # retransmission: same entry, same uplink. Real clients do not open connections that
+        # fast; tcp_tw_reuse lets the LAN host walk the whole range instead.
+        lab.run("lan", "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1")
         agent = AgentProcess(lab, workdir, config)
         agent.wait_selected("fibre", timeout=rise * interval + 5)
         agent.wait_state("lte", "up", timeout=rise * interval + 5)
