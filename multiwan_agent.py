@@ -127,6 +127,8 @@ CTA_MARK_MASK: Final = 21
 CTA_TUPLE_IP: Final = 1
 CTA_IP_V4_DST: Final = 2
 CTA_IP_V6_DST: Final = 4
+#: Deletes sent in one datagram (their acks fit the receive buffer many times over).
+CT_DELETE_BATCH: Final = 256
 
 #: Address families, as the agent names them (4, 6), and their kernel constants.
 FAMILIES: Final = (4, 6)
@@ -1332,6 +1334,31 @@ class Steering:
     policies: Mapping[str, Mapping[int, str | None]] = dataclasses.field(default_factory=dict)
 
 
+def carry_steering(steering: Steering, config: Config) -> Steering:
+    """The part of a steering that still holds under a new config (a reload): balance
+    members and policy uplinks that still exist and still carry that family."""
+    families = {u.name: u.families for u in config.uplinks}
+    weights = {u.name: u.weight for u in config.uplinks}
+    policies = {p.name: p for p in config.policies}
+    return Steering(
+        {
+            f: tuple((n, weights[n]) for n, _ in members if f in families.get(n, ()))
+            for f, members in steering.balance.items()
+            if f in config.families
+        },
+        {
+            name: {
+                f: n
+                for f, n in chosen.items()
+                if f in policies[name].match.families
+                and (n is None or (n in policies[name].uplinks and f in families[n]))
+            }
+            for name, chosen in steering.policies.items()
+            if name in policies
+        },
+    )
+
+
 # Core: route plan ############################################################
 
 
@@ -2381,25 +2408,25 @@ def _rule_args(rule: RuleSpec, protocol: int) -> dict[str, Any]:
     return args
 
 
-def nl_conntrack_counts(ipr: Any, marks: Mapping[str, int], mask: int) -> dict[str, int]:
+def conntrack_counts(marks: Mapping[str, int], mask: int) -> dict[str, int]:
     """Tracked connections per uplink mark, both families; read-only.
 
     The kernel filters the dump by mark (CTA_MARK/CTA_MARK_MASK) and we only
     count its messages: a router tracks tens of thousands of connections, and
     decoding each of them (as pyroute2 does) every few seconds costs a core.
     """
-    del ipr  # conntrack lives on NETLINK_NETFILTER, not on the route socket
     counts = dict.fromkeys(marks, 0)
     with _ctnetlink_socket() as sock:
         for name, mark in marks.items():
             for family in FAMILIES:
-                counts[name] += sum(1 for _ in _ct_dump(sock, family, mark, mask))
+                request = _ct_message(CT_GET, NLM_F_DUMP, family, _mark_filter(mark, mask), next(_sequence))
+                counts[name] += sum(1 for _ in _ct_answers(sock, request))
     return counts
 
 
 @dataclass(frozen=True, slots=True)
 class Released:
-    """What nl_conntrack_release did."""
+    """What conntrack_release did."""
 
     deleted: int = 0
     #: Connections that came in from the internet (port forwards, to the router): kept.
@@ -2408,51 +2435,61 @@ class Released:
     error: str | None = None
 
 
-def nl_conntrack_release(
-    ipr: Any, mark: int, mask: int, local: frozenset[str], families: Iterable[int] = FAMILIES
+def conntrack_release(
+    mark: int, mask: int, local: frozenset[str], families: Iterable[int] = FAMILIES
 ) -> Released:
     """Delete the connections placed on one uplink, one by one; never a flush.
 
     Each delete names the entry's original tuple and its id, so an entry that
     was re-created meanwhile (a new flow with the same ports, already on the new
-    path) is left alone: the kernel refuses a stale id. Connections that came
-    in from the internet (destination NAT, or addressed to one of `local`) are
-    kept: they live or die with their uplink, and the other end re-opens them.
+    path) is left alone: the kernel refuses a stale id. An entry without a
+    tuple is never sent (a delete without one is a flush), nor one whose mark
+    we do not see ourselves. Connections that came in from the internet
+    (destination NAT, or addressed to one of `local`) are kept.
     """
-    del ipr
     deleted = inbound = failed = 0
     error: str | None = None
     with _ctnetlink_socket() as sock:
         for family in sorted(families):
             # The whole dump first: a delete on the socket would cut it short.
-            for entry in list(_ct_dump(sock, family, mark, mask)):
+            entries = [
+                e for e in _ct_dump(sock, family, mark, mask) if e.tuple_orig and e.mark & mask == mark
+            ]
+            doomed: list[TrackedEntry] = []
+            for entry in entries:
                 if entry.status & IPS_DST_NAT or entry.destination in local:
                     inbound += 1
-                    continue
-                try:
-                    list(_ct_request(sock, CT_DELETE, NLM_F_ACK, family, entry.key))
-                    deleted += 1
-                except OSError as err:
-                    if err.errno != errno.ENOENT:  # ENOENT: it went meanwhile (closed, timed out)
-                        failed, error = failed + 1, str(err)
+                else:
+                    doomed.append(entry)
+            for batch in range(0, len(doomed), CT_DELETE_BATCH):
+                done, errors = _ct_delete(sock, family, doomed[batch : batch + CT_DELETE_BATCH])
+                deleted += done
+                # ENOENT: it went meanwhile (closed, timed out), or was re-created (a new id).
+                errors = [e for e in errors if e.errno != errno.ENOENT]
+                failed += len(errors)
+                error = str(errors[-1]) if errors else error
     return Released(deleted, inbound, failed, error)
 
 
 # ctnetlink, spoken directly: pyroute2 decodes every attribute of every entry,
-# which is seconds of CPU for a busy router's table; we need three of them.
+# which is seconds of CPU for a busy router's table; we need a few of them.
 
 
 @dataclass(frozen=True, slots=True)
 class TrackedEntry:
     status: int
+    mark: int
     destination: str | None
-    #: CTA_TUPLE_ORIG, CTA_ID (and CTA_ZONE) as the kernel sent them: what names this entry.
-    key: bytes
+    #: CTA_TUPLE_ORIG as the kernel sent it (empty if it sent none).
+    tuple_orig: bytes
+    #: CTA_ID and CTA_ZONE as the kernel sent them.
+    identity: bytes
 
 
 def _ctnetlink_socket() -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
     sock.settimeout(5.0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     sock.bind((0, 0))
     return sock
 
@@ -2475,54 +2512,94 @@ def _nla_walk(data: bytes, offset: int, end: int) -> Iterator[tuple[int, int, in
 _sequence = itertools.count(1)
 
 
-def _ct_request(sock: socket.socket, kind: int, flags: int, family: int, attrs: bytes) -> Iterator[bytes]:
-    """Send one ctnetlink request; yield each answer message's payload (after nfgenmsg).
+def _mark_filter(mark: int, mask: int) -> bytes:
+    # nla headers are host order; these payloads network order.
+    return _nla(CTA_MARK, struct.pack("!I", mark)) + _nla(CTA_MARK_MASK, struct.pack("!I", mask))
 
-    An ack (error 0) ends it; an error raises OSError. A generator: the caller
-    must consume it (a delete is `list(...)`-ed by its caller below).
-    """
-    seq = next(_sequence)
+
+def _ct_message(kind: int, flags: int, family: int, attrs: bytes, seq: int) -> bytes:
     body = struct.pack("=BBH", ADDRESS_FAMILY[family], 0, 0) + attrs  # nfgenmsg: family, v0, res_id
-    sock.send(NLMSG_HEADER.pack(NLMSG_HEADER.size + len(body), kind, NLM_F_REQUEST | flags, seq, 0) + body)
+    return NLMSG_HEADER.pack(NLMSG_HEADER.size + len(body), kind, NLM_F_REQUEST | flags, seq, 0) + body
+
+
+def _ct_answers(sock: socket.socket, request: bytes) -> Iterator[bytes]:
+    """Send a dump request; yield each answer's payload (after nfgenmsg) until NLMSG_DONE."""
+    (seq,) = struct.unpack_from("=I", request, 8)
+    sock.send(request)
     while True:
         data = sock.recv(1 << 20)
-        offset = 0
-        while offset + NLMSG_HEADER.size <= len(data):
-            length, msg_type, _, msg_seq, _ = NLMSG_HEADER.unpack_from(data, offset)
-            if length < NLMSG_HEADER.size:
-                return
-            start, offset = offset, offset + ((length + 3) & ~3)
+        for msg_type, msg_seq, payload in _nl_messages(data):
             if msg_seq != seq:
                 continue
-            if msg_type == NLMSG_DONE:
-                return
-            if msg_type == NLMSG_ERROR:
-                (code,) = struct.unpack_from("=i", data, start + NLMSG_HEADER.size)
-                if code:
+            if msg_type in (NLMSG_DONE, NLMSG_ERROR):
+                (code,) = struct.unpack_from("=i", payload, 0) if len(payload) >= 4 else (0,)
+                if code < 0:
                     raise OSError(-code, os.strerror(-code))
                 return
-            yield data[start + NLMSG_HEADER.size + 4 : start + length]
+            yield payload[4:]
+
+
+def _nl_messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(type, seq, payload) of each netlink message in one datagram."""
+    offset = 0
+    while offset + NLMSG_HEADER.size <= len(data):
+        length, msg_type, _, msg_seq, _ = NLMSG_HEADER.unpack_from(data, offset)
+        if length < NLMSG_HEADER.size:
+            return
+        yield msg_type, msg_seq, data[offset + NLMSG_HEADER.size : offset + length]
+        offset += (length + 3) & ~3
 
 
 def _ct_dump(sock: socket.socket, family: int, mark: int, mask: int) -> Iterator[TrackedEntry]:
     """The entries of one family whose mark matches, filtered by the kernel."""
-    # nla headers are host order; these payloads are network order.
-    attrs = _nla(CTA_MARK, struct.pack("!I", mark)) + _nla(CTA_MARK_MASK, struct.pack("!I", mask))
-    for payload in _ct_request(sock, CT_GET, NLM_F_DUMP, family, attrs):
-        status, destination, key = 0, None, b""
+    request = _ct_message(CT_GET, NLM_F_DUMP, family, _mark_filter(mark, mask), next(_sequence))
+    for payload in _ct_answers(sock, request):
+        status = entry_mark = 0
+        destination, tuple_orig, identity = None, b"", b""
         for kind, start, end in _nla_walk(payload, 0, len(payload)):
-            if kind in (CTA_TUPLE_ORIG, CTA_ID, CTA_ZONE):
-                key += _nla(kind, payload[start:end])
             if kind == CTA_STATUS:
                 (status,) = struct.unpack_from("!I", payload, start)
+            elif kind == CTA_MARK:
+                (entry_mark,) = struct.unpack_from("!I", payload, start)
+            elif kind in (CTA_ID, CTA_ZONE):
+                identity += _nla(kind, payload[start:end])
             elif kind == CTA_TUPLE_ORIG:
+                tuple_orig = _nla(kind, payload[start:end])
                 for ip_kind, ip_start, ip_end in _nla_walk(payload, start, end):
                     if ip_kind == CTA_TUPLE_IP:
                         for addr_kind, a_start, a_end in _nla_walk(payload, ip_start, ip_end):
                             if addr_kind in (CTA_IP_V4_DST, CTA_IP_V6_DST):
-                                raw = payload[a_start:a_end]
-                                destination = str(ipaddress.ip_address(raw))
-        yield TrackedEntry(status, destination, key)
+                                destination = str(ipaddress.ip_address(payload[a_start:a_end]))
+        yield TrackedEntry(status, entry_mark, destination, tuple_orig, identity)
+
+
+def _ct_delete(
+    sock: socket.socket, family: int, entries: Sequence[TrackedEntry]
+) -> tuple[int, list[OSError]]:
+    """Delete these entries in one datagram of requests; (deleted, errors) from their acks."""
+    pending: set[int] = set()
+    requests = b""
+    for entry in entries:
+        if not entry.tuple_orig:  # never: without a tuple the kernel would flush the table
+            continue
+        seq = next(_sequence)
+        pending.add(seq)
+        requests += _ct_message(CT_DELETE, NLM_F_ACK, family, entry.tuple_orig + entry.identity, seq)
+    if not requests:
+        return 0, []
+    sock.send(requests)
+    deleted, errors = 0, []
+    while pending:
+        for msg_type, msg_seq, payload in _nl_messages(sock.recv(1 << 20)):
+            if msg_type != NLMSG_ERROR or msg_seq not in pending:
+                continue
+            pending.discard(msg_seq)
+            (code,) = struct.unpack_from("=i", payload, 0)
+            if code == 0:
+                deleted += 1
+            else:
+                errors.append(OSError(-code, os.strerror(-code)))
+    return deleted, errors
 
 
 def nl_remove_own(ipr: Any, config: Config, tables: Iterable[int]) -> list[str]:
@@ -2952,6 +3029,10 @@ class Agent:
         self._carrying: set[tuple[str, int]] = set()
         #: Uplinks whose marked connections are to be released: why, and in which families.
         self._release_pending: dict[str, tuple[str, frozenset[int]]] = {}
+        self._release_task: asyncio.Task[None] | None = None
+        #: Conntrack dumps can take seconds on a big table: a thread of their own, so that
+        #: neither route changes (the netlink worker) nor its watchdog wait behind them.
+        self._conntrack_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conntrack")
         #: The selected default routes as last installed, per family (for the fast path).
         self._applied_defaults: dict[int, RouteSpec] = {}
         self._started_ok = False
@@ -3036,7 +3117,10 @@ class Agent:
         for runtime in self.runtime.values():
             if runtime.prober_task is not None:
                 runtime.prober_task.cancel()
+        if self._release_task is not None:
+            self._release_task.cancel()
         pending = self._tasks + [r.prober_task for r in self.runtime.values() if r.prober_task]
+        pending += [self._release_task] if self._release_task is not None else []
         await asyncio.gather(*pending, return_exceptions=True)
         if self._events is not None:
             self._events.close()
@@ -3060,6 +3144,7 @@ class Agent:
         if self._started_ok:
             self._write_status(running=False)
         await asyncio.get_running_loop().run_in_executor(None, self._netlink.close)
+        self._conntrack_thread.shutdown(wait=False)
 
     # -- observations in ----------------------------------------------------
 
@@ -3244,8 +3329,10 @@ class Agent:
             # Once per reconcile, failures or not: a retry that finds nothing to do ends the back-off.
             self._report_apply_failures(failed)
             self._applied_defaults = {route.family: route for route in plan.default_routes}
-            # Last: the flows released now re-establish over the routes installed above.
-            await self._release_flows()
+            # Last, and in the background: the flows released re-establish over the routes
+            # installed above, and a big table must not hold up the next reconcile.
+            if self._release_pending and (self._release_task is None or self._release_task.done()):
+                self._release_task = asyncio.ensure_future(self._release_flows())
         if self._status_forced:
             self._status_forced = False
             self._status_dirty = False
@@ -3359,6 +3446,9 @@ class Agent:
         self._nft_installed = False
         self._nft_wanted.set()
 
+    async def _in_conntrack_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._conntrack_thread, fn, *args)
+
     async def _release_flows(self) -> None:
         """release_flows: delete the conntrack entries placed on these uplinks (never a flush)."""
         local = frozenset(
@@ -3369,7 +3459,7 @@ class Agent:
         )
         for name, (why, families) in list(self._release_pending.items()):
             runtime = self.runtime.get(name)
-            if runtime is None:
+            if runtime is None or not runtime.uplink.release_flows:  # removed, or no longer asked for
                 del self._release_pending[name]
                 continue
             # A family it still carries new traffic in (nothing better is up) keeps its flows: they
@@ -3383,7 +3473,7 @@ class Agent:
                 self._release_pending[name] = (why, families - now)
             mark, mask = runtime.uplink.mark, self.config.agent.mark_mask
             try:
-                released = await self._netlink.call(nl_conntrack_release, mark, mask, local, now)
+                released = await self._in_conntrack_thread(conntrack_release, mark, mask, local, now)
             except Exception as err:  # no nf_conntrack_netlink, no permission
                 log.warning("uplink=%s cannot release its connections: %s", name, err)
                 continue
@@ -3446,7 +3536,8 @@ class Agent:
         problem = self._reload_problem(self.config, new) or "; ".join(await self._collisions(new))
         if not problem and not self.dry_run:
             # The new table must load before anything switches to it (`nft -c` changes nothing).
-            code, error = await nft_run("-c", "-f", "-", script=render_nft(new, steering_when_all_up(new)))
+            script = render_nft(new, carry_steering(self.steering, new))
+            code, error = await nft_run("-c", "-f", "-", script=script)
             if code not in (0, 127):  # 127: no nft at all, as before the reload
                 problem = f"nft rejects its table: {error}"
         if problem:
@@ -3508,27 +3599,12 @@ class Agent:
         self.runtime = runtimes
         # The table is re-installed whole for the new config (per-host placements start
         # afresh). Until the next sync decides, it keeps the steering that still applies.
-        policies = {p.name: p for p in new.policies}
+        self.steering = carry_steering(self.steering, new)
         self.policy_decisions = {
-            name: {
-                f: d
-                for f, d in decisions.items()
-                if d.selected is None or d.selected in policies[name].uplinks
-            }
+            name: {f: d for f, d in decisions.items() if f in self.steering.policies.get(name, {})}
             for name, decisions in self.policy_decisions.items()
-            if name in policies
+            if name in self.steering.policies
         }
-        weights = {u.name: u.weight for u in new.uplinks}
-        self.steering = Steering(
-            {
-                f: tuple((n, weights[n]) for n, _ in m if n in weights)
-                for f, m in self.steering.balance.items()
-            },
-            {
-                name: {f: d.selected for f, d in decisions.items()}
-                for name, decisions in self.policy_decisions.items()
-            },
-        )
         self.managed_tables |= new.tables
         self._sync_links = True
         log.info("reloaded %s: %d uplinks", new.source, len(new.uplinks))
@@ -3654,7 +3730,7 @@ class Agent:
     async def _count_connections(self) -> None:
         marks = {u.name: u.mark for u in self.config.uplinks}
         try:
-            counts = await self._netlink.call(nl_conntrack_counts, marks, self.config.agent.mark_mask)
+            counts = await self._in_conntrack_thread(conntrack_counts, marks, self.config.agent.mark_mask)
         except Exception as err:  # no nf_conntrack_netlink: status shows no counts
             if self._connections is not None or not self._conntrack_warned:
                 log.info("conntrack counts unavailable: %s", err)

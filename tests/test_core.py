@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import multiwan_agent as mwa
 
@@ -404,3 +405,26 @@ def test_policy_takes_its_first_usable_uplink_and_falls_back_when_none_is() -> N
     h = healths(fibre=(mwa.State.UP, 0, False), lte=(mwa.State.UP, 100, True))
     assert mwa.select_for_policy(policy, h, GROUP, "fibre", 30, 110).selected == "fibre"
     assert mwa.select_for_policy(policy, h, GROUP, "fibre", 30, 131).selected == "lte"
+
+
+def test_a_reload_keeps_only_the_steering_that_still_holds() -> None:
+    config = mwa.parse_config(
+        '[agent]\nsticky = "source"\n[check]\ntargets = ["198.18.1.1", "2001:db8:ffff::1"]\n'
+        '[[uplink]]\nname = "fibre"\ninterface = "wan0"\nweight = 3\n'
+        '[[uplink]]\nname = "lte"\ninterface = "wan1"\n[uplink.check]\ntargets = ["198.18.1.2"]\n'
+        '[[policy]]\nname = "voip"\nmatch = { protocol = "udp" }\nuplinks = ["fibre"]\n',
+        "new.toml",
+    )
+    running = mwa.Steering(
+        {4: (("fibre", 1), ("lte", 1), ("cable", 1)), 6: (("fibre", 1), ("lte", 1))},
+        {"voip": {4: "lte", 6: "fibre"}, "gone": {4: "fibre"}},
+    )
+    kept = mwa.carry_steering(running, config)
+    # lte carries no IPv6 any more, cable is gone, weights are the new ones; lte is no uplink of voip
+    assert kept == mwa.Steering({4: (("fibre", 3), ("lte", 1)), 6: (("fibre", 3),)}, {"voip": {6: "fibre"}})
+    script = mwa.render_nft(config, kept)
+    # every set and chain the table refers to, it declares (nft would refuse it otherwise)
+    assert {f"source{f}_{n}" for f, n in re.findall(r"@source(\d)_(\w+)", script)} <= set(
+        re.findall(r"set (\S+) \{", script)
+    )
+    assert set(re.findall(r"goto (\S+?)[ ,}]", script + " ")) <= set(re.findall(r"chain (\S+) \{", script))

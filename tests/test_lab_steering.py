@@ -338,3 +338,33 @@ def conntrack_list(lab: Lab, family: str, mark: int) -> str:
     return lab.run(
         "router", "conntrack", "-L", "-f", family, "-m", f"{mark:#x}/0xff00", "-o", "id", check=False
     ).stdout
+
+
+def test_conntrack_release_deletes_only_its_marked_entries_and_never_flushes(lab: Lab) -> None:
+    """ctnetlink spoken by hand, against the router namespace's real conntrack."""
+    lab.nft(
+        "router",
+        "table ip marks {\n  chain out {\n    type filter hook output priority 0; policy accept;\n"
+        "    udp dport 20000-20999 ct mark set 0x100\n    udp dport 21000-21999 ct mark set 0x201\n  }\n}\n",
+    )
+    code = f"""
+import socket, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+import multiwan_agent as m
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for port in range(20000, 22000):
+    s.sendto(b"x", ("127.0.0.1", port))
+marks = {{"fibre": 0x100, "lte": 0x200}}
+print(m.conntrack_counts(marks, 0xff00))
+with m._ctnetlink_socket() as sock:  # an entry without a tuple is never sent: it would be a flush
+    print(m._ct_delete(sock, 4, [m.TrackedEntry(0, 0x100, None, b"", m._nla(m.CTA_ID, bytes(4)))]))
+print(m.conntrack_release(0x100, 0xff00, frozenset()))
+print(m.conntrack_counts(marks, 0xff00))
+"""
+    out = lab.run("router", sys.executable, "-c", code).stdout.splitlines()
+    assert out == [
+        "{'fibre': 1000, 'lte': 1000}",
+        "(0, [])",
+        "Released(deleted=1000, inbound_kept=0, failed=0, error=None)",
+        "{'fibre': 0, 'lte': 1000}",
+    ]
