@@ -105,6 +105,8 @@ RT_TABLE_MAIN: Final = 254
 RTN_UNREACHABLE: Final = 7
 #: Conntrack status bit of a connection whose destination was NATed (a port forward).
 IPS_DST_NAT: Final = 1 << 5
+#: The conntrack label bit the agent sets on connections that came in from the internet.
+INBOUND_LABEL: Final = 127
 #: The metric our real defaults get (none is given; IPv6 makes 0 into 1024).
 DEFAULT_METRIC: Final = {4: 0, 6: 1024}
 NLMSG_HEADER: Final = struct.Struct("=IHHII")
@@ -124,6 +126,7 @@ CTA_MARK: Final = 8
 CTA_ID: Final = 12
 CTA_ZONE: Final = 18
 CTA_MARK_MASK: Final = 21
+CTA_LABELS: Final = 22
 CTA_TUPLE_IP: Final = 1
 CTA_IP_V4_DST: Final = 2
 CTA_IP_V6_DST: Final = 4
@@ -2457,7 +2460,8 @@ def conntrack_release(
             ]
             doomed: list[TrackedEntry] = []
             for entry in entries:
-                if entry.status & IPS_DST_NAT or entry.destination in local:
+                # Labelled by our table; the other two catch those from before it was installed.
+                if entry.inbound or entry.status & IPS_DST_NAT or entry.destination in local:
                     inbound += 1
                 else:
                     doomed.append(entry)
@@ -2480,6 +2484,8 @@ class TrackedEntry:
     status: int
     mark: int
     destination: str | None
+    #: Labelled INBOUND_LABEL by our table: it came in from the internet.
+    inbound: bool
     #: CTA_TUPLE_ORIG as the kernel sent it (empty if it sent none).
     tuple_orig: bytes
     #: CTA_ID and CTA_ZONE as the kernel sent them.
@@ -2555,12 +2561,14 @@ def _ct_dump(sock: socket.socket, family: int, mark: int, mask: int) -> Iterator
     request = _ct_message(CT_GET, NLM_F_DUMP, family, _mark_filter(mark, mask), next(_sequence))
     for payload in _ct_answers(sock, request):
         status = entry_mark = 0
-        destination, tuple_orig, identity = None, b"", b""
+        destination, tuple_orig, identity, inbound = None, b"", b"", False
         for kind, start, end in _nla_walk(payload, 0, len(payload)):
             if kind == CTA_STATUS:
                 (status,) = struct.unpack_from("!I", payload, start)
             elif kind == CTA_MARK:
                 (entry_mark,) = struct.unpack_from("!I", payload, start)
+            elif kind == CTA_LABELS:
+                inbound = _label_set(payload[start:end], INBOUND_LABEL)
             elif kind in (CTA_ID, CTA_ZONE):
                 identity += _nla(kind, payload[start:end])
             elif kind == CTA_TUPLE_ORIG:
@@ -2570,7 +2578,15 @@ def _ct_dump(sock: socket.socket, family: int, mark: int, mask: int) -> Iterator
                         for addr_kind, a_start, a_end in _nla_walk(payload, ip_start, ip_end):
                             if addr_kind in (CTA_IP_V4_DST, CTA_IP_V6_DST):
                                 destination = str(ipaddress.ip_address(payload[a_start:a_end]))
-        yield TrackedEntry(status, entry_mark, destination, tuple_orig, identity)
+        yield TrackedEntry(status, entry_mark, destination, inbound, tuple_orig, identity)
+
+
+def _label_set(labels: bytes, bit: int) -> bool:
+    """Whether a label bit is set in CTA_LABELS: the kernel's bitmap of native unsigned longs."""
+    size = struct.calcsize("L")
+    word, within = divmod(bit, size * 8)
+    chunk = labels[word * size : (word + 1) * size]
+    return len(chunk) == size and bool(int.from_bytes(chunk, sys.byteorder) >> within & 1)
 
 
 def _ct_delete(
@@ -2695,6 +2711,7 @@ def render_nft(config: Config, steering: Steering | None = None) -> str:
     # A connection's uplink, from its mark, and an interface's uplink: verdict maps to those chains.
     by_mark = ", ".join(f"{u.mark:#x} : goto to_{u.name}" for u in config.uplinks)
     by_oif = ", ".join(f'"{u.interface}" : goto ct_{u.name}' for u in config.uplinks)
+    by_iif = ", ".join(f'"{u.interface}" : goto in_{u.name}' for u in config.uplinks)
     restore = f"ct direction original ct mark and {mask} vmap {{ {by_mark} }}"
     dynamic = _steering_chains(config, steering or Steering())
     out = [f"add table {NFT_TABLE}", f"delete table {NFT_TABLE}", f"table {NFT_TABLE} {{"]
@@ -2715,7 +2732,7 @@ def render_nft(config: Config, steering: Steering | None = None) -> str:
         f"\t\tct direction reply ct status dnat ct mark and {mask} vmap {{ {by_mark} }}",
         # New connections from the LAN are placed; those from the internet belong to their uplink.
         f"\t\tct state new ct mark and {mask} == 0 iifname != {{ {_uplink_interfaces(config)} }} jump steer",
-        f"\t\tct state new ct mark and {mask} == 0 iifname vmap {{ {by_oif} }}",
+        f"\t\tct state new ct mark and {mask} == 0 iifname vmap {{ {by_iif} }}",
         "\t}",
         "\tchain steer {",
         *(f"\t\t{_policy_match(policy, f)} jump policy_{policy.name}" for policy, f in _policy_rows(config)),
@@ -2739,6 +2756,10 @@ def render_nft(config: Config, steering: Steering | None = None) -> str:
             "\t}",
             f"\tchain ct_{uplink.name} {{",
             f"\t\tct mark set ct mark and {keep} or {uplink.mark:#x}",
+            "\t}",
+            # Came in from the internet: its uplink's, and labelled so release_flows keeps it.
+            f"\tchain in_{uplink.name} {{",
+            f"\t\tct mark set ct mark and {keep} or {uplink.mark:#x} ct label set {INBOUND_LABEL}",
             "\t}",
         ]
     out += [

@@ -355,8 +355,10 @@ def test_nft_steering_rules() -> None:
     # only new connections from the LAN are placed; replies and inbound ones never
     assert 'ct state new ct mark and 0xff00 == 0 iifname != { "wan0", "wan1" } jump steer' in lines
     # connections from the internet belong to the uplink they came in on; port forwards answer through it
-    by_oif = '"wan0" : goto ct_fibre, "wan1" : goto ct_lte'
-    assert f"ct state new ct mark and 0xff00 == 0 iifname vmap {{ {by_oif} }}" in lines
+    by_iif = '"wan0" : goto in_fibre, "wan1" : goto in_lte'
+    assert f"ct state new ct mark and 0xff00 == 0 iifname vmap {{ {by_iif} }}" in lines
+    # labelled, so that release_flows keeps what came in from the internet
+    assert "ct mark set ct mark and 0xffff00ff or 0x200 ct label set 127" in lines
     by_mark = "0x100 : goto to_fibre, 0x200 : goto to_lte"
     assert f"ct direction reply ct status dnat ct mark and 0xff00 vmap {{ {by_mark} }}" in lines
     assert (
