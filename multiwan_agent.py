@@ -80,6 +80,8 @@ MAX_UPLINKS: Final = 29
 STATUS_METRICS_PERIOD_S: Final = 1.0
 #: How often status counts the tracked connections marked for each uplink (a conntrack dump).
 CONNTRACK_PERIOD_S: Final = 2.0
+#: How long a count of tracked connections waits for a reconcile to end (then goes on anyway).
+CONNTRACK_PAUSE_MAX_S: Final = 2.0
 #: A full netlink reconcile also runs this often, to repair what events missed.
 RESYNC_PERIOD_S: Final = 30.0
 
@@ -2411,19 +2413,23 @@ def _rule_args(rule: RuleSpec, protocol: int) -> dict[str, Any]:
     return args
 
 
-def conntrack_counts(marks: Mapping[str, int], mask: int) -> dict[str, int]:
+def conntrack_counts(
+    marks: Mapping[str, int], mask: int, quiet: threading.Event | None = None
+) -> dict[str, int]:
     """Tracked connections per uplink mark, both families; read-only.
 
     The kernel filters the dump by mark (CTA_MARK/CTA_MARK_MASK) and we only
     count its messages: a router tracks tens of thousands of connections, and
     decoding each of them (as pyroute2 does) every few seconds costs a core.
+    Between chunks it waits for `quiet`, so that a reconcile (a failover)
+    never shares the interpreter with it.
     """
     counts = dict.fromkeys(marks, 0)
     with _ctnetlink_socket() as sock:
         for name, mark in marks.items():
             for family in FAMILIES:
                 request = _ct_message(CT_GET, NLM_F_DUMP, family, _mark_filter(mark, mask), next(_sequence))
-                counts[name] += sum(1 for _ in _ct_answers(sock, request))
+                counts[name] += sum(1 for _ in _ct_answers(sock, request, quiet))
     return counts
 
 
@@ -2528,12 +2534,14 @@ def _ct_message(kind: int, flags: int, family: int, attrs: bytes, seq: int) -> b
     return NLMSG_HEADER.pack(NLMSG_HEADER.size + len(body), kind, NLM_F_REQUEST | flags, seq, 0) + body
 
 
-def _ct_answers(sock: socket.socket, request: bytes) -> Iterator[bytes]:
+def _ct_answers(sock: socket.socket, request: bytes, quiet: threading.Event | None = None) -> Iterator[bytes]:
     """Send a dump request; yield each answer's payload (after nfgenmsg) until NLMSG_DONE."""
     (seq,) = struct.unpack_from("=I", request, 8)
     sock.send(request)
     while True:
         data = sock.recv(1 << 20)
+        if quiet is not None:
+            quiet.wait(CONNTRACK_PAUSE_MAX_S)
         for msg_type, msg_seq, payload in _nl_messages(data):
             if msg_seq != seq:
                 continue
@@ -3054,6 +3062,8 @@ class Agent:
         #: Conntrack dumps can take seconds on a big table: a thread of their own, so that
         #: neither route changes (the netlink worker) nor its watchdog wait behind them.
         self._conntrack_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conntrack")
+        self._not_syncing = threading.Event()
+        self._not_syncing.set()
         #: The selected default routes as last installed, per family (for the fast path).
         self._applied_defaults: dict[int, RouteSpec] = {}
         self._started_ok = False
@@ -3257,7 +3267,11 @@ class Agent:
     async def _sync(self) -> None:
         """Observe links, select, and reconcile routes and rules with the plan."""
         async with self._sync_lock:
-            await self._sync_locked()
+            self._not_syncing.clear()  # a conntrack count pauses meanwhile
+            try:
+                await self._sync_locked()
+            finally:
+                self._not_syncing.set()
 
     async def _sync_locked(self) -> None:
         config = self.config
@@ -3751,7 +3765,9 @@ class Agent:
     async def _count_connections(self) -> None:
         marks = {u.name: u.mark for u in self.config.uplinks}
         try:
-            counts = await self._in_conntrack_thread(conntrack_counts, marks, self.config.agent.mark_mask)
+            counts = await self._in_conntrack_thread(
+                conntrack_counts, marks, self.config.agent.mark_mask, self._not_syncing
+            )
         except Exception as err:  # no nf_conntrack_netlink: status shows no counts
             if self._connections is not None or not self._conntrack_warned:
                 log.info("conntrack counts unavailable: %s", err)
