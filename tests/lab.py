@@ -832,16 +832,18 @@ class Lab:
             dad = [f"net.ipv6.conf.{dev}.accept_dad=0" for dev in VETHS[role]]
             self.run(role, "sysctl", "-q", "-w", *common, *dad, *per_role.get(role, []))
 
-    def _start_echo_server(self) -> None:
-        argv = [
-            sys.executable, str(ECHO_SERVER),
-            "--host", SERVER_IP, "--host", SERVER_IP6, "--port", str(SERVER_PORT),
-        ]  # fmt: skip
-        proc = self.popen("inet", argv, stdout=subprocess.PIPE, text=True)
+    def _start_echo_server(
+        self, role: str = "inet", hosts: Sequence[str] = (SERVER_IP, SERVER_IP6), port: int = SERVER_PORT
+    ) -> None:
+        """echo_server.py in a namespace; returns once it listens."""
+        argv = [sys.executable, str(ECHO_SERVER), "--port", str(port)]
+        for host in hosts:
+            argv += ["--host", host]
+        proc = self.popen(role, argv, stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         line = _read_line(proc.stdout, time.monotonic() + READY_TIMEOUT_S)
         if line is None or line.strip() != "ready":
-            raise LabError(f"echo server did not become ready (got {line!r}, rc={proc.poll()})")
+            raise LabError(f"echo server in {role} did not become ready (got {line!r}, rc={proc.poll()})")
 
     # Faults (all reversible, all in the ISP namespaces) ----------------------
 
@@ -1042,16 +1044,7 @@ class Lab:
 
     def start_lan_server(self, port: int) -> None:
         """The echo server on the LAN host (LAN_HOST:port), e.g. behind a port forward."""
-        proc = self.popen(
-            "lan",
-            [sys.executable, str(ECHO_SERVER), "--host", LAN_HOST, "--port", str(port)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout is not None
-        line = _read_line(proc.stdout, time.monotonic() + READY_TIMEOUT_S)
-        if line is None or line.strip() != "ready":
-            raise LabError("the echo server on the LAN host did not start")
+        self._start_echo_server("lan", (LAN_HOST,), port)
 
     def add_second_lan(self) -> str:
         """A second LAN behind the router, reached through main's connected route only.
@@ -1069,16 +1062,7 @@ class Lab:
         self._ip_batch("router", [f"addr add {LAN2_GATEWAY}/24 dev lan1", "link set lan1 up"])
         self._ip_batch("lan2", ["link set lo up", f"addr add {LAN2_HOST}/24 dev eth0", "link set eth0 up"])
         self._ip_batch("lan2", [*_sync_link_lines(["eth0"]), f"route add default via {LAN2_GATEWAY}"])
-        proc = self.popen(
-            "lan2",
-            [sys.executable, str(ECHO_SERVER), "--host", LAN2_HOST, "--port", str(SERVER_PORT)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout is not None
-        line = _read_line(proc.stdout, time.monotonic() + READY_TIMEOUT_S)
-        if line is None or line.strip() != "ready":
-            raise LabError("the echo server in lan2 did not start")
+        self._start_echo_server("lan2", (LAN2_HOST,))
         return LAN2_HOST
 
     # Teardown ---------------------------------------------------------------
