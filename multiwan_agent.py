@@ -10,37 +10,58 @@ selection table that is only ever *replaced*. Everything it creates carries
 its own route protocol id, lives in its own tables and its own rule priority
 range, and nothing else is ever touched. Conntrack is never flushed.
 
-The module reads in order: constants, errors, config, the pure core (health
-state machine, selection, route plan and diff), probes, netlink, status and
-systemd notification, the daemon, the command line, main().
+The module reads in order, one banner per section, each opening with what it
+owns:
+- Constants, Errors, Config (dataclasses and validation);
+- the pure core, which takes data and a clock and returns decisions: Core:
+  health state machine, Core: selection, Core: steering, Core: route plan,
+  Core: the agent (the one agent state, driven by on_round, on_links,
+  on_routes, on_reload, on_tick, ... which return an Intent);
+- the edges, each owning one kernel interface: Probes, Netlink (routes and
+  rules), Conntrack, nftables, Status document, systemd notification;
+- Daemon (the supervisor, the pump between the edges and the core, signals),
+  Command line, main().
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import concurrent.futures
-import dataclasses
-import errno
-import ipaddress
-import itertools
-import json
-import logging
-import os
-import re
 import signal
-import socket
-import statistics
-import struct
 import sys
-import threading
-import time
-import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from enum import Enum
-from pathlib import Path
-from typing import Any, Final, TypeVar
+
+#: Signals that arrived before the daemon's handlers were in place (see catch_early_signals).
+_EARLY_SIGNALS: list[int] = []
+
+if __name__ == "__main__":
+    # Before the imports below (a tenth of a second): SIGHUP's default action would
+    # kill an agent that a reload request reaches while it starts.
+    for _signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(_signum, lambda signum, _frame: _EARLY_SIGNALS.append(signum))
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import collections  # noqa: E402
+import concurrent.futures  # noqa: E402
+import dataclasses  # noqa: E402
+import errno  # noqa: E402
+import fcntl  # noqa: E402
+import functools  # noqa: E402
+import ipaddress  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import struct  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import urllib.parse  # noqa: E402
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from enum import Enum  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Final, TypeVar  # noqa: E402
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,11 +74,19 @@ log = logging.getLogger("multiwan")
 
 
 # Constants ###################################################################
+#
+# Every number the agent runs by, with its unit in the name and why it is so.
 
+#: Exit code of `run` when a task or thread could not be kept alive (systemd restarts it).
+EXIT_FAILURE: Final = 1
 #: Exit code for a configuration that does not validate (nothing was changed).
 EXIT_CONFIG: Final = 2
-#: Exit code when the agent refuses to start (collision, missing privilege).
+#: Exit code when the agent refuses to start (collision, another agent, missing privilege).
 EXIT_REFUSED: Final = 3
+#: `status`: no uplink is up (the agent runs).
+EXIT_NO_UPLINK: Final = 1
+#: `status`: the agent is not running, or its status cannot be read.
+EXIT_NOT_RUNNING: Final = 3
 
 #: Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
 IFNAME_MAX: Final = 15
@@ -84,6 +113,40 @@ CONNTRACK_PERIOD_S: Final = 2.0
 CONNTRACK_PAUSE_MAX_S: Final = 2.0
 #: A full netlink reconcile also runs this often, to repair what events missed.
 RESYNC_PERIOD_S: Final = 30.0
+
+#: Longest an `nft` run may take before it is killed (a table load takes tens of ms).
+NFT_TIMEOUT_S: Final = 5.0
+#: `--cleanup` deletes our table at exit with this, shorter, timeout.
+NFT_CLEANUP_TIMEOUT_S: Final = 2.0
+#: An nft run still going this long past its timeout (the kill failed) fails the watchdog.
+NFT_STUCK_GRACE_S: Final = 5.0
+#: nft_run's exit codes for an nft that is not there and one that was killed at its timeout.
+NFT_MISSING: Final = 127
+NFT_TIMED_OUT: Final = 124
+#: A conntrack job that makes no progress this long fails the watchdog (each recv has a 5 s timeout).
+CONNTRACK_STUCK_S: Final = 30.0
+#: Observations left untaken this long fail the watchdog.
+PUMP_STUCK_S: Final = 2.0
+#: A supervised task that dies this many times within the window ends the agent (EXIT_FAILURE).
+SUPERVISOR_MAX_DEATHS: Final = 5
+SUPERVISOR_WINDOW_S: Final = 60.0
+#: First restart delay of a task that died; it doubles with each death in the window.
+SUPERVISOR_RESTART_S: Final = 1.0
+#: At exit: how long tasks get to stop, and netlink to remove our objects (--cleanup).
+SHUTDOWN_TASKS_S: Final = 0.5
+SHUTDOWN_CLEANUP_S: Final = 3.0
+
+#: status.json's format version, and the most of it a reader takes in.
+STATUS_VERSION: Final = 1
+STATUS_MAX_BYTES: Final = 4 << 20
+#: Longest a status write waits for the route work of the decision it shows.
+STATUS_HOLD_S: Final = 1.0
+#: status.json is rewritten at least this often, so that its age tells a dead agent.
+STATUS_HEARTBEAT_S: Final = 5.0
+#: `status` calls an agent whose status.json is older than this stale.
+STATUS_STALE_S: Final = 3 * STATUS_HEARTBEAT_S
+#: The lock in state_dir that makes one agent per state (flock; holds the pid).
+LOCK_FILE: Final = "agent.lock"
 
 # Kernel constants not exported by the socket module on every Python.
 SO_BINDTODEVICE: Final = getattr(socket, "SO_BINDTODEVICE", 25)
@@ -168,6 +231,8 @@ PORT_RE: Final = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
 
 
 # Errors ######################################################################
+#
+# The errors that cross sections: a config that does not validate, a refused start.
 
 
 class ConfigError(Exception):
@@ -186,6 +251,9 @@ class StartupRefused(Exception):
 
 
 # Config ######################################################################
+#
+# The TOML config as frozen dataclasses, and its validation: every error names
+# the file, the key path and what was expected, before any side effect.
 
 
 class Method(str, Enum):
@@ -851,8 +919,8 @@ def load_config(path: str) -> Config:
 
 # Core: health state machine ##################################################
 #
-# Everything in this section and the next two is pure: data and a clock in,
-# decisions out. The daemon feeds observations and carries decisions out.
+# Owns one uplink's health: fall/rise over probe rounds, the quality window,
+# link events. Pure, like every Core section: data and a clock in, decisions out.
 
 
 class State(str, Enum):
@@ -872,6 +940,9 @@ class ProbeResult:
     #: "ok", "timeout", "unreachable (from 203.0.113.1)", "refused", "status 302", ...
     reason: str = "ok"
     method: Method = Method.ICMP
+    #: The probe could not be judged (the agent's own code raised): it neither
+    #: passes nor fails, so a bug in the agent never looks like an outage.
+    inconclusive: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -886,8 +957,22 @@ class RoundResult:
     gateway_ok: bool | None = None
 
     @property
+    def judged(self) -> tuple[ProbeResult, ...]:
+        """The probes that can be judged (the others are the agent's own errors)."""
+        return tuple(p for p in self.probes if not p.inconclusive)
+
+    @property
+    def errors(self) -> int:
+        return len(self.probes) - len(self.judged)
+
+    @property
+    def inconclusive(self) -> bool:
+        """Nothing in this round can be judged: it counts neither way."""
+        return not self.judged
+
+    @property
     def answered(self) -> int:
-        return sum(1 for probe in self.probes if probe.ok)
+        return sum(1 for probe in self.judged if probe.ok)
 
     @property
     def ok(self) -> bool:
@@ -897,17 +982,17 @@ class RoundResult:
         it is not healthy for the traffic that selects it.
         """
         groups: dict[tuple[Method, int], list[ProbeResult]] = {}
-        for probe in self.probes:
+        for probe in self.judged:
             key = (probe.method, ipaddress.ip_address(probe.target).version)
             groups.setdefault(key, []).append(probe)
         for results in groups.values():
             if sum(1 for p in results if p.ok) < min(self.required, len(results)):
                 return False
-        return bool(self.probes)
+        return bool(groups)
 
     @property
     def rtt_ms(self) -> float | None:
-        rtts = [p.rtt_ms for p in self.probes if p.ok and p.rtt_ms is not None]
+        rtts = [p.rtt_ms for p in self.judged if p.ok and p.rtt_ms is not None]
         return statistics.median(rtts) if rtts else None
 
     @property
@@ -915,7 +1000,7 @@ class RoundResult:
         """The failure reasons, most common first, e.g. 'timeout' or 'timeout, refused'."""
         several_methods = len({p.method for p in self.probes}) > 1
         reasons: dict[str, int] = {}
-        for probe in self.probes:
+        for probe in self.judged:
             if not probe.ok:
                 text = f"{probe.method.value} {probe.reason}" if several_methods else probe.reason
                 reasons[text] = reasons.get(text, 0) + 1
@@ -1062,13 +1147,15 @@ def observe_round(
     with the window past a threshold make an up uplink degraded, `rise`
     rounds within them make it up again. Transitions only, never per round.
     """
-    if not health.link_usable:
-        # A round that was in flight when the link went away says nothing new.
+    if not health.link_usable or result.inconclusive:
+        # A round that was in flight when the link went away says nothing new;
+        # nor does one the agent could not judge (its own error, logged where it happened).
         return health, []
+    counted = result.judged
     sample = RoundSample(
-        len(result.probes),
+        len(counted),
         result.answered,
-        tuple(p.rtt_ms for p in result.probes if p.ok and p.rtt_ms is not None),
+        tuple(p.rtt_ms for p in counted if p.ok and p.rtt_ms is not None),
     )
     # While down, the window only keeps the run of good rounds that may bring
     # it back: the failure that took it down says nothing about it once up.
@@ -1183,6 +1270,9 @@ def remap_health(health: Health, check: CheckConfig) -> Health:
 
 
 # Core: selection #############################################################
+#
+# Owns the choice of the uplink that carries a family's new traffic: priority,
+# the degraded last resort, and the hysteresis before a failback.
 
 
 @dataclass(frozen=True, slots=True)
@@ -1365,6 +1455,9 @@ def carry_steering(steering: Steering, config: Config) -> Steering:
 
 
 # Core: route plan ############################################################
+#
+# Owns the desired routes and rules for a selection, the diff against a dump
+# (replace, never delete-then-add), and what others' objects in our way mean.
 
 
 @dataclass(frozen=True, slots=True)
@@ -1444,6 +1537,8 @@ class RouteEntry:
     protocol: int
     family: int = 4
     unreachable: bool = False
+    #: The destination of a route that is not a default ("10.0.0.0/8"); None for a default.
+    dst: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1633,7 +1728,7 @@ def diff_network(
     and only objects carrying our protocol id in our ranges are ever removed.
     """
     protocol = config.agent.route_protocol
-    ours = {(r.family, r.table, r.unreachable): r for r in routes if r.protocol == protocol}
+    ours = {(r.family, r.table, r.unreachable): r for r in routes if r.protocol == protocol and r.dst is None}
     changes: list[Change] = []
     wanted_routes: set[tuple[int, int, bool]] = set()
     # The selected defaults first: they are what new traffic needs most.
@@ -1706,7 +1801,983 @@ def find_collisions(config: Config, rules: Sequence[RuleEntry], routes: Sequence
     return problems
 
 
+def describe_renumbering(uplink: UplinkConfig, before: Interface, after: Interface) -> str:
+    """'address 203.0.113.6 -> 203.0.113.10, gateway ...' for what changed, or ''."""
+    fields = (
+        ("ifindex", before.index, after.index),
+        ("address", before.address, after.address),
+        ("gateway", uplink_gateway(uplink, before, 4), uplink_gateway(uplink, after, 4)),
+        ("address6", before.address6, after.address6),
+        ("gateway6", uplink_gateway(uplink, before, 6), uplink_gateway(uplink, after, 6)),
+    )
+    return ", ".join(f"{name} {old} -> {new}" for name, old, new in fields if old != new and old and new)
+
+
+# Others' objects, seen at runtime ----------------------------------------------
+#
+# At start a collision refuses the start (find_collisions). An object of
+# another program that appears while the agent runs is never deleted: it is
+# named, with the guarantee it defeats, in the log (once) and in status.
+
+
+@dataclass(frozen=True, slots=True)
+class ForeignObject:
+    """Another program's rule or route where it changes what the agent's own objects do."""
+
+    #: "ipv4 rule 5050: from all lookup main (protocol 0)"
+    what: str
+    #: "it precedes the selection (rule 5099): failover is ineffective for the traffic it matches"
+    defeats: str
+
+
+def _defeated_by_priority(config: Config, priority: int) -> str:
+    """What a foreign rule at this priority inside the agent's block goes ahead of."""
+    base = config.agent.rule_priority
+    selection = base + RULE_DEFAULT_OFFSET
+    if priority >= selection:
+        return (
+            f"it sits in the agent's block {base}-{base + RULE_BLOCK - 1} after the selection (rule "
+            f"{selection}), so it is reached only when the selection table is empty; move it out of the block"
+        )
+    text = f"it precedes the selection (rule {selection}): failover is ineffective for the traffic it matches"
+    for offset, guarantee in (
+        (RULE_MARK_OFFSET, "connection stickiness and policies"),
+        (RULE_SOURCE_OFFSET, "the path of traffic from an uplink's address"),
+        (RULE_OIF_OFFSET, "probes bound to their uplink (a probe may test another path)"),
+    ):
+        if priority < base + offset:
+            text += f"; so are {guarantee} (rules from {base + offset})"
+    return text
+
+
+def find_foreign(
+    config: Config, rules: Sequence[RuleEntry], routes: Sequence[RouteEntry]
+) -> tuple[ForeignObject, ...]:
+    """Rules and routes of others that defeat one of the agent's guarantees, in a stable order."""
+    agent = config.agent
+    base = agent.rule_priority
+    owners = {u.table: f"uplink {u.name}'s table {u.table}" for u in config.uplinks}
+    owners[agent.default_table] = f"the selection table {agent.default_table}"
+    marks = {u.mark: u.name for u in config.uplinks}
+    found: list[ForeignObject] = []
+    for rule in sorted(rules, key=lambda r: (r.family, r.priority)):
+        if owns_rule(config, rule):
+            continue
+        what = f"{FAMILY_NAME[rule.family]} rule {rule.spec().describe()} (protocol {rule.protocol})"
+        if base <= rule.priority < base + RULE_BLOCK:
+            found.append(ForeignObject(what, _defeated_by_priority(config, rule.priority)))
+        elif rule.table in owners and rule.priority < base:
+            found.append(
+                ForeignObject(
+                    what,
+                    f"it sends the traffic it matches to {owners[rule.table]} ahead of the agent's rules, "
+                    "whatever that uplink's health",
+                )
+            )
+        elif rule.fwmark and rule.priority < base:
+            mask = (rule.fwmask if rule.fwmask is not None else 0xFFFFFFFF) & agent.mark_mask
+            for mark, name in marks.items():
+                if mask and (mark & mask) == (rule.fwmark & mask):
+                    found.append(
+                        ForeignObject(
+                            what,
+                            f"it matches uplink {name}'s mark {mark:#x} ahead of the agent's rules: "
+                            f"connections that stick to {name} may leave through another path",
+                        )
+                    )
+    for route in sorted(routes, key=lambda r: (r.family, r.table, r.dst or "")):
+        if route.table in owners and route.protocol != agent.route_protocol:
+            found.append(
+                ForeignObject(
+                    f"{FAMILY_NAME[route.family]} route {route.dst or 'default'} in table {route.table} "
+                    f"(protocol {route.protocol})",
+                    f"traffic that {owners[route.table]} carries to it ignores the agent",
+                )
+            )
+    return tuple(dict.fromkeys(found))
+
+
+def reload_problem(old: Config, new: Config) -> str | None:
+    """Why a new config cannot replace the running one without a restart, or None."""
+    fixed = ("rule_priority", "route_protocol", "mark_mask", "default_table")
+    changed = [k for k in fixed if getattr(old.agent, k) != getattr(new.agent, k)]
+    if changed:
+        return f"[agent] {', '.join(changed)} cannot change on reload; restart"
+    before = {u.name: u for u in old.uplinks}
+    for uplink in new.uplinks:
+        was = before.get(uplink.name)
+        if was is not None and (was.table, was.mark) != (uplink.table, uplink.mark):
+            # Ids inherited from the list position move when uplinks are
+            # removed or reordered; marks set elsewhere would route differently.
+            return (
+                f"uplink {uplink.name}'s table/mark would change from {was.table}/{was.mark:#x} to "
+                f"{uplink.table}/{uplink.mark:#x}; set them explicitly, or restart"
+            )
+    return None
+
+
+def reload_collisions(
+    old: Config, new: Config, rules: Sequence[RuleEntry], routes: Sequence[RouteEntry]
+) -> list[str]:
+    """The collisions a new config brings. Objects the running agent already lives with
+    (and reports as foreign) are no reason to refuse it: only new ones are."""
+    rules = [r for r in rules if not find_collisions(old, [r], [])]
+    routes = [r for r in routes if not find_collisions(old, [], [r])]
+    return find_collisions(new, rules, routes)
+
+
+# Core: the agent #############################################################
+#
+# Owns every piece of state that affects a decision: healths, interfaces, the
+# selection per family, policy choices, steering, what each uplink carries,
+# owed flow releases, drains, retry and wake-up times, and what status says.
+# Pure like the sections above (aioquic's connection is the model): each on_*
+# takes the state, one observation and `now`, and returns the new state and an
+# Intent (route work, nft steering, flow releases, typed events, the next
+# wake-up). The daemon's pump feeds it and carries the intents out.
+
+
+@dataclass(frozen=True, slots=True)
+class PreviousUplink:
+    """One uplink as the previous run's status.json left it (validated)."""
+
+    state: State
+    has_failed: bool
+    recovered: bool
+    #: CLOCK_MONOTONIC at its last state change: comparable within one boot only.
+    since_monotonic: float
+
+
+@dataclass(frozen=True, slots=True)
+class PreviousRun:
+    """What the previous run left in status.json, as far as a restart needs it."""
+
+    #: The kernel's boot id then (None if the file did not say).
+    boot_id: str | None
+    uplinks: Mapping[str, PreviousUplink]
+
+
+def owes_hysteresis(
+    previous: PreviousRun | None, name: str, boot_id: str | None, hysteresis_s: float, now: float
+) -> bool:
+    """Whether an uplink must prove itself again after a restart: it had failed, or was
+    still inside its hysteresis. Judged on the monotonic clock of the same boot, never
+    the wall clock (a router without an RTC steps it at boot); across a reboot an
+    uplink that was proving itself cannot be timed, so it proves itself again."""
+    if previous is None or name not in previous.uplinks:
+        return False
+    was = previous.uplinks[name]
+    if was.state is not State.UP:
+        return was.has_failed
+    if not was.recovered:
+        return False
+    if previous.boot_id is None or previous.boot_id != boot_id:
+        return True
+    return now < was.since_monotonic + hysteresis_s
+
+
+def adoptable(
+    config: Config, interfaces: Mapping[str, Interface], routes: Sequence[RouteEntry]
+) -> dict[int, str]:
+    """Per family, the uplink the selection table's default (left by a previous run) points at."""
+    adopted: dict[int, str] = {}
+    for route in routes:
+        if (
+            route.table != config.agent.default_table
+            or route.protocol != config.agent.route_protocol
+            or route.dst is not None
+        ):
+            continue
+        for uplink in config.uplinks:
+            interface = interfaces.get(uplink.interface)
+            if interface is not None and interface.index == route.oif and route.family in uplink.families:
+                adopted[route.family] = uplink.name
+    return adopted
+
+
+# Events: what the core decided, for the log, status and (later) history, hooks
+# and metrics. `at` is the monotonic time of the decision.
+
+
+@dataclass(frozen=True, slots=True)
+class SelectionChanged:
+    family: int
+    old: str | None
+    new: str | None
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class NoUplinkUp:
+    """A family has no uplink up or degraded; `kept` still holds its route (None: waiting for the first)."""
+
+    family: int
+    kept: str | None
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class FailbackWaiting:
+    """A better uplink is up but still proving itself (hysteresis)."""
+
+    family: int
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceChanged:
+    family: int
+    #: The members sharing new connections now (empty: the selected uplink carries all).
+    members: tuple[tuple[str, int], ...]
+    changes: tuple[str, ...]
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyChanged:
+    policy: str
+    family: int
+    old: str | None
+    new: str | None
+    fallback: str
+    reason: str
+    #: The first decision since start or reload (logged quietly).
+    first: bool
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Renumbered:
+    uplink: str
+    change: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    uplink: str
+    family: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class FlowsReleased:
+    uplink: str
+    families: frozenset[int]
+    why: str
+    mark: int
+    mask: int
+    released: Released
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RouteChangeFailed:
+    change: str
+    error: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RouteChangeRecovered:
+    change: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ForeignAppeared:
+    foreign: ForeignObject
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ForeignGone:
+    foreign: ForeignObject
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reloaded:
+    source: str
+    uplinks: int
+    #: Why the new nft table could not be checked (routing was applied anyway), or "".
+    nft_note: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadRejected:
+    reason: str
+    at: float
+
+
+Event = (
+    Transition
+    | SelectionChanged
+    | NoUplinkUp
+    | FailbackWaiting
+    | BalanceChanged
+    | PolicyChanged
+    | Renumbered
+    | Adopted
+    | FlowsReleased
+    | RouteChangeFailed
+    | RouteChangeRecovered
+    | ForeignAppeared
+    | ForeignGone
+    | Reloaded
+    | ReloadRejected
+)
+
+
+# Intents: what the daemon is to carry out.
+
+
+@dataclass(frozen=True, slots=True)
+class RouteWork:
+    """The network the routes edge is to reconcile: `urgent` first, then the whole plan."""
+
+    config: Config
+    plan: NetPlan
+    #: The selected defaults that differ from what was last applied: sent before any dump.
+    urgent: tuple[Change, ...]
+    managed_tables: frozenset[int]
+    #: Interface indexes by name, from the dump the plan was made on.
+    indexes: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class SteeringWanted:
+    """The nft table the nft edge is to make live."""
+
+    config: Config
+    steering: Steering
+
+
+@dataclass(frozen=True, slots=True)
+class FlowRelease:
+    """Delete the conntrack entries marked for one uplink, in these families (never a flush)."""
+
+    uplink: str
+    mark: int
+    mask: int
+    families: frozenset[int]
+    #: The router's own addresses: connections to them came in from the internet and are kept.
+    local: frozenset[str]
+
+
+class StatusWrite(Enum):
+    NONE = 0
+    #: Metrics changed (rtt, loss, counts): write within STATUS_METRICS_PERIOD_S.
+    SOON = 1
+    #: A decision changed: write now.
+    NOW = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    events: tuple[Event, ...] = ()
+    routes: RouteWork | None = None
+    #: Dump links and addresses again (the answer is an on_links).
+    refresh_links: bool = False
+    nft: SteeringWanted | None = None
+    releases: tuple[FlowRelease, ...] = ()
+    #: Uplinks whose running release no longer holds (it recovered, or carries again).
+    cancel_releases: tuple[str, ...] = ()
+    status: StatusWrite = StatusWrite.NONE
+    #: When the core wants on_tick at the latest (monotonic).
+    wake_at: float = float("inf")
+
+
+# The state.
+
+
+@dataclass(frozen=True, slots=True)
+class OwedRelease:
+    """release_flows that will run once the uplink carries none of these families."""
+
+    why: str
+    #: "down" (cancelled when it is up again) or "failback" (cancelled when it carries again).
+    kind: str
+    families: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class RunningRelease:
+    why: str
+    kind: str
+    families: frozenset[int]
+    mark: int
+    mask: int
+    cancelled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NftStatus:
+    """What the nft edge last reported."""
+
+    installed: bool = False
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentState:
+    config: Config
+    healths: Mapping[str, Health]
+    #: The last link/address dump, by interface name.
+    interfaces: Mapping[str, Interface] = dataclasses.field(default_factory=dict)
+    #: Per configured family: the selection and why.
+    decisions: Mapping[int, Decision] = dataclasses.field(default_factory=dict)
+    #: Per policy and family: the uplink its traffic takes, and why.
+    policy_decisions: Mapping[str, Mapping[int, Decision]] = dataclasses.field(default_factory=dict)
+    steering: Steering = Steering()
+    #: (uplink, family) carrying new traffic: selected, balanced, or a policy's.
+    carrying: frozenset[tuple[str, int]] = frozenset()
+    owed_releases: Mapping[str, OwedRelease] = dataclasses.field(default_factory=dict)
+    releasing: Mapping[str, RunningRelease] = dataclasses.field(default_factory=dict)
+    #: The selected defaults as last applied, per family (what the fast path compares with).
+    applied_defaults: Mapping[int, RouteSpec] = dataclasses.field(default_factory=dict)
+    #: (change, error) that failed in the last reconcile, and the back-off.
+    route_failures: frozenset[tuple[str, str]] = frozenset()
+    retry_delay_s: float = 0.0
+    retry_at: float | None = None
+    #: When a better uplink finishes its hysteresis (the selection is evaluated again).
+    wake_at: float | None = None
+    #: When the next full repair of what events may have missed is due.
+    resync_at: float = 0.0
+    foreign: tuple[ForeignObject, ...] = ()
+    #: Tables the agent has used since start (a reload may drop one; its routes then go).
+    managed_tables: frozenset[int] = frozenset()
+    #: Tracked connections marked for each uplink (None: conntrack is not readable).
+    connections: Mapping[str, int] | None = None
+    nft: NftStatus = NftStatus()
+    #: Probes whose own code raised (a bug, never a failed probe), per uplink since start.
+    probe_errors: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    def selected(self, family: int) -> str | None:
+        decision = self.decisions.get(family)
+        return decision.selected if decision is not None else None
+
+
+def next_wake(state: AgentState) -> float:
+    """The latest time the core must be ticked: hysteresis end, a retry, the resync."""
+    times = [t for t in (state.wake_at, state.retry_at) if t is not None]
+    return min([state.resync_at, *times])
+
+
+def _finish(state: AgentState, intent: Intent) -> tuple[AgentState, Intent]:
+    cancels = tuple(
+        name
+        for name, running in state.releasing.items()
+        if not running.cancelled and not _release_still_wanted(state, name, running)
+    )
+    if cancels:
+        releasing = dict(state.releasing)
+        for name in cancels:
+            releasing[name] = dataclasses.replace(releasing[name], cancelled=True)
+        state = dataclasses.replace(state, releasing=releasing)
+    return state, dataclasses.replace(
+        intent, cancel_releases=intent.cancel_releases + cancels, wake_at=next_wake(state)
+    )
+
+
+def start_agent(
+    config: Config,
+    interfaces: Mapping[str, Interface],
+    routes: Sequence[RouteEntry],
+    previous: PreviousRun | None,
+    boot_id: str | None,
+    now: float,
+) -> tuple[AgentState, Intent]:
+    """The state at start: adopt what a previous run left, owe what it owed, then
+    take the first link dump as any later one."""
+    adopted = adoptable(config, interfaces, routes)
+    healths: dict[str, Health] = {}
+    for uplink in config.uplinks:
+        health = initial_health(uplink, now)
+        owes = owes_hysteresis(previous, uplink.name, boot_id, config.agent.hysteresis_s, now)
+        if uplink.name in adopted.values() and not owes:
+            health = dataclasses.replace(
+                health, state=State.UP, reason="adopted the route a previous run left"
+            )
+        elif owes:
+            # It failed before the restart, or was still proving itself:
+            # it owes the hysteresis again (a restart must not shortcut it).
+            health = dataclasses.replace(
+                health, state=State.DOWN, reason="failed in the previous run", has_failed=True
+            )
+        healths[uplink.name] = health
+    names = {iface.index: name for name, iface in interfaces.items()}
+    applied = {
+        # What the selection table holds now: the fast path must not re-send it (no flap).
+        route.family: RouteSpec(route.table, names[route.oif], route.gateway, route.family)
+        for route in routes
+        if route.table == config.agent.default_table and route.oif in names and route.dst is None
+    }
+    state = AgentState(
+        config,
+        healths,
+        decisions={f: Decision(adopted.get(f), "starting") for f in config.families},
+        applied_defaults=applied,
+        managed_tables=config.tables,
+        resync_at=now + RESYNC_PERIOD_S,
+    )
+    events = tuple(Adopted(name, family, now) for family, name in sorted(adopted.items()))
+    state, intent = on_links(state, interfaces, now)
+    return state, dataclasses.replace(
+        intent, events=events + intent.events, nft=SteeringWanted(config, state.steering)
+    )
+
+
+def on_round(state: AgentState, result: RoundResult, now: float) -> tuple[AgentState, Intent]:
+    """A probe round finished: fold it into the uplink's health; decide again on a transition."""
+    health = state.healths.get(result.uplink)
+    uplink = _uplink(state.config, result.uplink)
+    if health is None or uplink is None:
+        return state, Intent(wake_at=next_wake(state))  # the uplink left with a reload meanwhile
+    if result.errors:
+        errors = dict(state.probe_errors)
+        errors[result.uplink] = errors.get(result.uplink, 0) + result.errors
+        state = dataclasses.replace(state, probe_errors=errors)
+    updated, transitions = observe_round(health, result, uplink.check, now)
+    state = dataclasses.replace(state, healths={**state.healths, result.uplink: updated})
+    if not transitions:
+        return state, Intent(status=StatusWrite.SOON, wake_at=next_wake(state))
+    state = _owe_on_transitions(state, transitions)
+    state, events = _decide(state, now)
+    intent = Intent(
+        tuple(transitions) + events,
+        routes=_route_work(state),
+        nft=_steering_wanted(state),
+        status=StatusWrite.NOW,
+    )
+    return _finish(state, intent)
+
+
+def on_links(state: AgentState, interfaces: Mapping[str, Interface], now: float) -> tuple[AgentState, Intent]:
+    """A fresh link/address dump: renumberings, carrier and address losses at once; decide; reconcile."""
+    events: list[Event] = []
+    transitions: list[Transition] = []
+    healths = dict(state.healths)
+    for uplink in state.config.uplinks:
+        before, after = state.interfaces.get(uplink.interface), interfaces.get(uplink.interface)
+        if before is not None and after is not None:
+            renumbered = describe_renumbering(uplink, before, after)
+            if renumbered:
+                # DHCP/RA renewed with new values: the plan rebuilds the uplink's
+                # table and rules in this same reconcile.
+                events.append(Renumbered(uplink.name, renumbered, now))
+        healths[uplink.name], changed = observe_link(
+            healths[uplink.name], link_observation(uplink, after), now
+        )
+        transitions += changed
+    status = StatusWrite.NOW if events or transitions else StatusWrite.NONE
+    if status is StatusWrite.NONE and interfaces != state.interfaces:
+        status = StatusWrite.SOON
+    state = dataclasses.replace(state, interfaces=dict(interfaces), healths=healths)
+    state = _owe_on_transitions(state, transitions)
+    state, decided = _decide(state, now)
+    if decided:
+        status = StatusWrite.NOW
+    intent = Intent(
+        (*transitions, *events, *decided),
+        routes=_route_work(state),
+        nft=_steering_wanted(state),
+        status=status,
+    )
+    return _finish(state, intent)
+
+
+def on_routes(
+    state: AgentState,
+    work: RouteWork,
+    failed: Sequence[tuple[Change, str]],
+    rules: Sequence[RuleEntry],
+    routes: Sequence[RouteEntry],
+    now: float,
+) -> tuple[AgentState, Intent]:
+    """The routes edge reconciled `work`; `rules`/`routes` is the dump it compared with.
+
+    A failed change is reported once and retried with a doubling back-off; objects of
+    others that appeared are reported once; owed flow releases start now, after the
+    route change they re-establish over.
+    """
+    events: list[Event] = []
+    failures = frozenset((change.describe(), error) for change, error in failed)
+    for what, error in sorted(failures - state.route_failures):
+        events.append(RouteChangeFailed(what, error, now))
+    failing_now = {what for what, _ in failures}
+    for what in sorted({what for what, _ in state.route_failures} - failing_now):
+        events.append(RouteChangeRecovered(what, now))
+    if failures:
+        delay = min(max(state.retry_delay_s * 2, 0.5), RESYNC_PERIOD_S)
+        retry: tuple[float, float | None] = (delay, now + delay)
+    else:
+        retry = (0.0, None)
+    # A default whose replace failed is not live: the next plan sends it again.
+    failed_routes = {change.route for change, _ in failed if change.route is not None}
+    applied = {r.family: r for r in work.plan.default_routes if r not in failed_routes}
+    foreign = find_foreign(state.config, rules, routes)
+    events += [ForeignAppeared(f, now) for f in foreign if f not in state.foreign]
+    events += [ForeignGone(f, now) for f in state.foreign if f not in foreign]
+    state = dataclasses.replace(
+        state,
+        route_failures=failures,
+        retry_delay_s=retry[0],
+        retry_at=retry[1],
+        applied_defaults={**state.applied_defaults, **applied},
+        foreign=foreign,
+    )
+    state, releases = _start_releases(state)
+    status = StatusWrite.NOW if events else StatusWrite.NONE
+    return _finish(state, Intent(tuple(events), releases=releases, status=status))
+
+
+def on_tick(state: AgentState, now: float) -> tuple[AgentState, Intent]:
+    """Time passed: a hysteresis ended, a retry or the periodic repair is due."""
+    intent = Intent()
+    if state.wake_at is not None and now >= state.wake_at:
+        state, events = _decide(state, now)
+        status = StatusWrite.NOW if events else StatusWrite.NONE
+        intent = Intent(events, routes=_route_work(state), nft=_steering_wanted(state), status=status)
+    if state.retry_at is not None and now >= state.retry_at:
+        # A retry starts from a fresh dump: what failed may have been an interface gone meanwhile.
+        state = dataclasses.replace(state, retry_at=None)
+        intent = dataclasses.replace(intent, refresh_links=True)
+    if now >= state.resync_at:
+        state = dataclasses.replace(state, resync_at=now + RESYNC_PERIOD_S)
+        intent = dataclasses.replace(intent, refresh_links=True)
+    return _finish(state, intent)
+
+
+def on_routes_failed(state: AgentState, error: str, now: float) -> tuple[AgentState, Intent]:
+    """A dump or a reconcile raised (netlink trouble): reported once, retried with back-off."""
+    what = "netlink reconcile"
+    failures = frozenset({(what, error)})
+    events: tuple[Event, ...] = ()
+    if failures != state.route_failures:
+        events = (RouteChangeFailed(what, error, now),)
+    delay = min(max(state.retry_delay_s * 2, 0.5), RESYNC_PERIOD_S)
+    state = dataclasses.replace(state, route_failures=failures, retry_delay_s=delay, retry_at=now + delay)
+    return _finish(state, Intent(events, status=StatusWrite.NOW if events else StatusWrite.NONE))
+
+
+def on_resync(state: AgentState, now: float) -> tuple[AgentState, Intent]:
+    """An edge was restarted and knows nothing: dump, reconcile and install everything again."""
+    state = dataclasses.replace(state, applied_defaults={})
+    return _finish(state, Intent(refresh_links=True, nft=_steering_wanted(state)))
+
+
+def on_reload_refused(state: AgentState, reason: str, now: float) -> tuple[AgentState, Intent]:
+    """The new config does not parse or validate: the running one stays in service."""
+    return _finish(state, Intent((ReloadRejected(reason, now),)))
+
+
+def on_reload(
+    state: AgentState,
+    new: Config,
+    rules: Sequence[RuleEntry],
+    routes: Sequence[RouteEntry],
+    nft_note: str,
+    now: float,
+) -> tuple[AgentState, Intent]:
+    """A new config (already parsed and valid), with a dump of rules and routes to judge
+    its collisions by, and why its nft table could not be checked ("" if it could).
+
+    Refused when it moves ids or collides with others' objects it brings into play;
+    objects the running agent already lives with are no reason. Health, counters and
+    drains carry over (keepalived style) unless an uplink now means another path.
+    """
+    old = state.config
+    problem = reload_problem(old, new) or "; ".join(reload_collisions(old, new, rules, routes))
+    if problem:
+        return _finish(state, Intent((ReloadRejected(problem, now),)))
+    healths: dict[str, Health] = {}
+    before = {u.name: u for u in old.uplinks}
+    for uplink in new.uplinks:
+        was = before.get(uplink.name)
+        health = state.healths.get(uplink.name)
+        same_path = was is not None and (was.interface, was.gateway, was.gateway6, was.families) == (
+            uplink.interface,
+            uplink.gateway,
+            uplink.gateway6,
+            uplink.families,
+        )
+        healths[uplink.name] = (
+            remap_health(health, uplink.check)
+            if health is not None and same_path
+            else initial_health(uplink, now)
+        )
+    releasing_uplinks = {u.name for u in new.uplinks if u.release_flows}
+    # The nft table is re-installed whole for the new config (per-host placements
+    # start afresh). Until the next decision it keeps the steering that still applies.
+    steering = carry_steering(state.steering, new)
+    state = dataclasses.replace(
+        state,
+        config=new,
+        healths=healths,
+        decisions={f: d for f, d in state.decisions.items() if f in new.families},
+        policy_decisions={
+            name: {f: d for f, d in decisions.items() if f in steering.policies.get(name, {})}
+            for name, decisions in state.policy_decisions.items()
+            if name in steering.policies
+        },
+        steering=steering,
+        owed_releases={n: owed for n, owed in state.owed_releases.items() if n in releasing_uplinks},
+        managed_tables=state.managed_tables | new.tables,
+    )
+    event = Reloaded(new.source, len(new.uplinks), nft_note, now)
+    return _finish(
+        state,
+        Intent((event,), refresh_links=True, nft=SteeringWanted(new, steering), status=StatusWrite.NOW),
+    )
+
+
+def on_released(state: AgentState, uplink: str, released: Released, now: float) -> tuple[AgentState, Intent]:
+    """A release finished (or was cancelled); what is still owed starts now."""
+    running = state.releasing.get(uplink)
+    releasing = {n: r for n, r in state.releasing.items() if n != uplink}
+    state = dataclasses.replace(state, releasing=releasing)
+    events: tuple[Event, ...] = ()
+    if running is not None:
+        events = (
+            FlowsReleased(uplink, running.families, running.why, running.mark, running.mask, released, now),
+        )
+    state, releases = _start_releases(state)
+    return _finish(state, Intent(events, releases=releases))
+
+
+def on_counts(state: AgentState, counts: Mapping[str, int] | None) -> tuple[AgentState, Intent]:
+    """Tracked connections per uplink (None: conntrack cannot be read)."""
+    if counts == state.connections:
+        return state, Intent(wake_at=next_wake(state))
+    state = dataclasses.replace(state, connections=None if counts is None else dict(counts))
+    return state, Intent(status=StatusWrite.SOON, wake_at=next_wake(state))
+
+
+def on_nft(state: AgentState, report: NftStatus) -> tuple[AgentState, Intent]:
+    """What the nft edge reports of the live table (for status; routing never waits on it)."""
+    if report == state.nft:
+        return state, Intent(wake_at=next_wake(state))
+    state = dataclasses.replace(state, nft=report)
+    return state, Intent(status=StatusWrite.NOW, wake_at=next_wake(state))
+
+
+def probe_source(state: AgentState, name: str) -> ProbeSource | None:
+    """Where an uplink's probes leave from now, or None while it cannot carry traffic."""
+    uplink = _uplink(state.config, name)
+    health = state.healths.get(name)
+    if uplink is None or health is None or not health.link_usable:
+        return None
+    interface = state.interfaces.get(uplink.interface)
+    if interface is None:
+        return None
+    # A family the uplink cannot route now (no address, no gateway) is not probed.
+    return ProbeSource(
+        interface.index,
+        interface.address if routable(uplink, interface, 4) else None,
+        interface.address6 if routable(uplink, interface, 6) else None,
+        uplink_gateway(uplink, interface, 4),
+        uplink_gateway(uplink, interface, 6),
+    )
+
+
+def _uplink(config: Config, name: str) -> UplinkConfig | None:
+    return next((u for u in config.uplinks if u.name == name), None)
+
+
+def _route_work(state: AgentState) -> RouteWork:
+    selected = {f: state.selected(f) for f in state.config.families}
+    plan = plan_network(state.config, state.interfaces, selected)
+    # Fast path: a new selection is one replace, sent before the verifying dumps.
+    urgent = tuple(
+        Change("replace_route", route=route)
+        for route in plan.default_routes
+        if state.applied_defaults.get(route.family) != route
+    )
+    indexes = {name: iface.index for name, iface in state.interfaces.items()}
+    return RouteWork(state.config, plan, urgent, state.managed_tables, indexes)
+
+
+def _steering_wanted(state: AgentState) -> SteeringWanted:
+    return SteeringWanted(state.config, state.steering)
+
+
+def _decide(state: AgentState, now: float) -> tuple[AgentState, tuple[Event, ...]]:
+    """Select per family, form balance groups and place policies; the events say what changed."""
+    config = state.config
+    hysteresis_s = config.agent.hysteresis_s
+    events: list[Event] = []
+    decisions = dict(state.decisions)
+    policy_decisions = {name: dict(d) for name, d in state.policy_decisions.items()}
+    balance: dict[int, tuple[tuple[str, int], ...]] = {}
+    wakes: list[float] = []
+    for family in config.families:
+        # Each family chooses among the uplinks that can route it right now.
+        candidates = [
+            u
+            for u in config.uplinks
+            if family in u.families and routable(u, state.interfaces.get(u.interface), family)
+        ]
+        previous = decisions.get(family, Decision(None, "starting"))
+        decision = select(state.healths, candidates, previous.selected, hysteresis_s, now)
+        events += _selection_events(family, previous, decision, now)
+        decisions[family] = decision
+        group = balance_group(state.healths, candidates, decision.selected, hysteresis_s, now)
+        balance[family] = group.members
+        wakes += [w for w in (decision.wake_at, group.wake_at) if w is not None]
+        for policy in config.policies:
+            if family not in policy.match.families:
+                continue
+            chosen = policy_decisions.setdefault(policy.name, {})
+            before = chosen.get(family)
+            current = before.selected if before is not None else None
+            placed = select_for_policy(policy, state.healths, candidates, current, hysteresis_s, now)
+            if before is None or before.selected != placed.selected:
+                events.append(
+                    PolicyChanged(
+                        policy.name,
+                        family,
+                        current,
+                        placed.selected,
+                        policy.fallback,
+                        placed.reason,
+                        before is None,
+                        now,
+                    )
+                )
+            chosen[family] = placed
+            if placed.wake_at is not None:
+                wakes.append(placed.wake_at)
+    steering = Steering(
+        balance,
+        {name: {f: d.selected for f, d in chosen.items()} for name, chosen in policy_decisions.items()},
+    )
+    events += _balance_events(config, state.healths, state.steering, steering, now)
+    carrying = {(d.selected, f) for f, d in decisions.items() if d.selected is not None}
+    carrying |= {(n, f) for f, members in steering.balance.items() for n, _ in members}
+    carrying |= {(n, f) for chosen in steering.policies.values() for f, n in chosen.items() if n is not None}
+    owed = dict(state.owed_releases)
+    for name, family in sorted(state.carrying - carrying):
+        uplink, health = _uplink(config, name), state.healths.get(name)
+        if (
+            uplink is not None
+            and health is not None
+            and health.state is not State.DOWN
+            and "on_failback" in uplink.release_flows
+        ):
+            # It stopped carrying new traffic while still usable: its flows move to the new path.
+            was = owed.get(name)
+            families = (was.families if was is not None else frozenset()) | {family}
+            owed[name] = OwedRelease("it no longer carries new traffic", "failback", families)
+    state = dataclasses.replace(
+        state,
+        decisions=decisions,
+        policy_decisions=policy_decisions,
+        steering=steering,
+        carrying=frozenset(carrying),
+        owed_releases=owed,
+        wake_at=min(wakes) if wakes else None,
+    )
+    return state, tuple(events)
+
+
+def _selection_events(family: int, previous: Decision, decision: Decision, now: float) -> list[Event]:
+    if decision.selected != previous.selected:
+        return [SelectionChanged(family, previous.selected, decision.selected, decision.reason, now)]
+    if decision.stranded and not previous.stranded:
+        return [NoUplinkUp(family, decision.selected, decision.reason, now)]
+    if decision.wake_at is not None and decision.wake_at != previous.wake_at:
+        return [FailbackWaiting(family, decision.reason, now)]
+    return []
+
+
+def _balance_events(
+    config: Config, healths: Mapping[str, Health], before: Steering, after: Steering, now: float
+) -> list[Event]:
+    events: list[Event] = []
+    for family in config.families:
+        old, new = (dict(s.balance.get(family, ())) for s in (before, after))
+        old, new = (members if len(members) > 1 else {} for members in (old, new))
+        if old == new:
+            continue
+        changes = [f"{n} joined" for n in new if n not in old]
+        changes += [
+            f"{n} left ({healths[n].state.value if n in healths else 'removed'})" for n in old if n not in new
+        ]
+        events.append(BalanceChanged(family, tuple(new.items()), tuple(changes), now))
+    return events
+
+
+def _owe_on_transitions(state: AgentState, transitions: Iterable[Transition]) -> AgentState:
+    owed = dict(state.owed_releases)
+    for t in transitions:
+        uplink = _uplink(state.config, t.uplink)
+        if uplink is None:
+            continue
+        if t.new is State.DOWN and "on_down" in uplink.release_flows:
+            owed[t.uplink] = OwedRelease("it went down", "down", frozenset(uplink.families))
+        elif t.new is State.UP:
+            owed.pop(t.uplink, None)  # back before its flows were released
+    return dataclasses.replace(state, owed_releases=owed)
+
+
+def _release_still_wanted(state: AgentState, name: str, running: RunningRelease) -> bool:
+    health = state.healths.get(name)
+    if running.kind == "down":
+        return health is None or health.state is not State.UP
+    return not any((name, f) in state.carrying for f in running.families)
+
+
+def _start_releases(state: AgentState) -> tuple[AgentState, tuple[FlowRelease, ...]]:
+    """Start what is owed, one release per uplink at a time, in the families it no longer carries.
+
+    A family it still carries new traffic in (nothing better is up) keeps its flows: they
+    would come straight back. It is released once it carries that family no more.
+    """
+    owed = dict(state.owed_releases)
+    releasing = dict(state.releasing)
+    releases: list[FlowRelease] = []
+    local = frozenset(
+        address
+        for interface in state.interfaces.values()
+        for address in (interface.address, interface.address6)
+        if address is not None
+    )
+    mask = state.config.agent.mark_mask
+    for name, due in sorted(state.owed_releases.items()):
+        uplink = _uplink(state.config, name)
+        if uplink is None or not uplink.release_flows:  # removed, or no longer asked for
+            del owed[name]
+            continue
+        if name in releasing:
+            continue  # one at a time: the rest starts when it finishes
+        families = frozenset(f for f in due.families if (name, f) not in state.carrying)
+        if not families:
+            continue
+        if families == due.families:
+            del owed[name]
+        else:
+            owed[name] = dataclasses.replace(due, families=due.families - families)
+        releasing[name] = RunningRelease(due.why, due.kind, families, uplink.mark, mask)
+        releases.append(FlowRelease(name, uplink.mark, mask, families, local))
+    state = dataclasses.replace(state, owed_releases=owed, releasing=releasing)
+    return state, tuple(releases)
+
+
 # Probes ######################################################################
+#
+# Owns the probe sockets, each bound to its uplink's interface and address, and
+# one task per uplink that sends a round every interval and posts its result.
+# A network error is a failed probe; an exception of the agent's own code is a
+# bug: logged with its traceback and reported as inconclusive, never as failed.
+
+
+class ProbeFailure(Exception):
+    """A protocol-level failure the probe itself detects (not an HTTP answer, a stray reply)."""
 
 
 def _parse_icmp(packet: bytes) -> tuple[int, str, int, int] | None:
@@ -1778,7 +2849,10 @@ class IcmpEcho:
         self.ident = ident & 0xFFFF
         self.family = ipaddress.ip_address(source).version
         socket_class = icmplib.ICMPv4Socket if self.family == 4 else icmplib.ICMPv6Socket
-        self._socket = socket_class(address=source, privileged=True)
+        try:
+            self._socket = socket_class(address=source, privileged=True)
+        except icmplib.ICMPLibError as err:  # no privilege, an address gone meanwhile: no OSError of its own
+            raise OSError(errno.EINVAL, str(err)) from err
         raw: socket.socket = self._socket._sock
         try:
             raw.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
@@ -1790,6 +2864,11 @@ class IcmpEcho:
         self._loop = asyncio.get_running_loop()
         self._waiting: dict[tuple[str, int], tuple[float, asyncio.Future[ProbeResult]]] = {}
         self._loop.add_reader(raw.fileno(), self._on_readable)
+
+    @property
+    def idle(self) -> bool:
+        """No probe is waiting for an answer on this socket."""
+        return not self._waiting
 
     def close(self) -> None:
         self._loop.remove_reader(self._raw.fileno())
@@ -1880,7 +2959,7 @@ async def tcp_probe(interface: str, source: str, target: str, port: int, timeout
     started = loop.time()
     try:
         sock = await asyncio.wait_for(_bound_connection(interface, source, target, port), timeout_s)
-    except asyncio.TimeoutError:
+    except (asyncio.TimeoutError, TimeoutError):
         return ProbeResult(target, False, reason="timeout", method=Method.TCP)
     except ConnectionRefusedError:
         return ProbeResult(target, False, reason="refused", method=Method.TCP)
@@ -1920,7 +2999,7 @@ async def http_probe(
         nonlocal writer
         sock = await _bound_connection(interface, source, target, check.port_for(method))
         if method is Method.HTTPS and context is None:
-            raise ValueError("no TLS context")
+            raise RuntimeError("no TLS context for an https probe")
         if method is Method.HTTP:
             tls = None
         else:
@@ -1937,18 +3016,19 @@ async def http_probe(
         status_line = await reader.readline()
         parts = status_line.decode("latin-1").split()
         if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-            raise ValueError("not an HTTP response")
+            raise ProbeFailure("not an HTTP response")
         return int(parts[1])
 
     try:
         status = await asyncio.wait_for(exchange(), check.timeout_s)
-    except asyncio.TimeoutError:
+    except (asyncio.TimeoutError, TimeoutError):
         return ProbeResult(target, False, reason="timeout", method=method)
     except ConnectionRefusedError:
         return ProbeResult(target, False, reason="refused", method=method)
     except ssl.SSLCertVerificationError as err:
         return ProbeResult(target, False, reason=f"tls: {err.verify_message}", method=method)
-    except (OSError, ssl.SSLError, ValueError) as err:
+    # Only what the network and the peer can cause; anything else is the agent's bug.
+    except (OSError, ssl.SSLError, ssl.CertificateError, ProbeFailure) as err:
         return ProbeResult(
             target, False, reason=f"error: {getattr(err, 'strerror', None) or err}", method=method
         )
@@ -2005,13 +3085,13 @@ async def dns_probe(interface: str, source: str, target: str, check: CheckConfig
             rcode = dns_rcode(await loop.sock_recv(sock, 4096), query_id)
             if rcode is not None:
                 return rcode
-        raise ValueError("no matching reply")
+        raise ProbeFailure("no matching reply")
 
     try:
         rcode = await asyncio.wait_for(exchange(), check.timeout_s)
-    except asyncio.TimeoutError:
+    except (asyncio.TimeoutError, TimeoutError):
         return ProbeResult(target, False, reason="timeout", method=Method.DNS)
-    except (OSError, ValueError) as err:
+    except (OSError, ProbeFailure) as err:
         return ProbeResult(
             target, False, reason=f"error: {getattr(err, 'strerror', None) or err}", method=Method.DNS
         )
@@ -2037,7 +3117,9 @@ class ProbeSource:
 
 
 class UplinkProber:
-    """Sends one round of probes per interval for one uplink, while it is usable."""
+    """Sends one round of probes per interval for one uplink, while it is usable, and
+    hands each round's result to `deliver`. Every round delivers a result, also one
+    whose own code raised (as inconclusive): an uplink's health never freezes silently."""
 
     def __init__(
         self,
@@ -2045,17 +3127,23 @@ class UplinkProber:
         ident: int,
         source: Callable[[], ProbeSource | None],
         deliver: Callable[[RoundResult], None],
+        verbose: bool = False,
     ) -> None:
         self.uplink = uplink
         self.ident = ident
         self._source = source
         self._deliver = deliver
+        self._verbose = verbose
         self._echo: dict[int, IcmpEcho] = {}
+        #: Sockets of an old address or ifindex, closed once no probe waits on them.
+        self._retired: list[IcmpEcho] = []
         self._seq = 0
         self._rounds: set[asyncio.Task[None]] = set()
         self._tls: Any = None
         #: Gateways that have answered a ping since the prober started.
         self._gateway_answered: set[str] = set()
+        #: Bugs already logged with their traceback: (method, exception type).
+        self._reported: set[tuple[str, str]] = set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -2070,7 +3158,7 @@ class UplinkProber:
                     self._rounds.add(task)
                     task.add_done_callback(self._rounds.discard)
                 else:
-                    self._close_echo()
+                    self._retire_echo()
                 # Rounds start on a fixed schedule; a late wake-up skips slots, never bunches.
                 next_at += interval
                 now = loop.time()
@@ -2080,17 +3168,58 @@ class UplinkProber:
         finally:
             for task in list(self._rounds):
                 task.cancel()
-            self._close_echo()
+            for echo in [*self._echo.values(), *self._retired]:
+                echo.close()
+            self._echo.clear()
+            self._retired.clear()
 
-    def _close_echo(self) -> None:
-        for echo in self._echo.values():
+    def _retire_echo(self, family: int | None = None) -> None:
+        # Probes in flight keep their socket until they end (closing it under
+        # them would fail them with a bogus error): see _close_idle.
+        for key in [family] if family is not None else list(self._echo):
+            echo = self._echo.pop(key, None)
+            if echo is not None:
+                self._retired.append(echo)
+        self._close_idle()
+
+    def _close_idle(self) -> None:
+        for echo in [e for e in self._retired if e.idle]:
             echo.close()
-        self._echo.clear()
+            self._retired.remove(echo)
 
     async def _round(self, seq: int, source: ProbeSource) -> None:
         loop = asyncio.get_running_loop()
-        check = self.uplink.check
         started = loop.time()
+        try:
+            result = await self._probe_round(seq, source, started)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # the round's boundary: a bug here must not freeze the uplink
+            self._report_bug("round", err)
+            result = RoundResult(
+                self.uplink.name,
+                seq,
+                started,
+                (ProbeResult("", False, reason=f"agent error: {type(err).__name__}", inconclusive=True),),
+            )
+        self._close_idle()
+        if self._verbose:
+            detail = " ".join(f"{p.target}={_probe_detail(p)}" for p in result.probes)
+            outcome = "inconclusive" if result.inconclusive else "ok" if result.ok else "failed"
+            log.debug(
+                "uplink=%s round=%d %s %d/%d %s",
+                result.uplink,
+                result.seq,
+                outcome,
+                result.answered,
+                len(result.judged),
+                detail,
+            )
+        self._deliver(result)
+
+    async def _probe_round(self, seq: int, source: ProbeSource, started: float) -> RoundResult:
+        loop = asyncio.get_running_loop()
+        check = self.uplink.check
         if Method.HTTPS in check.methods and self._tls is None:
             self._tls = await loop.run_in_executor(None, tls_context, check)
         # Only targets of a family the uplink can route now: an IPv4-only LTE
@@ -2103,33 +3232,53 @@ class UplinkProber:
         pinged = [g for g in gateways if not (Method.ICMP in check.methods and g in targets)]
         jobs += [self._ping_gateway(g, seq, source) for g in pinged]
         names += [(g, Method.ICMP) for g in pinged]
-        # A probe that raises (icmplib's errors are no OSError; a socket that
-        # cannot be opened) is a failed probe, never a lost round.
         outcomes = await asyncio.gather(*jobs, return_exceptions=True)
-        results = [
-            outcome
-            if isinstance(outcome, ProbeResult)
-            else ProbeResult(name, False, reason=f"error: {outcome}", method=method)
-            for outcome, (name, method) in zip(outcomes, names, strict=True)
-        ]
+        results: list[ProbeResult] = []
+        for outcome, (name, method) in zip(outcomes, names, strict=True):
+            if isinstance(outcome, ProbeResult):
+                results.append(outcome)
+                continue
+            if isinstance(outcome, Exception):
+                self._report_bug(method.value, outcome)
+            reason = f"agent error: {type(outcome).__name__}"
+            results.append(ProbeResult(name, False, reason=reason, method=method, inconclusive=True))
         probes = tuple(results[: len(results) - len(pinged)])
-        answers = {r.target: r.ok for r in results[len(results) - len(pinged) :]}
-        answers.update({p.target: p.ok for p in probes if p.method is Method.ICMP and p.target in gateways})
+        answers = {r.target: r.ok for r in results[len(results) - len(pinged) :] if not r.inconclusive}
+        answers.update(
+            {
+                p.target: p.ok
+                for p in probes
+                if p.method is Method.ICMP and p.target in gateways and not p.inconclusive
+            }
+        )
         for gateway, ok in answers.items():
             if ok:
                 self._gateway_answered.add(gateway)
         # Blame the gateway only if it answered pings before: many drop ICMP.
         judged = [ok for g, ok in answers.items() if g in self._gateway_answered]
-        self._deliver(
-            RoundResult(
-                self.uplink.name,
-                seq,
-                started,
-                probes,
-                check.reliability,
-                gateway=", ".join(gateways) or None,
-                gateway_ok=any(judged) if judged else None,
-            )
+        return RoundResult(
+            self.uplink.name,
+            seq,
+            started,
+            probes,
+            check.reliability,
+            gateway=", ".join(gateways) or None,
+            gateway_ok=any(judged) if judged else None,
+        )
+
+    def _report_bug(self, what: str, err: BaseException) -> None:
+        """The first of each kind with its traceback; status counts them all (probe_errors)."""
+        key = (what, type(err).__name__)
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        log.error(
+            "uplink=%s %s probe raised %s: a bug in the agent, not a failed probe; the round is judged "
+            "without it (counted in status as probe_errors; repeats are not logged)",
+            self.uplink.name,
+            what,
+            type(err).__name__,
+            exc_info=err,
         )
 
     def _gateways(self, source: ProbeSource) -> list[str]:
@@ -2147,7 +3296,10 @@ class UplinkProber:
     async def _ping_gateway(self, gateway: str, seq: int, source: ProbeSource) -> ProbeResult:
         # A link-local IPv6 gateway needs its interface as scope.
         target = f"{gateway}%{self.uplink.interface}" if gateway.lower().startswith("fe80:") else gateway
-        echo = self._echo_for(ipaddress.ip_address(gateway).version, source)
+        try:
+            echo = self._echo_for(ipaddress.ip_address(gateway).version, source)
+        except OSError as err:  # the raw socket cannot be opened or bound (interface gone meanwhile)
+            return ProbeResult(gateway, False, reason=f"error: {err.strerror or err}")
         if echo is None:
             return ProbeResult(gateway, False, reason="no source address")
         return await echo.ping(target, seq, self.uplink.check.timeout_s)
@@ -2161,7 +3313,7 @@ class UplinkProber:
         echo = self._echo.get(family)
         if echo is None or (echo.source, echo.ifindex) != (address, source.ifindex):
             if echo is not None:
-                echo.close()
+                self._retire_echo(family)
             echo = self._echo[family] = IcmpEcho(self.uplink.interface, address, self.ident, source.ifindex)
         return echo
 
@@ -2179,12 +3331,24 @@ class UplinkProber:
             return await http_probe(interface, address, target, check, method, self._tls)
         if method is Method.DNS:
             return await dns_probe(interface, address, target, check)
-        echo = self._echo_for(family, source)
+        try:
+            echo = self._echo_for(family, source)
+        except OSError as err:  # the raw socket cannot be opened or bound (interface gone meanwhile)
+            return ProbeResult(target, False, reason=f"error: {err.strerror or err}")
         assert echo is not None
         return await echo.ping(target, seq, check.timeout_s)
 
 
+def _probe_detail(probe: ProbeResult) -> str:
+    if probe.ok and probe.rtt_ms is not None:
+        return f"{probe.rtt_ms:.1f}ms"
+    return probe.reason
+
+
 # Netlink #####################################################################
+#
+# Owns the kernel's routes and rules: the netlink worker thread, the dumps, the
+# changes, the event socket, and the edge that reconciles a RouteWork.
 #
 # pyroute2 0.7 (Debian 12, OpenWrt) has no asyncio API, and 0.9 refuses its
 # synchronous IPRoute inside a running event loop. Both work from a plain
@@ -2232,8 +3396,9 @@ class NetlinkWorker:
             if ipr is not None:
                 ipr.close()
 
-        self._executor.submit(_close).result(timeout=5)
-        self._executor.shutdown(wait=True)
+        # Never waits: a worker stuck in the kernel must not hold up the exit.
+        self._executor.submit(_close)
+        self._executor.shutdown(wait=False)
 
 
 def nl_interfaces(ipr: Any, protocol: int, families: Sequence[int] = FAMILIES) -> dict[str, Interface]:
@@ -2310,16 +3475,15 @@ def nl_rules(ipr: Any, families: Sequence[int] = FAMILIES) -> list[RuleEntry]:
     return entries
 
 
-def nl_default_routes(
-    ipr: Any, tables: Iterable[int], defaults_only: bool = True, families: Sequence[int] = FAMILIES
-) -> list[RouteEntry]:
-    """Default routes in these tables (or every route, for the collision check)."""
+def nl_routes(ipr: Any, tables: Iterable[int], families: Sequence[int] = FAMILIES) -> list[RouteEntry]:
+    """Every route in these tables: ours (defaults), and anything another program put there."""
     entries: list[RouteEntry] = []
     for family in families:
         for table in sorted(set(tables)):
             for msg in ipr.get_routes(family=ADDRESS_FAMILY[family], table=table):
-                if (defaults_only and msg["dst_len"] != 0) or _route_table(msg) != table:
+                if _route_table(msg) != table:
                     continue
+                dst_len = int(msg["dst_len"])
                 entries.append(
                     RouteEntry(
                         table=table,
@@ -2328,6 +3492,7 @@ def nl_default_routes(
                         protocol=int(msg["proto"]),
                         family=family,
                         unreachable=msg["type"] == RTN_UNREACHABLE,
+                        dst=f"{msg.get_attr('RTA_DST')}/{dst_len}" if dst_len else None,
                     )
                 )
     return entries
@@ -2413,8 +3578,173 @@ def _rule_args(rule: RuleSpec, protocol: int) -> dict[str, Any]:
     return args
 
 
+def nl_remove_own(ipr: Any, config: Config, tables: Iterable[int]) -> list[str]:
+    """--cleanup: our rules first (traffic falls back to main), then our routes."""
+    done: list[str] = []
+    for rule in nl_rules(ipr):
+        if owns_rule(config, rule):
+            ipr.rule("del", **_rule_args(rule.spec(), config.agent.route_protocol))
+            done.append(f"del_rule {FAMILY_NAME[rule.family]} {rule.spec().describe()}")
+    for route in nl_routes(ipr, tables):
+        if route.protocol == config.agent.route_protocol and route.dst is None:
+            change = Change(
+                "del_route", table=route.table, family=route.family, unreachable=route.unreachable
+            )
+            _apply_one(ipr, change, {}, route.protocol)
+            done.append(change.describe())
+    return done
+
+
+class NetlinkEvents:
+    """Wakes the daemon on link, address, route and rule changes (no polling)."""
+
+    GROUPS: Final = (
+        RTMGRP_LINK
+        | RTMGRP_IPV4_IFADDR
+        | RTMGRP_IPV4_ROUTE
+        | RTMGRP_IPV4_RULE
+        | RTMGRP_IPV6_IFADDR
+        | RTMGRP_IPV6_ROUTE
+        | RTMGRP_IPV6_RULE
+    )
+
+    def __init__(self, on_event: Callable[[], None]) -> None:
+        self._on_event = on_event
+        self._sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, NETLINK_ROUTE
+        )
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self._sock.bind((0, self.GROUPS))
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        seen = False
+        for _ in range(256):
+            try:
+                data = self._sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                # ENOBUFS: events were lost; a fresh dump covers them.
+                seen = True
+                break
+            if len(data) >= NLMSG_HEADER.size:
+                seen = True
+        if seen:
+            self._on_event()
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
+class RouteEdge:
+    """The routes and rules, carried out: a task that takes the newest RouteWork, sends
+    its urgent replaces, then dumps, diffs and applies the rest, and posts what it saw.
+
+    A request for links drops the route work not yet started: it was planned on the
+    old dump, and the answer to the new one (on_links) brings work of its own.
+    """
+
+    def __init__(
+        self, worker: NetlinkWorker, config: Config, post: Callable[[Observation], None], dry_run: bool
+    ) -> None:
+        self.worker = worker
+        #: The config whose families and protocol a link dump is for (the pump updates it).
+        self.config = config
+        self._post = post
+        self._dry_run = dry_run
+        self._wake = asyncio.Event()
+        self._links_wanted = False
+        self._work: RouteWork | None = None
+        self._dry_run_changes: list[Change] = []
+        #: Cleared while a reconcile runs: a conntrack count pauses meanwhile (it shares the interpreter).
+        self.quiet = threading.Event()
+        self.quiet.set()
+
+    def want_links(self) -> None:
+        self._links_wanted = True
+        self._wake.set()
+
+    def want(self, work: RouteWork) -> None:
+        self._work = work
+        self._wake.set()
+
+    async def run(self) -> None:
+        events = NetlinkEvents(self.want_links)
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                try:
+                    if self._links_wanted:
+                        self._links_wanted = False
+                        self._work = None
+                        config = self.config
+                        # Only the families configured: a dump less on the path of every failover.
+                        interfaces = await self.worker.call(
+                            nl_interfaces, config.agent.route_protocol, config.families
+                        )
+                        self._post(LinksObserved(interfaces))
+                    elif self._work is not None:
+                        work, self._work = self._work, None
+                        self._post(await self._reconcile(work))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as err:  # NetlinkError is no OSError: the core retries with back-off
+                    self._post(RoutesFailed(f"{type(err).__name__}: {err}"))
+        finally:
+            events.close()
+
+    async def _reconcile(self, work: RouteWork) -> RoutesReconciled:
+        config, plan = work.config, work.plan
+        protocol = config.agent.route_protocol
+        self.quiet.clear()
+        try:
+            failed: list[tuple[Change, str]] = []
+            if work.urgent and not self._dry_run:
+                # The new selection first, before the verifying dumps (which then find it in place).
+                for change in work.urgent:
+                    log.info("netlink: %s", change.describe())
+                failed += await self.worker.call(nl_apply, work.urgent, work.indexes, protocol)
+            # Every family here: objects of a family a reload dropped must go too.
+            rules = await self.worker.call(nl_rules)
+            routes = await self.worker.call(nl_routes, work.managed_tables)
+            changes = diff_network(config, plan, rules, routes, work.indexes, work.managed_tables)
+            if self._dry_run:
+                if changes != self._dry_run_changes:  # say it once, not on every reconcile
+                    for change in changes:
+                        log.info("dry-run: would %s", change.describe())
+                    self._dry_run_changes = changes
+            elif changes:
+                for change in changes:
+                    log.info("netlink: %s", change.describe())
+                failed += await self.worker.call(nl_apply, changes, work.indexes, protocol)
+            return RoutesReconciled(work, tuple(failed), tuple(rules), tuple(routes))
+        finally:
+            self.quiet.set()
+
+    async def answers(self, timeout_s: float) -> bool:
+        """Whether the netlink worker thread answers within `timeout_s` (for the watchdog)."""
+        try:
+            await asyncio.wait_for(self.worker.call(lambda ipr: None), timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            return False
+        return True
+
+
+# Conntrack ###################################################################
+#
+# Owns what the agent asks of conntrack: counting each uplink's marked
+# connections (read-only) and release_flows (deletes one by one, never a flush).
+
+
 def conntrack_counts(
-    marks: Mapping[str, int], mask: int, quiet: threading.Event | None = None
+    marks: Mapping[str, int],
+    mask: int,
+    quiet: threading.Event | None = None,
+    beat: Callable[[], None] | None = None,
 ) -> dict[str, int]:
     """Tracked connections per uplink mark, both families; read-only.
 
@@ -2429,7 +3759,7 @@ def conntrack_counts(
         for name, mark in marks.items():
             for family in FAMILIES:
                 request = _ct_message(CT_GET, NLM_F_DUMP, family, _mark_filter(mark, mask), next(_sequence))
-                counts[name] += sum(1 for _ in _ct_answers(sock, request, quiet))
+                counts[name] += sum(1 for _ in _ct_answers(sock, request, quiet, beat))
     return counts
 
 
@@ -2442,10 +3772,17 @@ class Released:
     inbound_kept: int = 0
     failed: int = 0
     error: str | None = None
+    #: Stopped before the end: the uplink recovered, or carries these families again.
+    cancelled: bool = False
 
 
 def conntrack_release(
-    mark: int, mask: int, local: frozenset[str], families: Iterable[int] = FAMILIES
+    mark: int,
+    mask: int,
+    local: frozenset[str],
+    families: Iterable[int] = FAMILIES,
+    cancelled: threading.Event | None = None,
+    beat: Callable[[], None] | None = None,
 ) -> Released:
     """Delete the connections placed on one uplink, one by one; never a flush.
 
@@ -2454,15 +3791,19 @@ def conntrack_release(
     path) is left alone: the kernel refuses a stale id. An entry without a
     tuple is never sent (a delete without one is a flush), nor one whose mark
     we do not see ourselves. Connections that came in from the internet
-    (destination NAT, or addressed to one of `local`) are kept.
+    (destination NAT, or addressed to one of `local`) are kept. `cancelled`
+    stops it between batches (the uplink carries these flows again).
     """
     deleted = inbound = failed = 0
     error: str | None = None
+    stop = cancelled or threading.Event()
     with _ctnetlink_socket() as sock:
         for family in sorted(families):
+            if stop.is_set():
+                break
             # The whole dump first: a delete on the socket would cut it short.
             entries = [
-                e for e in _ct_dump(sock, family, mark, mask) if e.tuple_orig and e.mark & mask == mark
+                e for e in _ct_dump(sock, family, mark, mask, beat) if e.tuple_orig and e.mark & mask == mark
             ]
             doomed: list[TrackedEntry] = []
             for entry in entries:
@@ -2472,13 +3813,17 @@ def conntrack_release(
                 else:
                     doomed.append(entry)
             for batch in range(0, len(doomed), CT_DELETE_BATCH):
+                if stop.is_set():
+                    break
+                if beat is not None:
+                    beat()
                 done, errors = _ct_delete(sock, family, doomed[batch : batch + CT_DELETE_BATCH])
                 deleted += done
                 # ENOENT: it went meanwhile (closed, timed out), or was re-created (a new id).
                 errors = [e for e in errors if e.errno != errno.ENOENT]
                 failed += len(errors)
                 error = str(errors[-1]) if errors else error
-    return Released(deleted, inbound, failed, error)
+    return Released(deleted, inbound, failed, error, stop.is_set())
 
 
 # ctnetlink, spoken directly: pyroute2 decodes every attribute of every entry,
@@ -2534,12 +3879,19 @@ def _ct_message(kind: int, flags: int, family: int, attrs: bytes, seq: int) -> b
     return NLMSG_HEADER.pack(NLMSG_HEADER.size + len(body), kind, NLM_F_REQUEST | flags, seq, 0) + body
 
 
-def _ct_answers(sock: socket.socket, request: bytes, quiet: threading.Event | None = None) -> Iterator[bytes]:
+def _ct_answers(
+    sock: socket.socket,
+    request: bytes,
+    quiet: threading.Event | None = None,
+    beat: Callable[[], None] | None = None,
+) -> Iterator[bytes]:
     """Send a dump request; yield each answer's payload (after nfgenmsg) until NLMSG_DONE."""
     (seq,) = struct.unpack_from("=I", request, 8)
     sock.send(request)
     while True:
         data = sock.recv(1 << 20)
+        if beat is not None:
+            beat()
         if quiet is not None:
             quiet.wait(CONNTRACK_PAUSE_MAX_S)
         for msg_type, msg_seq, payload in _nl_messages(data):
@@ -2564,10 +3916,12 @@ def _nl_messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
         offset += (length + 3) & ~3
 
 
-def _ct_dump(sock: socket.socket, family: int, mark: int, mask: int) -> Iterator[TrackedEntry]:
+def _ct_dump(
+    sock: socket.socket, family: int, mark: int, mask: int, beat: Callable[[], None] | None = None
+) -> Iterator[TrackedEntry]:
     """The entries of one family whose mark matches, filtered by the kernel."""
     request = _ct_message(CT_GET, NLM_F_DUMP, family, _mark_filter(mark, mask), next(_sequence))
-    for payload in _ct_answers(sock, request):
+    for payload in _ct_answers(sock, request, beat=beat):
         status = entry_mark = 0
         destination, tuple_orig, identity, inbound = None, b"", b"", False
         for kind, start, end in _nla_walk(payload, 0, len(payload)):
@@ -2626,68 +3980,117 @@ def _ct_delete(
     return deleted, errors
 
 
-def nl_remove_own(ipr: Any, config: Config, tables: Iterable[int]) -> list[str]:
-    """--cleanup: our rules first (traffic falls back to main), then our routes."""
-    done: list[str] = []
-    for rule in nl_rules(ipr):
-        if owns_rule(config, rule):
-            ipr.rule("del", **_rule_args(rule.spec(), config.agent.route_protocol))
-            done.append(f"del_rule {FAMILY_NAME[rule.family]} {rule.spec().describe()}")
-    for route in nl_default_routes(ipr, tables):
-        if route.protocol == config.agent.route_protocol:
-            change = Change(
-                "del_route", table=route.table, family=route.family, unreachable=route.unreachable
-            )
-            _apply_one(ipr, change, {}, route.protocol)
-            done.append(change.describe())
-    return done
+class ConntrackEdge:
+    """Counting and releasing, carried out in a thread of its own: a dump of a big table
+    takes a while, and neither route changes (the netlink worker) nor the watchdog may
+    wait behind it. Releases go first, one at a time; counts fill the quiet time."""
 
+    def __init__(
+        self, config: Config, post: Callable[[Observation], None], quiet: threading.Event, dry_run: bool
+    ) -> None:
+        #: The config whose uplink marks are counted (the pump updates it).
+        self.config = config
+        self._post = post
+        self._quiet = quiet
+        self._dry_run = dry_run
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conntrack")
+        self._jobs: collections.deque[FlowRelease] = collections.deque()
+        self._cancel: dict[str, threading.Event] = {}
+        self._wake = asyncio.Event()
+        self._warned = False
+        #: When the running job started and when it last made progress (monotonic), for the watchdog.
+        self._busy_since: float | None = None
+        self._progress_at = 0.0
 
-class NetlinkEvents:
-    """Wakes the daemon on link, address, route and rule changes (no polling)."""
+    def release(self, job: FlowRelease) -> None:
+        self._cancel[job.uplink] = threading.Event()
+        self._jobs.append(job)
+        self._wake.set()
 
-    GROUPS: Final = (
-        RTMGRP_LINK
-        | RTMGRP_IPV4_IFADDR
-        | RTMGRP_IPV4_ROUTE
-        | RTMGRP_IPV4_RULE
-        | RTMGRP_IPV6_IFADDR
-        | RTMGRP_IPV6_ROUTE
-        | RTMGRP_IPV6_RULE
-    )
+    def cancel(self, uplink: str) -> None:
+        flag = self._cancel.get(uplink)
+        if flag is not None:
+            flag.set()
 
-    def __init__(self, on_event: Callable[[], None]) -> None:
-        self._on_event = on_event
-        self._sock = socket.socket(
-            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, NETLINK_ROUTE
-        )
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        self._sock.bind((0, self.GROUPS))
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._sock.fileno(), self._on_readable)
-
-    def _on_readable(self) -> None:
-        seen = False
-        for _ in range(256):
-            try:
-                data = self._sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                # ENOBUFS: events were lost; a fresh dump covers them.
-                seen = True
-                break
-            if len(data) >= NLMSG_HEADER.size:
-                seen = True
-        if seen:
-            self._on_event()
+    def stuck_for(self, now: float) -> float | None:
+        """How long the running job has made no progress, if longer than CONNTRACK_STUCK_S."""
+        if self._busy_since is None:
+            return None
+        idle = now - max(self._busy_since, self._progress_at)
+        return idle if idle > CONNTRACK_STUCK_S else None
 
     def close(self) -> None:
-        self._loop.remove_reader(self._sock.fileno())
-        self._sock.close()
+        for flag in self._cancel.values():
+            flag.set()
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_count = loop.time()
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(next_count - loop.time(), 0.0))
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+            self._wake.clear()
+            while self._jobs:
+                job = self._jobs.popleft()
+                released = await self._release(job)
+                self._cancel.pop(job.uplink, None)
+                self._post(ReleaseFinished(job.uplink, released))
+            if loop.time() >= next_count:
+                counts, cpu_s = await self._count()
+                self._post(ConnectionsCounted(counts))
+                # A huge table makes the count dearer: keep it under 1 % of a core (its
+                # CPU time, not its wall time, which includes the pauses for reconciles).
+                next_count = loop.time() + max(CONNTRACK_PERIOD_S, 100 * cpu_s)
+
+    def _beat(self) -> None:
+        self._progress_at = time.monotonic()
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        self._busy_since = self._progress_at = time.monotonic()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        finally:
+            self._busy_since = None
+
+    async def _release(self, job: FlowRelease) -> Released:
+        if self._dry_run:
+            return Released(error="dry run: nothing was deleted")
+        cancelled = self._cancel.get(job.uplink, threading.Event())
+        try:
+            return await self._in_thread(
+                conntrack_release, job.mark, job.mask, job.local, job.families, cancelled, self._beat
+            )
+        except OSError as err:  # no nf_conntrack_netlink, no permission
+            return Released(error=str(err))
+
+    async def _count(self) -> tuple[dict[str, int] | None, float]:
+        """The counts (None: conntrack cannot be read), and the CPU time they took."""
+        marks = {u.name: u.mark for u in self.config.uplinks}
+        mask = self.config.agent.mark_mask
+
+        def count() -> tuple[dict[str, int], float]:
+            began = time.thread_time()
+            counts = conntrack_counts(marks, mask, self._quiet, self._beat)
+            return counts, time.thread_time() - began
+
+        try:
+            counts, cpu_s = await self._in_thread(count)
+        except OSError as err:  # no nf_conntrack_netlink: status shows no counts
+            if not self._warned:
+                log.info("conntrack counts unavailable: %s", err)
+                self._warned = True
+            return None, 0.0
+        self._warned = False
+        return counts, cpu_s
 
 
 # nftables ####################################################################
+#
+# Owns the table `inet multiwan`: rendering it, running nft (always with a
+# timeout), and the edge that keeps the live table as the core wants it.
 #
 # The agent's own table, `inet multiwan`, holds what routing rules cannot:
 # connection stickiness. A new connection is marked (ct mark) with the uplink
@@ -2898,8 +4301,12 @@ def _render_nat(config: Config) -> str:
     return f"\tchain nat {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{body}\t}}\n"
 
 
-async def nft_run(*args: str, script: str | None = None) -> tuple[int, str]:
-    """Run the nft CLI (present wherever nftables is); (exit code, stderr)."""
+async def nft_run(*args: str, script: str | None = None, timeout_s: float = NFT_TIMEOUT_S) -> tuple[int, str]:
+    """Run the nft CLI (present wherever nftables is); (exit code, stderr).
+
+    Never longer than `timeout_s`: a hung nft is killed (its whole process group:
+    a wrapper script's children too) and reported as NFT_TIMED_OUT.
+    """
     try:
         proc = await asyncio.create_subprocess_exec(
             "nft",
@@ -2907,11 +4314,38 @@ async def nft_run(*args: str, script: str | None = None) -> tuple[int, str]:
             stdin=asyncio.subprocess.PIPE if script is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
         )
     except OSError as err:
-        return 127, str(err)
-    _, stderr = await proc.communicate(script.encode() if script is not None else None)
+        return NFT_MISSING, str(err)
+    try:
+        _, stderr = await asyncio.wait_for(
+            proc.communicate(script.encode() if script is not None else None), timeout_s
+        )
+    except (asyncio.TimeoutError, TimeoutError):
+        _kill_group(proc)
+        return NFT_TIMED_OUT, f"nft did not answer within {format_duration(timeout_s)} and was killed"
+    except BaseException:  # cancelled (shutdown): leave no nft behind
+        _kill_group(proc)
+        raise
     return proc.returncode or 0, stderr.decode(errors="replace").strip()
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def nft_check(config: Config, steering: Steering) -> str:
+    """Why this config's table cannot be checked or would not load, or "" if `nft -c` accepts it."""
+    code, error = await nft_run("-c", "-f", "-", script=render_nft(config, steering))
+    if code == 0:
+        return ""
+    if code == NFT_MISSING:
+        return f"nft is not available ({error})"
+    return f"nft -c refuses the new table: {error}" if code != NFT_TIMED_OUT else error
 
 
 class NftEvents:
@@ -2941,7 +4375,282 @@ class NftEvents:
         self._sock.close()
 
 
-# Status and systemd ##########################################################
+class NftEdge:
+    """The table `inet multiwan`, carried out: desired (the newest SteeringWanted) versus live.
+
+    A task of its own: routing never waits for nft. Every nft run has a timeout; a
+    table that does not load is retried with a doubling back-off, and what goes
+    wrong is logged once and reported to the core (status), not on every retry.
+    """
+
+    def __init__(self, post: Callable[[Observation], None], dry_run: bool) -> None:
+        self._post = post
+        self._dry_run = dry_run
+        self._wanted: SteeringWanted | None = None
+        self._wake = asyncio.Event()
+        #: What is live: the config and steering of the last table that loaded.
+        self._live_config: Config | None = None
+        self._live_steering: Steering | None = None
+        self._installed = False
+        #: The config of the last install attempt (whether it loaded or not).
+        self._tried_config: Config | None = None
+        #: Another program changed nftables (or it is time to look): is our table still there?
+        self._check = False
+        self._failing: str | None = None
+        self._retry_delay_s = 0.0
+        self._retry_at = 0.0
+        self._reported = NftStatus()
+        #: When the nft run in progress started (monotonic), for the watchdog.
+        self._busy_since: float | None = None
+
+    def want(self, wanted: SteeringWanted) -> None:
+        self._wanted = wanted
+        self._wake.set()
+
+    def changed(self) -> None:
+        self._check = True
+        self._wake.set()
+
+    def stuck_for(self, now: float) -> float | None:
+        """How long an nft run has gone on past its timeout (it should have been killed)."""
+        if self._busy_since is None:
+            return None
+        late = now - self._busy_since - NFT_TIMEOUT_S
+        return late if late > NFT_STUCK_GRACE_S else None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            events: NftEvents | None = NftEvents(self.changed)
+        except OSError as err:
+            events = None
+            log.warning("nft: no change events (%s); checking every %.0fs", err, RESYNC_PERIOD_S)
+        try:
+            while True:
+                wait_s = RESYNC_PERIOD_S if not self._failing else max(self._retry_at - loop.time(), 0.0)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait_s)
+                except (asyncio.TimeoutError, TimeoutError):
+                    self._check = True
+                self._wake.clear()
+                wanted = self._wanted
+                if wanted is None:
+                    continue
+                if self._dry_run:
+                    if wanted.config is not self._tried_config:
+                        log.info("dry-run: would install nft table %s (stickiness and steering)", NFT_TABLE)
+                        self._tried_config = wanted.config
+                    continue
+                if self._failing and loop.time() < self._retry_at and wanted.config is self._tried_config:
+                    continue  # backing off; the retry takes the newest steering
+                await self._converge(wanted)
+                self._report()
+        finally:
+            if events is not None:
+                events.close()
+
+    async def _converge(self, wanted: SteeringWanted) -> None:
+        if self._installed and wanted.config is self._live_config:
+            if self._live_steering != wanted.steering:
+                script = render_steering_update(
+                    wanted.config, self._live_steering or Steering(), wanted.steering
+                )
+                code, error = await self._nft("-f", "-", script=script)
+                if code == 0:
+                    self._live_steering = wanted.steering
+                    return
+                log.warning(
+                    "nft: cannot update the steering of %s: %s; re-installing the table", NFT_TABLE, error
+                )
+                self._installed = False
+            elif self._check:
+                self._check = False
+                code, _ = await self._nft("list", "table", *NFT_TABLE.split())
+                if code in (0, NFT_TIMED_OUT):  # a hung nft says nothing about the table
+                    return
+                log.warning("nft: table %s is gone; re-installing", NFT_TABLE)
+                await self._install(wanted, "it was removed, e.g. by another firewall's reload")
+                return
+            else:
+                return
+        if self._tried_config is None:
+            why = "start"
+        elif wanted.config is not self._tried_config:
+            why = "config changed"
+        else:
+            why = "retry"
+        await self._install(wanted, why)
+
+    async def _install(self, wanted: SteeringWanted, why: str) -> None:
+        """Write the whole table in one transaction; an error is logged once, routing works on."""
+        code, error = await self._nft("-f", "-", script=render_nft(wanted.config, wanted.steering))
+        loop = asyncio.get_running_loop()
+        tried, self._tried_config = self._tried_config, wanted.config
+        if code == 0:
+            log.info("nft: installed table %s (%s)", NFT_TABLE, why)
+            self._installed = True
+            self._live_config, self._live_steering = wanted.config, wanted.steering
+            self._failing, self._retry_delay_s = None, 0.0
+            return
+        if error != self._failing or wanted.config is not tried:
+            log.error(
+                "nft: cannot install table %s (%s): %s; connections will not stick to their uplink "
+                "(routing and failover work on); retrying with back-off",
+                NFT_TABLE,
+                why,
+                error,
+            )
+        self._installed = False
+        self._failing = error
+        self._retry_delay_s = min(max(self._retry_delay_s * 2, 1.0), RESYNC_PERIOD_S)
+        self._retry_at = loop.time() + self._retry_delay_s
+
+    async def _nft(self, *args: str, script: str | None = None) -> tuple[int, str]:
+        self._busy_since = time.monotonic()
+        try:
+            return await nft_run(*args, script=script)
+        finally:
+            self._busy_since = None
+
+    def _report(self) -> None:
+        report = NftStatus(self._installed, self._failing)
+        if report != self._reported:
+            self._reported = report
+            self._post(NftReported(report))
+
+    async def remove(self) -> None:
+        """--cleanup: delete our table (and nothing else)."""
+        code, error = await nft_run("delete", "table", *NFT_TABLE.split(), timeout_s=NFT_CLEANUP_TIMEOUT_S)
+        if code == 0:
+            log.info("cleanup: deleted nft table %s", NFT_TABLE)
+        elif self._installed or code == NFT_TIMED_OUT:
+            log.warning("cleanup: cannot delete nft table %s: %s", NFT_TABLE, error)
+
+
+# Status document #############################################################
+#
+# Owns status.json: the one function that builds it from the agent state, its
+# atomic writes, the lock that says an agent runs, and reading any such file
+# back as untrusted input: a bad one is named and ignored, never a crash.
+
+
+def status_document(
+    state: AgentState, *, running: bool, dry_run: bool, boot_id: str | None, mono_now: float, wall_now: float
+) -> dict[str, Any]:
+    config = state.config
+    primary = primary_family(config)
+    uplinks: dict[str, Any] = {}
+    for uplink in config.uplinks:
+        health = state.healths[uplink.name]
+        interface = state.interfaces.get(uplink.interface)
+        quality = health.quality
+        uplinks[uplink.name] = {
+            "state": health.state.value,
+            "since": round(wall_now - (mono_now - health.since), 3),
+            "since_monotonic": round(health.since, 6),
+            "reason": health.reason,
+            "selected": any(state.selected(f) == uplink.name for f in config.families),
+            "families": [FAMILY_NAME[f] for f in uplink.families],
+            "selected_for": [FAMILY_NAME[f] for f in config.families if state.selected(f) == uplink.name],
+            "interface": uplink.interface,
+            # ready: the interface exists, is up, has an address and a gateway; else not probed.
+            "ready": health.link_usable,
+            "ready_reason": None if health.link_usable else link_observation(uplink, interface).reason,
+            "failure": health.failure if health.state is State.DOWN else None,
+            "address": interface.address if interface else None,
+            "gateway": uplink_gateway(uplink, interface, 4),
+            "address6": interface.address6 if interface else None,
+            "gateway6": uplink_gateway(uplink, interface, 6),
+            "priority": uplink.priority,
+            "weight": uplink.weight,
+            "balanced_for": [FAMILY_NAME[f] for f in config.families if uplink.name in _balancing(state, f)],
+            "table": uplink.table,
+            "mark": uplink.mark,
+            "rtt_ms": None if health.rtt_ms is None else round(health.rtt_ms, 3),
+            # over the quality window (the last `window` rounds)
+            "loss_pct": None if quality is None else round(quality.loss_pct, 1),
+            "median_rtt_ms": None if quality is None or quality.rtt_ms is None else round(quality.rtt_ms, 3),
+            "jitter_ms": None
+            if quality is None or quality.jitter_ms is None
+            else round(quality.jitter_ms, 3),
+            "window_rounds": 0 if quality is None else quality.rounds,
+            "good_rounds": health.good_rounds,
+            "bad_rounds": health.bad_rounds,
+            # came back from a failure: owes the hysteresis before traffic returns
+            "recovered": health.recovered,
+            "has_failed": health.has_failed,
+            # tracked connections that stick to this uplink (its connection mark)
+            "connections": None if state.connections is None else state.connections.get(uplink.name),
+            # probes whose own code raised (a bug in the agent; they count neither way)
+            "probe_errors": state.probe_errors.get(uplink.name, 0),
+        }
+    primary_decision = state.decisions.get(primary, Decision(None, "starting"))
+    return {
+        "version": STATUS_VERSION,
+        "pid": os.getpid(),
+        "boot_id": boot_id,
+        "running": running,
+        "dry_run": dry_run,
+        "updated": round(wall_now, 3),
+        "updated_monotonic": round(mono_now, 6),
+        # `selected`/`reason`/`stranded` speak of IPv4 (IPv6 when only IPv6 is configured);
+        # `families` has each configured family's own.
+        "selected": primary_decision.selected,
+        "reason": primary_decision.reason,
+        "stranded": primary_decision.stranded,
+        "families": {
+            FAMILY_NAME[f]: {
+                "selected": state.selected(f),
+                "reason": state.decisions.get(f, Decision(None, "starting")).reason,
+                "stranded": state.decisions.get(f, Decision(None, "starting")).stranded,
+                # the uplinks sharing new connections, with their weights (empty: no balancing)
+                "balance": _balancing(state, f),
+            }
+            for f in config.families
+        },
+        "sticky": config.agent.sticky,
+        # per policy and family: the uplink its traffic takes (null: its fallback)
+        "policies": {
+            policy.name: {
+                "fallback": policy.fallback,
+                **{
+                    FAMILY_NAME[f]: {"uplink": d.selected, "reason": d.reason}
+                    for f, d in state.policy_decisions.get(policy.name, {}).items()
+                },
+            }
+            for policy in config.policies
+        },
+        # objects of other programs that defeat one of the agent's guarantees (never deleted)
+        "foreign": [{"object": f.what, "defeats": f.defeats} for f in state.foreign],
+        # the nft table (stickiness, steering, NAT): routing and failover never depend on it
+        "nft": {"installed": state.nft.installed, "problem": state.nft.problem},
+        # route changes that fail and are being retried
+        "route_failures": [f"{what}: {error}" for what, error in sorted(state.route_failures)],
+        "uplinks": uplinks,
+    }
+
+
+def primary_family(config: Config) -> int:
+    """The family `selected` in status and STATUS= speaks of: IPv4 when configured."""
+    return config.families[0] if config.families else 4
+
+
+def _balancing(state: AgentState, family: int) -> dict[str, int]:
+    """The uplinks sharing this family's new connections, by weight (empty: none shared)."""
+    members = state.steering.balance.get(family, ())
+    return dict(members) if len(members) > 1 else {}
+
+
+def status_summary(state: AgentState) -> str:
+    """One line for sd_notify's STATUS=."""
+    config = state.config
+    states = ", ".join(f"{n} {h.state.value}" for n, h in state.healths.items())
+    selected = " ".join(
+        f"selected{'' if f == primary_family(config) else '6'}={state.selected(f) or 'none'}"
+        for f in config.families
+    )
+    stranded = any(d.stranded for d in state.decisions.values())
+    return f"{selected}; {states}" + ("; NO UPLINK UP" if stranded else "")
 
 
 def write_json_atomically(path: Path, document: Mapping[str, Any]) -> None:
@@ -2952,6 +4661,248 @@ def write_json_atomically(path: Path, document: Mapping[str, Any]) -> None:
         json.dump(document, handle, indent=2, sort_keys=True)
         handle.write("\n")
     os.replace(tmp, path)
+
+
+class StatusError(Exception):
+    """A status.json that is not one, rendered like a config error: `file: key.path: message`."""
+
+    def __init__(self, source: str, key_path: str, message: str) -> None:
+        where = f"{source}: {key_path}: " if key_path else f"{source}: "
+        super().__init__(where + message)
+
+
+#: What each field of a status document may hold, as far as a reader relies on it.
+_NUMBER: Final = (int, float)
+_UPLINK_FIELDS: Final[Mapping[str, tuple[type, ...]]] = {
+    "state": (str,),
+    "since": _NUMBER,
+    "since_monotonic": _NUMBER,
+    "reason": (str,),
+    "selected": (bool,),
+    "interface": (str,),
+    "recovered": (bool,),
+    "has_failed": (bool,),
+    "rtt_ms": (*_NUMBER, type(None)),
+    "loss_pct": (*_NUMBER, type(None)),
+    "connections": (int, type(None)),
+    "priority": (int,),
+    "weight": (int,),
+    "probe_errors": (int,),
+}
+_TOP_FIELDS: Final[Mapping[str, tuple[type, ...]]] = {
+    "version": (int,),
+    "pid": (int,),
+    "boot_id": (str, type(None)),
+    "running": (bool,),
+    "dry_run": (bool,),
+    "updated": _NUMBER,
+    "updated_monotonic": _NUMBER,
+    "selected": (str, type(None)),
+    "reason": (str,),
+    "stranded": (bool,),
+    "sticky": (str,),
+    "families": (dict,),
+    "policies": (dict,),
+    "foreign": (list,),
+    "nft": (dict,),
+    "route_failures": (list,),
+    "uplinks": (dict,),
+}
+_REQUIRED: Final = ("version", "pid", "updated", "updated_monotonic", "uplinks")
+
+
+def parse_status(text: str, source: str) -> dict[str, Any]:
+    """A status document, checked like a config: the fields a reader uses have the right
+    types (bools are not numbers), states are states. Raises StatusError."""
+    if len(text) > STATUS_MAX_BYTES:
+        raise StatusError(source, "", f"expected at most {STATUS_MAX_BYTES} bytes, got {len(text)}")
+    try:
+        document = json.loads(text)
+    except RecursionError:
+        raise StatusError(source, "", "nested too deeply") from None
+    except ValueError as err:
+        raise StatusError(source, "", f"not JSON: {err}") from None
+
+    def check(value: Any, path: str, types: tuple[type, ...]) -> None:
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise StatusError(source, path, f"expected {names}, got {_show(value)}")
+
+    check(document, "", (dict,))
+    for key in _REQUIRED:
+        if key not in document:
+            raise StatusError(source, key, "is missing")
+    for key, types in _TOP_FIELDS.items():
+        if key in document:
+            check(document[key], key, types)
+    if document["version"] != STATUS_VERSION:
+        raise StatusError(source, "version", f"expected {STATUS_VERSION}, got {document['version']}")
+    for name, uplink in document["uplinks"].items():
+        path = f"uplinks.{name}"
+        check(uplink, path, (dict,))
+        for key, types in _UPLINK_FIELDS.items():
+            if key in uplink:
+                check(uplink[key], f"{path}.{key}", types)
+        if uplink.get("state") not in {s.value for s in State}:
+            raise StatusError(
+                source,
+                f"{path}.state",
+                f'expected "up", "degraded" or "down", got {_show(uplink.get("state"))}',
+            )
+    for family, about in document.get("families", {}).items():
+        check(about, f"families.{family}", (dict,))
+        check(about.get("selected"), f"families.{family}.selected", (str, type(None)))
+        balance = about.get("balance", {})
+        check(balance, f"families.{family}.balance", (dict,))
+        for name, weight in balance.items():
+            check(weight, f"families.{family}.balance.{name}", (int,))
+    for name, policy in document.get("policies", {}).items():
+        check(policy, f"policies.{name}", (dict,))
+        for family, about in policy.items():
+            if family != "fallback":
+                check(about, f"policies.{name}.{family}", (dict,))
+                check(about.get("uplink"), f"policies.{name}.{family}.uplink", (str, type(None)))
+                check(about.get("reason", ""), f"policies.{name}.{family}.reason", (str,))
+    for index, foreign in enumerate(document.get("foreign", [])):
+        check(foreign, f"foreign[{index}]", (dict,))
+        check(foreign.get("object"), f"foreign[{index}].object", (str,))
+        check(foreign.get("defeats"), f"foreign[{index}].defeats", (str,))
+    result: dict[str, Any] = document
+    return result
+
+
+def read_status(path: Path) -> dict[str, Any]:
+    """The status document at `path`. Raises StatusError (also for a file that cannot be read)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.read(STATUS_MAX_BYTES + 1)
+    except OSError as err:
+        raise StatusError(str(path), "", f"cannot read: {err.strerror}") from None
+    return parse_status(text, str(path))
+
+
+def previous_run(document: Mapping[str, Any]) -> PreviousRun:
+    """What a restart needs of a (parsed) status document."""
+    uplinks = {
+        name: PreviousUplink(
+            State(u["state"]),
+            bool(u.get("has_failed", True)),
+            bool(u.get("recovered", False)),
+            float(u.get("since_monotonic", 0.0)),
+        )
+        for name, u in document["uplinks"].items()
+    }
+    return PreviousRun(document.get("boot_id"), uplinks)
+
+
+def read_boot_id() -> str | None:
+    """The kernel's id of this boot: CLOCK_MONOTONIC times compare only within one."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip() or None
+    except OSError:
+        return None
+
+
+def lock_state_dir(state_dir: str) -> int:
+    """Take the lock that makes this the one agent for `state_dir`; the fd holds it.
+
+    Raises StartupRefused when another agent holds it (nothing is changed).
+    """
+    path = Path(state_dir) / LOCK_FILE
+    try:
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise StartupRefused(f"cannot open the lock {path}: {err.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = _lock_holder_pid(fd)
+        os.close(fd)
+        if err.errno in (errno.EAGAIN, errno.EACCES):
+            who = f" (pid {holder})" if holder else ""
+            raise StartupRefused(
+                f"another multiwan-agent{who} already runs with state_dir {state_dir}; stop it first"
+            ) from None
+        raise StartupRefused(f"cannot lock {path}: {err.strerror}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _lock_holder_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def agent_running(state_dir: str) -> tuple[bool, int | None]:
+    """Whether an agent holds the lock of `state_dir`, and its pid (read-only: takes nothing)."""
+    path = Path(state_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False, None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True, _lock_holder_pid(fd)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False, None
+    finally:
+        os.close(fd)
+
+
+class StatusWriter:
+    """Writes status.json: at once on a decision, at most once a second for metrics, and
+    every STATUS_HEARTBEAT_S anyway (a reader tells a dead or stuck agent by its age).
+    A write that fails is warned about once, not on every attempt."""
+
+    def __init__(
+        self, path: Path, document: Callable[[bool], dict[str, Any]], hold: Callable[[], bool]
+    ) -> None:
+        self.path = path
+        self._document = document
+        #: True while a write would show decisions whose routes are not in place yet.
+        self._hold = hold
+        self._dirty = False
+        self._written_at = float("-inf")
+        self._failing = False
+
+    def note(self, urgency: StatusWrite) -> None:
+        if urgency is StatusWrite.NOW:
+            self.write()
+        elif urgency is StatusWrite.SOON:
+            self._dirty = True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_METRICS_PERIOD_S)
+            due = self._dirty or time.monotonic() - self._written_at >= STATUS_HEARTBEAT_S
+            if due and not self._hold():
+                self.write()
+
+    def write(self, running: bool = True) -> None:
+        self._dirty = False
+        self._written_at = time.monotonic()
+        try:
+            write_json_atomically(self.path, self._document(running))
+        except OSError as err:
+            if not self._failing:
+                log.warning("cannot write %s: %s; status stays stale until it can be written", self.path, err)
+                self._failing = True
+            return
+        if self._failing:
+            log.info("status: %s is written again", self.path)
+            self._failing = False
+
+
+# systemd notification ########################################################
+#
+# Owns sd_notify: READY, RELOADING, STOPPING, STATUS and WATCHDOG datagrams.
 
 
 class Notifier:
@@ -2989,993 +4940,701 @@ class Notifier:
 
 
 # Daemon ######################################################################
+#
+# Owns the tasks and threads (one supervisor) and the signals. One pump holds the
+# agent state: observations in, the core, intents out to the edges. A finished
+# probe round reaches the default route's `replace` in four calls:
+# Pump.post(RoundObserved) -> on_round() -> RouteEdge.want() -> nl_apply().
 
 
-@dataclass
-class UplinkRuntime:
-    """What the daemon keeps per uplink besides its Health."""
-
-    uplink: UplinkConfig
-    interface: Interface | None = None
-    prober_task: asyncio.Task[None] | None = None
+# Observations: what the edges post to the pump.
 
 
-class Agent:
-    """Wires the pure core to probes, netlink, status and systemd."""
+@dataclass(frozen=True, slots=True)
+class RoundObserved:
+    result: RoundResult
+
+
+@dataclass(frozen=True, slots=True)
+class LinksObserved:
+    interfaces: Mapping[str, Interface]
+
+
+@dataclass(frozen=True, slots=True)
+class RoutesReconciled:
+    work: RouteWork
+    failed: tuple[tuple[Change, str], ...]
+    rules: tuple[RuleEntry, ...]
+    routes: tuple[RouteEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RoutesFailed:
+    """A dump or the reconcile itself raised (netlink trouble): retried with back-off."""
+
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadPrepared:
+    config: Config
+    rules: tuple[RuleEntry, ...]
+    routes: tuple[RouteEntry, ...]
+    nft_note: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadFailed:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseFinished:
+    uplink: str
+    released: Released
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionsCounted:
+    counts: Mapping[str, int] | None
+
+
+@dataclass(frozen=True, slots=True)
+class NftReported:
+    report: NftStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """An edge was restarted: what it knew is gone, so look at everything again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    pass
+
+
+Observation = (
+    RoundObserved
+    | LinksObserved
+    | RoutesReconciled
+    | RoutesFailed
+    | ReloadPrepared
+    | ReloadFailed
+    | ReleaseFinished
+    | ConnectionsCounted
+    | NftReported
+    | Resync
+    | Tick
+)
+
+
+class Supervisor:
+    """Owns every long-running task. One that dies is logged with its traceback and
+    started again after a back-off; one that may not be restarted (the pump), or that
+    dies SUPERVISOR_MAX_DEATHS times within SUPERVISOR_WINDOW_S, ends the agent with
+    a failure so that systemd or procd restarts it. Nothing dies silently."""
+
+    def __init__(self, fatal: Callable[[str], None], restarted: Callable[[str], None]) -> None:
+        self._fatal = fatal
+        self._restarted = restarted
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._factories: dict[str, tuple[Callable[[], Awaitable[None]], str]] = {}
+        self._deaths: dict[str, list[float]] = {}
+        self._stopping = False
+
+    def start(self, name: str, factory: Callable[[], Awaitable[None]], restart: str = "limited") -> None:
+        """restart: "never" (its death ends the agent), "limited" or "always" (a prober)."""
+        self._factories[name] = (factory, restart)
+        task = asyncio.ensure_future(factory())
+        self._tasks[name] = task
+        task.add_done_callback(lambda done: self._on_done(name, done))
+
+    def cancel(self, name: str) -> None:
+        self._factories.pop(name, None)
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+
+    def _on_done(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(name) is not task or self._stopping:
+            return
+        del self._tasks[name]
+        if task.cancelled():
+            return
+        error = task.exception()
+        factory, restart = self._factories[name]
+        if error is None:
+            log.error("task %s ended by itself; it should run until the agent stops", name)
+        else:
+            log.error("task %s died: %s: %s", name, type(error).__name__, error, exc_info=error)
+        now = time.monotonic()
+        deaths = [t for t in self._deaths.get(name, []) if now - t < SUPERVISOR_WINDOW_S] + [now]
+        self._deaths[name] = deaths
+        if restart == "never" or (restart == "limited" and len(deaths) >= SUPERVISOR_MAX_DEATHS):
+            often = "" if restart == "never" else f" {len(deaths)} times within {SUPERVISOR_WINDOW_S:.0f}s"
+            self._fatal(f"task {name} died{often}")
+            return
+        delay_s = min(SUPERVISOR_RESTART_S * 2 ** (len(deaths) - 1), RESYNC_PERIOD_S)
+        log.warning("task %s restarts in %.1fs", name, delay_s)
+        asyncio.get_running_loop().call_later(delay_s, self._restart, name)
+
+    def _restart(self, name: str) -> None:
+        if self._stopping or name not in self._factories or name in self._tasks:
+            return
+        factory, restart = self._factories[name]
+        self.start(name, factory, restart)
+        self._restarted(name)
+
+    async def stop(self, timeout_s: float) -> None:
+        self._stopping = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            for task in pending:
+                log.warning("task %s did not stop within %.1fs", task.get_name(), timeout_s)
+        self._tasks.clear()
+
+
+class ProberSet:
+    """One supervised prober task per uplink; a reload restarts only those whose uplink changed,
+    so the others keep their rounds (and their evidence) across it."""
 
     def __init__(
         self,
-        config: Config,
-        *,
-        dry_run: bool = False,
-        cleanup: bool = False,
-        verbose: bool = False,
-        notifier: Notifier | None = None,
+        supervisor: Supervisor,
+        source: Callable[[str], ProbeSource | None],
+        deliver: Callable[[RoundResult], None],
+        verbose: bool,
     ) -> None:
-        self.config = config
-        self.dry_run = dry_run
-        self.cleanup = cleanup
-        self.verbose = verbose
-        self.notifier = notifier or Notifier()
-        self.healths: dict[str, Health] = {}
-        self.runtime: dict[str, UplinkRuntime] = {}
-        #: Per address family: the uplink carrying new traffic, and why.
-        self.selected: dict[int, str | None] = {family: None for family in FAMILIES}
-        self.decisions: dict[int, Decision] = {family: Decision(None, "starting") for family in FAMILIES}
-        self.interfaces: dict[str, Interface] = {}
-        self.managed_tables: set[int] = set(config.tables)
-        self._netlink = NetlinkWorker()
-        self._events: NetlinkEvents | None = None
-        self._sync_wanted = asyncio.Event()
-        self._sync_links = True
-        self._status_dirty = False
-        self._status_forced = False
-        self._wake_at: float | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        # One reconcile at a time: the sync loop and a reload must not interleave netlink changes.
-        self._sync_lock = asyncio.Lock()
-        #: Changes that failed last time (logged once), and when to try again (doubling back-off).
-        self._apply_failures: set[tuple[str, str]] = set()
-        self._retry_delay_s = 0.0
-        self._retry_at: float | None = None
-        self._dry_run_changes: list[Change] = []
-        self._nft_events: NftEvents | None = None
-        #: Tracked connections marked for each uplink (None: conntrack not readable).
-        self._connections: dict[str, int] | None = None
-        self._conntrack_warned = False
-        self._nft_wanted = asyncio.Event()
-        self._nft_installed = False
-        #: The config the live table was rendered from (a reload re-installs it whole).
-        self._nft_config: Config | None = None
-        #: One nft transaction at a time, so `_nft_steering` says what is live.
-        self._nft_lock = asyncio.Lock()
-        #: What the nft table should steer (decided) and what it does steer (installed).
-        self.steering = Steering()
-        self._nft_steering: Steering | None = None
-        #: Per policy and family: the uplink its traffic takes, and why.
-        self.policy_decisions: dict[str, dict[int, Decision]] = {}
-        #: (uplink, family) carrying new traffic (selected, balanced, a policy's), for release_flows.
-        self._carrying: set[tuple[str, int]] = set()
-        #: Uplinks whose marked connections are to be released: why, and in which families.
-        self._release_pending: dict[str, tuple[str, frozenset[int]]] = {}
-        self._release_task: asyncio.Task[None] | None = None
-        #: Conntrack dumps can take seconds on a big table: a thread of their own, so that
-        #: neither route changes (the netlink worker) nor its watchdog wait behind them.
-        self._conntrack_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conntrack")
-        self._not_syncing = threading.Event()
-        self._not_syncing.set()
-        #: The selected default routes as last installed, per family (for the fast path).
-        self._applied_defaults: dict[int, RouteSpec] = {}
-        self._started_ok = False
+        self._supervisor = supervisor
+        self._source = source
+        self._deliver = deliver
+        self._verbose = verbose
+        self._running: dict[str, UplinkConfig] = {}
+        #: ICMP ids tell our echoes apart from other pingers' and each uplink's; stable per name.
+        self._idents: dict[str, int] = {}
 
-    # -- lifecycle ----------------------------------------------------------
-
-    async def run(self, stop: asyncio.Event, reload: asyncio.Event | None = None) -> None:
-        """Run until `stop` is set; `reload` set by SIGHUP re-reads the config."""
-        loop = asyncio.get_running_loop()
-        try:
-            await self._start(loop.time())
-            self.notifier.send("READY=1\nSTATUS=" + self.summary())
-            self._tasks.append(asyncio.ensure_future(self._sync_loop()))
-            self._tasks.append(asyncio.ensure_future(self._status_loop()))
-            self._tasks.append(asyncio.ensure_future(self._nft_loop()))
-            if self.notifier.watchdog_s:
-                self._tasks.append(asyncio.ensure_future(self._watchdog_loop(self.notifier.watchdog_s)))
-            self._start_probers()
-            reload = reload or asyncio.Event()
-            while not stop.is_set():
-                stop_wait = asyncio.ensure_future(stop.wait())
-                reload_wait = asyncio.ensure_future(reload.wait())
-                await asyncio.wait({stop_wait, reload_wait}, return_when=asyncio.FIRST_COMPLETED)
-                stop_wait.cancel()
-                reload_wait.cancel()
-                for task in self._tasks:
-                    if task.done() and not task.cancelled() and task.exception():
-                        raise task.exception()  # type: ignore[misc]
-                if reload.is_set() and not stop.is_set():
-                    reload.clear()
-                    await self.reload()
-        finally:
-            self.notifier.send("STOPPING=1")
-            await self._shutdown()
-
-    async def _start(self, now: float) -> None:
-        config = self.config
-        problems = await self._collisions(config)
-        if problems:
-            raise StartupRefused("; ".join(problems))
-        routes = await self._netlink.call(nl_default_routes, config.tables)
-        self.interfaces = await self._netlink.call(nl_interfaces, config.agent.route_protocol)
-        previous = self._read_previous_status()
-        adopted = self._adoptable(routes)
-        for uplink in config.uplinks:
-            health = initial_health(uplink, now)
-            failed_before = previous.get(uplink.name) in ("failed", "proving")
-            if uplink.name in adopted.values() and not failed_before:
-                health = dataclasses.replace(
-                    health, state=State.UP, reason="adopted the route a previous run left"
-                )
-            elif failed_before:
-                # It failed before the restart, or was still proving itself:
-                # it owes the hysteresis again (a restart must not shortcut it).
-                health = dataclasses.replace(
-                    health, state=State.DOWN, reason="failed in the previous run", has_failed=True
-                )
-            self.healths[uplink.name] = health
-            self.runtime[uplink.name] = UplinkRuntime(uplink)
-        names = {iface.index: name for name, iface in self.interfaces.items()}
-        for route in routes:
-            # What the selection table holds now: the fast path must not re-send it (no flap).
-            if route.table == config.agent.default_table and route.oif in names:
-                spec = RouteSpec(route.table, names[route.oif], route.gateway, route.family)
-                self._applied_defaults[route.family] = spec
-        for family, name in adopted.items():
-            self.selected[family] = name
-            log.info(
-                "uplink=%s adopted: the selected %s default route of a previous run points at it",
-                name,
-                FAMILY_NAME[family],
-            )
-        self._log_effective_config()
-        self._events = NetlinkEvents(self._request_sync)
-        await self._sync()
-        await self._install_nft("start")
-        self._started_ok = True
-
-    async def _shutdown(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for runtime in self.runtime.values():
-            if runtime.prober_task is not None:
-                runtime.prober_task.cancel()
-        if self._release_task is not None:
-            self._release_task.cancel()
-        pending = self._tasks + [r.prober_task for r in self.runtime.values() if r.prober_task]
-        pending += [self._release_task] if self._release_task is not None else []
-        await asyncio.gather(*pending, return_exceptions=True)
-        if self._events is not None:
-            self._events.close()
-        if self._nft_events is not None:
-            self._nft_events.close()
-        if self.cleanup and not self.dry_run and self._started_ok:
-            try:
-                done = await self._netlink.call(nl_remove_own, self.config, self.managed_tables)
-                for line in done:
-                    log.info("cleanup: %s", line)
-                code, error = await nft_run("delete", "table", *NFT_TABLE.split())
-                if code == 0:
-                    log.info("cleanup: deleted nft table %s", NFT_TABLE)
-                elif self._nft_installed:
-                    log.warning("cleanup: cannot delete nft table %s: %s", NFT_TABLE, error)
-                log.info("cleanup: removed %d objects of the agent; nothing else was touched", len(done))
-            except Exception:
-                log.exception("cleanup failed")
-        elif self._started_ok:
-            log.info("stopping: routes and rules stay in place so the router keeps working")
-        if self._started_ok:
-            self._write_status(running=False)
-        await asyncio.get_running_loop().run_in_executor(None, self._netlink.close)
-        self._conntrack_thread.shutdown(wait=False)
-
-    # -- observations in ----------------------------------------------------
-
-    def _deliver_round(self, result: RoundResult) -> None:
-        health = self.healths.get(result.uplink)
-        runtime = self.runtime.get(result.uplink)
-        if health is None or runtime is None:
-            return
-        now = loop_now()
-        if self.verbose:
-            detail = " ".join(f"{p.target}={_probe_detail(p)}" for p in result.probes)
-            log.debug(
-                "uplink=%s round=%d %s %d/%d %s",
-                result.uplink,
-                result.seq,
-                "ok" if result.ok else "failed",
-                result.answered,
-                len(result.probes),
-                detail,
-            )
-        updated, transitions = observe_round(health, result, runtime.uplink.check, now)
-        self.healths[result.uplink] = updated
-        self._status_dirty = True
-        if transitions:
-            self._on_transitions(transitions)
-            self._request_sync(links=False)
-
-    def _request_sync(self, links: bool = True) -> None:
-        self._sync_links = self._sync_links or links
-        self._sync_wanted.set()
-
-    def _on_transitions(self, transitions: Iterable[Transition]) -> None:
-        for t in transitions:
-            level = logging.WARNING if t.new is State.DOWN else logging.INFO
-            log.log(level, "uplink=%s %s: %s", t.uplink, t.new.value, t.reason)
-            runtime = self.runtime.get(t.uplink)
-            if runtime is None:
+    def sync(self, config: Config) -> None:
+        wanted = {u.name: u for u in config.uplinks}
+        for name in [n for n in self._running if n not in wanted]:
+            self._supervisor.cancel(f"prober {name}")
+            del self._running[name]
+        for name, uplink in wanted.items():
+            if self._running.get(name) == uplink:
                 continue
-            if t.new is State.DOWN and "on_down" in runtime.uplink.release_flows:
-                self._release_pending[t.uplink] = ("it went down", frozenset(runtime.uplink.families))
-            elif t.new is State.UP:
-                self._release_pending.pop(t.uplink, None)  # back before its flows were released
-        self._status_forced = True
+            self._supervisor.cancel(f"prober {name}")
+            ident = self._idents.setdefault(name, (os.getpid() * 31 + len(self._idents)) & 0xFFFF)
+            prober = functools.partial(self._run, uplink, ident)
+            self._supervisor.start(f"prober {name}", prober, restart="always")
+            self._running[name] = uplink
 
-    # -- the one path that changes the system -------------------------------
-
-    async def _sync_loop(self) -> None:
-        """The task that reconciles on events, hysteresis expiry, retries and every RESYNC_PERIOD_S."""
-        loop = asyncio.get_running_loop()
-        crash_delay_s = 0.5
-        while True:
-            deadline = loop.time() + RESYNC_PERIOD_S
-            for at in (self._wake_at, self._retry_at):
-                if at is not None:
-                    deadline = min(deadline, at)
-            try:
-                await asyncio.wait_for(self._sync_wanted.wait(), max(deadline - loop.time(), 0.0))
-            except asyncio.TimeoutError:
-                self._sync_links = True  # periodic repair of what events may have missed
-            self._sync_wanted.clear()
-            try:
-                await self._sync()
-                crash_delay_s = 0.5
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # The task boundary: log the bug with its traceback, back off, keep serving.
-                log.exception("sync failed; retrying in %.1fs", crash_delay_s)
-                await asyncio.sleep(crash_delay_s)
-                crash_delay_s = min(crash_delay_s * 2, RESYNC_PERIOD_S)
-                self._sync_links = True
-                self._sync_wanted.set()
-
-    def _report_apply_failures(self, failed: Sequence[tuple[Change, str]]) -> None:
-        """Log a failing change once, not on every retry; retry with a doubling back-off."""
-        current = {(change.describe(), error) for change, error in failed}
-        for what, error in sorted(current - self._apply_failures):
-            log.warning("netlink: %s failed: %s; retrying with back-off", what, error)
-        for what, _ in sorted(self._apply_failures - current):
-            log.info("netlink: %s no longer fails", what)
-        self._apply_failures = current
-        if failed:
-            self._retry_delay_s = min(max(self._retry_delay_s * 2, 0.5), RESYNC_PERIOD_S)
-            self._retry_at = loop_now() + self._retry_delay_s
-            self._sync_links = True
-        else:
-            self._retry_delay_s, self._retry_at = 0.0, None
-
-    async def _sync(self) -> None:
-        """Observe links, select, and reconcile routes and rules with the plan."""
-        async with self._sync_lock:
-            self._not_syncing.clear()  # a conntrack count pauses meanwhile
-            try:
-                await self._sync_locked()
-            finally:
-                self._not_syncing.set()
-
-    async def _sync_locked(self) -> None:
-        config = self.config
-        protocol = config.agent.route_protocol
-        if self._sync_links:
-            self._sync_links = False
-            # Only the families configured: a dump less on the path of every failover.
-            self.interfaces = await self._netlink.call(nl_interfaces, protocol, config.families)
-        now = loop_now()
-        for uplink in config.uplinks:
-            interface = self.interfaces.get(uplink.interface)
-            before = self.runtime[uplink.name].interface
-            if before is not None and interface is not None:
-                renumbered = _describe_renumbering(uplink, before, interface)
-                if renumbered:
-                    # DHCP/RA renewed with new values: the plan below rebuilds the
-                    # uplink's table and rules in this same reconcile.
-                    log.info("uplink=%s renumbered: %s", uplink.name, renumbered)
-                    self._status_forced = True
-            self.runtime[uplink.name].interface = interface
-            health, transitions = observe_link(
-                self.healths[uplink.name], link_observation(uplink, interface), now
-            )
-            self.healths[uplink.name] = health
-            if transitions:
-                self._on_transitions(transitions)
-        wakes: list[float] = []
-        hysteresis_s = config.agent.hysteresis_s
-        balance: dict[int, tuple[tuple[str, int], ...]] = {}
-        for family in config.families:
-            # Each family chooses among the uplinks that can route it right now.
-            candidates = [
-                u
-                for u in config.uplinks
-                if family in u.families and routable(u, self.interfaces.get(u.interface), family)
-            ]
-            self._decide(family, select(self.healths, candidates, self.selected[family], hysteresis_s, now))
-            group = balance_group(self.healths, candidates, self.selected[family], hysteresis_s, now)
-            balance[family] = group.members
-            for policy in config.policies:
-                if family in policy.match.families:
-                    previous = self.policy_decisions.get(policy.name, {}).get(family)
-                    current = previous.selected if previous is not None else None
-                    decision = select_for_policy(policy, self.healths, candidates, current, hysteresis_s, now)
-                    self._decide_policy(policy, family, decision)
-            waits = [self.decisions[family].wake_at, group.wake_at]
-            waits += [d.get(family, Decision(None, "")).wake_at for d in self.policy_decisions.values()]
-            wakes += [w for w in waits if w is not None]
-        self._wake_at = min(wakes) if wakes else None
-        self._steer(
-            Steering(
-                balance,
-                {
-                    name: {f: d.selected for f, d in decisions.items()}
-                    for name, decisions in self.policy_decisions.items()
-                },
-            )
+    async def _run(self, uplink: UplinkConfig, ident: int) -> None:
+        prober = UplinkProber(
+            uplink, ident, lambda: self._source(uplink.name), self._deliver, verbose=self._verbose
         )
+        await prober.run()
 
-        plan = plan_network(config, self.interfaces, self.selected)
-        indexes = {name: iface.index for name, iface in self.interfaces.items()}
-        if not self.dry_run:
-            # Fast path: a new selection is one replace, sent before the
-            # verifying dumps below (which then find it in place).
-            urgent = [
-                Change("replace_route", route=route)
-                for route in plan.default_routes
-                if self._applied_defaults.get(route.family) != route
-            ]
-            failed: list[tuple[Change, str]] = []
-            if urgent:
-                for change in urgent:
-                    log.info("netlink: %s", change.describe())
-                failed += await self._netlink.call(nl_apply, urgent, indexes, protocol)
-            await self._apply_steering()
-        # Every family here: objects of a family a reload dropped must go too.
-        rules = await self._netlink.call(nl_rules)
-        routes = await self._netlink.call(nl_default_routes, self.managed_tables)
-        changes = diff_network(config, plan, rules, routes, indexes, self.managed_tables)
-        if self.dry_run:
-            if changes != self._dry_run_changes:  # say it once, not on every sync
-                for change in changes:
-                    log.info("dry-run: would %s", change.describe())
-                self._dry_run_changes = changes
-        else:
-            for change in changes:
-                log.info("netlink: %s", change.describe())
-            if changes:
-                failed += await self._netlink.call(nl_apply, changes, indexes, protocol)
-            # Once per reconcile, failures or not: a retry that finds nothing to do ends the back-off.
-            self._report_apply_failures(failed)
-            self._applied_defaults = {route.family: route for route in plan.default_routes}
-            # Last, and in the background: the flows released re-establish over the routes
-            # installed above, and a big table must not hold up the next reconcile.
-            if self._release_pending and (self._release_task is None or self._release_task.done()):
-                self._release_task = asyncio.ensure_future(self._release_flows())
-        if self._status_forced:
-            self._status_forced = False
-            self._status_dirty = False
-            self._write_status()
-            self.notifier.send("STATUS=" + self.summary())
 
-    def _decide(self, family: int, decision: Decision) -> None:
-        """Take a family's selection decision, logging it once when it says something new."""
-        previous, current = self.decisions[family], self.selected[family]
-        label = FAMILY_NAME[family]
-        if decision.selected != current:
-            log.warning(
-                "selected=%s family=%s (was %s): %s",
-                decision.selected,
-                label,
-                current or "none",
-                decision.reason,
+class Pump:
+    """Observations in, the core, intents out: the only code that holds the agent state.
+
+    The state is replaced, never mutated; edges read `pump.state` (a frozen snapshot)."""
+
+    def __init__(
+        self,
+        state: AgentState,
+        *,
+        routes: RouteEdge,
+        nft: NftEdge,
+        conntrack: ConntrackEdge,
+        status: StatusWriter,
+        probers: ProberSet,
+        notifier: Notifier,
+        dry_run: bool,
+    ) -> None:
+        self.state = state
+        self._routes = routes
+        self._nft = nft
+        self._conntrack = conntrack
+        self._status = status
+        self._probers = probers
+        self._notifier = notifier
+        self._dry_run = dry_run
+        self._queue: asyncio.Queue[Observation] = asyncio.Queue()
+        self.ready = asyncio.Event()
+        #: The newest route work handed to the routes edge and not yet answered, and since when.
+        self._routes_given: RouteWork | None = None
+        self._routes_given_at = 0.0
+        #: A decision's status write waits for its routes (see routes_settling).
+        self._status_deferred = False
+        #: Monotonic time the last observation was taken (for the watchdog).
+        self._handled_at = time.monotonic()
+
+    def post(self, observation: Observation) -> None:
+        self._queue.put_nowait(observation)
+
+    def stuck_for(self, now: float) -> float | None:
+        """How long observations have waited untaken, if longer than PUMP_STUCK_S."""
+        if self._queue.empty():
+            return None
+        waited = now - self._handled_at
+        return waited if waited > PUMP_STUCK_S else None
+
+    def begin(self, intent: Intent) -> None:
+        """Carry out the intent of start_agent."""
+        self._probers.sync(self.state.config)
+        self._carry_out(intent)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                observation = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                timeout_s = max(next_wake(self.state) - loop.time(), 0.0)
+                try:
+                    observation = await asyncio.wait_for(self._queue.get(), timeout_s)
+                except (asyncio.TimeoutError, TimeoutError):
+                    observation = Tick()
+            self._handle(observation, loop.time())
+            # A busy queue must not starve the timers (hysteresis, retries, resync).
+            if not isinstance(observation, Tick) and loop.time() >= next_wake(self.state):
+                self._handle(Tick(), loop.time())
+
+    def _handle(self, observation: Observation, now: float) -> None:
+        self._handled_at = time.monotonic()
+        state = self.state
+        config = state.config
+        match observation:
+            case RoundObserved(result):
+                state, intent = on_round(state, result, now)
+            case LinksObserved(interfaces):
+                state, intent = on_links(state, interfaces, now)
+            case RoutesReconciled(work, failed, rules, routes):
+                state, intent = on_routes(state, work, failed, rules, routes, now)
+                if not self.ready.is_set():
+                    self.ready.set()  # READY=1 after the first reconcile
+            case RoutesFailed(error):
+                state, intent = on_routes_failed(state, error, now)
+            case ReloadPrepared(new, rules, routes, nft_note):
+                state, intent = on_reload(state, new, rules, routes, nft_note, now)
+            case ReloadFailed(reason):
+                state, intent = on_reload_refused(state, reason, now)
+            case ReleaseFinished(uplink, released):
+                state, intent = on_released(state, uplink, released, now)
+            case ConnectionsCounted(counts):
+                state, intent = on_counts(state, counts)
+            case NftReported(report):
+                state, intent = on_nft(state, report)
+            case Resync():
+                state, intent = on_resync(state, now)
+            case Tick():
+                state, intent = on_tick(state, now)
+        self.state = state
+        if state.config is not config:
+            self._routes.config = self._conntrack.config = state.config
+            self._probers.sync(state.config)
+            log_effective_config(state.config, self._dry_run)
+        if isinstance(observation, RoutesFailed) or (
+            isinstance(observation, RoutesReconciled) and observation.work is self._routes_given
+        ):
+            self._routes_given = None
+        self._carry_out(intent)
+        if self._status_deferred and not self.routes_settling():
+            self._status_deferred = False
+            self._write_status(StatusWrite.NOW)
+        if isinstance(observation, (ReloadPrepared, ReloadFailed)):
+            self._notifier.send("READY=1\nSTATUS=" + status_summary(state))
+
+    def _carry_out(self, intent: Intent) -> None:
+        for event in intent.events:
+            log_event(event)
+        if intent.refresh_links:
+            self._routes.want_links()
+        if intent.routes is not None:
+            self._routes.want(intent.routes)
+        if intent.nft is not None:
+            self._nft.want(intent.nft)
+        for release in intent.releases:
+            self._conntrack.release(release)
+        for uplink in intent.cancel_releases:
+            self._conntrack.cancel(uplink)
+        if intent.routes is not None:
+            if self._routes_given is None:
+                self._routes_given_at = time.monotonic()
+            self._routes_given = intent.routes
+        self._write_status(intent.status)
+
+    def routes_settling(self) -> bool:
+        """Route work is on its way into the kernel (for at most STATUS_HOLD_S): status waits
+        for it, so that it never says what is not in place yet."""
+        return self._routes_given is not None and time.monotonic() - self._routes_given_at < STATUS_HOLD_S
+
+    def _write_status(self, status: StatusWrite) -> None:
+        if status is StatusWrite.NOW and self.routes_settling():
+            self._status_deferred = True
+            return
+        self._status.note(status)
+        if status is StatusWrite.NOW and self.ready.is_set():
+            self._notifier.send("STATUS=" + status_summary(self.state))
+
+
+class Reloader:
+    """SIGHUP: read and check the new config off the pump (file, netlink dump, `nft -c`),
+    then hand it to the core. Requests that arrive meanwhile become one more reload."""
+
+    def __init__(
+        self,
+        path: str,
+        wanted: asyncio.Event,
+        pump: Pump,
+        worker: NetlinkWorker,
+        notifier: Notifier,
+        dry_run: bool,
+    ) -> None:
+        self._path = path
+        self._wanted = wanted
+        self._pump = pump
+        self._worker = worker
+        self._notifier = notifier
+        self._dry_run = dry_run
+
+    async def run(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            self._notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            try:
+                new = load_config(self._path)
+            except ConfigError as err:
+                self._pump.post(ReloadFailed(str(err)))
+                continue
+            rules = await self._worker.call(nl_rules, new.families)
+            routes = await self._worker.call(nl_routes, new.tables, new.families)
+            note = ""
+            if not self._dry_run:
+                # The new table is checked, not installed (`nft -c` changes nothing); if it
+                # cannot be, routing is reloaded anyway and the running table stays live.
+                note = await nft_check(new, carry_steering(self._pump.state.steering, new))
+            self._pump.post(ReloadPrepared(new, tuple(rules), tuple(routes), note))
+
+
+async def feed_watchdog(
+    notifier: Notifier,
+    watchdog_s: float,
+    pump: Pump,
+    routes: RouteEdge,
+    nft: NftEdge,
+    conntrack: ConntrackEdge,
+) -> None:
+    """WATCHDOG=1 only while every edge answers: the event loop (this task runs), the pump,
+    the netlink worker thread, the nft runs and the conntrack thread."""
+    withheld: list[str] = []
+    while True:
+        problems: list[str] = []
+        if not await routes.answers(watchdog_s / 4):
+            problems.append(f"the netlink worker has not answered for {watchdog_s / 4:.1f}s")
+        now = time.monotonic()
+        for name, stuck in (
+            ("pump", pump.stuck_for(now)),
+            ("nft", nft.stuck_for(now)),
+            ("conntrack", conntrack.stuck_for(now)),
+        ):
+            if stuck is not None:
+                problems.append(f"the {name} edge has made no progress for {stuck:.1f}s")
+        if problems and problems != withheld:
+            log.error("withholding the watchdog: %s", "; ".join(problems))
+        elif not problems:
+            if withheld:
+                log.info("watchdog: every edge answers again")
+            notifier.send("WATCHDOG=1")
+        withheld = problems
+        await asyncio.sleep(watchdog_s / 2)
+
+
+def log_event(event: Event) -> None:
+    """One log line per decision, with its reason."""
+    match event:
+        case Transition(uplink, _old, new, reason, _at):
+            log.log(
+                logging.WARNING if new is State.DOWN else logging.INFO,
+                "uplink=%s %s: %s",
+                uplink,
+                new.value,
+                reason,
             )
-            self._status_forced = True
-        elif decision.stranded and not previous.stranded:
-            if decision.selected is None:
-                log.info("family=%s waiting for the first uplink to come up", label)
+        case SelectionChanged(family, old, new, reason, _at):
+            log.warning("selected=%s family=%s (was %s): %s", new, FAMILY_NAME[family], old or "none", reason)
+        case NoUplinkUp(family, kept, reason, _at):
+            if kept is None:
+                log.info("family=%s waiting for the first uplink to come up", FAMILY_NAME[family])
             else:
                 log.error(
                     "NO UPLINK IS UP family=%s: %s; new traffic may fail until one recovers",
-                    label,
-                    decision.reason,
+                    FAMILY_NAME[family],
+                    reason,
                 )
-            self._status_forced = True
-        elif decision.wake_at is not None and decision.wake_at != previous.wake_at:
-            log.info("selection family=%s: %s", label, decision.reason)  # a better uplink is proving itself
-            self._status_forced = True
-        self.selected[family] = decision.selected
-        self.decisions[family] = decision
-
-    def _decide_policy(self, policy: PolicyConfig, family: int, decision: Decision) -> None:
-        """Take a policy's decision for one family, logging it when its uplink changes."""
-        decisions = self.policy_decisions.setdefault(policy.name, {})
-        previous = decisions.get(family)
-        if previous is None or previous.selected != decision.selected:
-            level = logging.WARNING if previous is not None else logging.INFO
-            log.log(
-                level,
-                "policy=%s family=%s uplink=%s (was %s): %s",
-                policy.name,
-                FAMILY_NAME[family],
-                decision.selected or f"none, {policy.fallback}",
-                "none" if previous is None else previous.selected or f"none, {policy.fallback}",
-                decision.reason,
-            )
-            self._status_forced = True
-        decisions[family] = decision
-
-    def _steer(self, steering: Steering) -> None:
-        """Take the new steering; log what changed in each balance group, and note released uplinks."""
-        before = self.steering
-        for family in self.config.families:
-            old, new = (dict(s.balance.get(family, ())) for s in (before, steering))
-            old, new = (members if len(members) > 1 else {} for members in (old, new))
-            if old == new:
-                continue
-            changes = [f"{n} joined" for n in new if n not in old]
-            changes += [
-                f"{n} left ({self.healths[n].state.value if n in self.healths else 'removed'})"
-                for n in old
-                if n not in new
-            ]
-            shares = ", ".join(f"{n} (weight {w})" for n, w in new.items())
+        case FailbackWaiting(family, reason, _at):
+            log.info("selection family=%s: %s", FAMILY_NAME[family], reason)
+        case BalanceChanged(family, members, changes, _at):
+            shares = ", ".join(f"{n} (weight {w})" for n, w in members)
             log.warning(
                 "balance family=%s: %s; %s",
                 FAMILY_NAME[family],
-                f"new connections shared by {shares}" if new else "ended, the selected uplink carries all",
+                f"new connections shared by {shares}"
+                if members
+                else "ended, the selected uplink carries all",
                 ", ".join(changes),
             )
-            self._status_forced = True
-        self.steering = steering
-        carrying = {(n, f) for f, n in self.selected.items() if n is not None}
-        carrying |= {(n, f) for f, members in steering.balance.items() for n, _ in members}
-        carrying |= {
-            (n, f) for chosen in steering.policies.values() for f, n in chosen.items() if n is not None
-        }
-        for name, family in self._carrying - carrying:
-            health = self.healths.get(name)
-            runtime = self.runtime.get(name)
-            if (
-                runtime is not None
-                and health is not None
-                and health.state is not State.DOWN
-                and "on_failback" in runtime.uplink.release_flows
-            ):
-                _, families = self._release_pending.get(name, ("", frozenset()))
-                self._release_pending[name] = ("it no longer carries new traffic", families | {family})
-        self._carrying = carrying
-
-    async def _apply_steering(self) -> None:
-        """Carry a steering change into the live table, in one transaction."""
-        async with self._nft_lock:
-            if (
-                self.dry_run
-                or not self._nft_installed
-                or self._nft_config is not self.config  # _nft_loop re-installs it whole
-                or self._nft_steering == self.steering
-            ):
+        case PolicyChanged(policy, family, old, new, fallback, reason, first, _at):
+            log.log(
+                logging.INFO if first else logging.WARNING,
+                "policy=%s family=%s uplink=%s (was %s): %s",
+                policy,
+                FAMILY_NAME[family],
+                new or f"none, {fallback}",
+                "none" if first else old or f"none, {fallback}",
+                reason,
+            )
+        case Renumbered(uplink, change, _at):
+            log.info("uplink=%s renumbered: %s", uplink, change)
+        case Adopted(uplink, family, _at):
+            log.info(
+                "uplink=%s adopted: the selected %s default route of a previous run points at it",
+                uplink,
+                FAMILY_NAME[family],
+            )
+        case FlowsReleased(uplink, families, why, mark, mask, released, _at):
+            which = "/".join(FAMILY_TITLE[f] for f in sorted(families))
+            if released.error is not None and not released.deleted:
+                log.warning(
+                    "uplink=%s cannot release its connections (%s; %s): %s",
+                    uplink,
+                    why,
+                    which,
+                    released.error,
+                )
                 return
-            before, after = self._nft_steering or Steering(), self.steering
-            code, error = await nft_run("-f", "-", script=render_steering_update(self.config, before, after))
-            if code == 0:
-                self._nft_steering = after
-                return
-        log.warning("nft: cannot update the steering of %s: %s; re-installing the table", NFT_TABLE, error)
-        self._nft_installed = False
-        self._nft_wanted.set()
-
-    async def _in_conntrack_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._conntrack_thread, fn, *args)
-
-    async def _release_flows(self) -> None:
-        """release_flows: delete the conntrack entries placed on these uplinks (never a flush)."""
-        local = frozenset(
-            address
-            for interface in self.interfaces.values()
-            for address in (interface.address, interface.address6)
-            if address is not None
-        )
-        for name, (why, families) in list(self._release_pending.items()):
-            runtime = self.runtime.get(name)
-            if runtime is None or not runtime.uplink.release_flows:  # removed, or no longer asked for
-                del self._release_pending[name]
-                continue
-            # A family it still carries new traffic in (nothing better is up) keeps its flows: they
-            # would come straight back. It is released once it carries that family no more.
-            now = frozenset(f for f in families if (name, f) not in self._carrying)
-            if not now:
-                continue
-            if now == families:
-                del self._release_pending[name]
-            else:
-                self._release_pending[name] = (why, families - now)
-            mark, mask = runtime.uplink.mark, self.config.agent.mark_mask
-            try:
-                released = await self._in_conntrack_thread(conntrack_release, mark, mask, local, now)
-            except Exception as err:  # no nf_conntrack_netlink, no permission
-                log.warning("uplink=%s cannot release its connections: %s", name, err)
-                continue
             log.warning(
-                "uplink=%s released %d tracked connection(s) marked %#x/%#x (%s; %s); they re-establish "
+                "uplink=%s released %d tracked connection(s) marked %#x/%#x (%s; %s)%s; they re-establish "
                 "over the new path; kept %d that came in from the internet; no other entry was touched",
-                name,
+                uplink,
                 released.deleted,
                 mark,
                 mask,
                 why,
-                "/".join(FAMILY_TITLE[f] for f in sorted(now)),
+                which,
+                "; stopped early: it carries them again" if released.cancelled else "",
                 released.inbound_kept,
             )
             if released.failed:
                 log.warning(
-                    "uplink=%s could not release %d connection(s): %s", name, released.failed, released.error
+                    "uplink=%s could not release %d connection(s): %s",
+                    uplink,
+                    released.failed,
+                    released.error,
                 )
-
-    def _adoptable(self, routes: Sequence[RouteEntry]) -> dict[int, str]:
-        """Per family, the uplink the selection table's default (left by a previous run) points at."""
-        adopted: dict[int, str] = {}
-        for route in routes:
-            if (
-                route.table != self.config.agent.default_table
-                or route.protocol != self.config.agent.route_protocol
-            ):
-                continue
-            for uplink in self.config.uplinks:
-                interface = self.interfaces.get(uplink.interface)
-                if interface is not None and interface.index == route.oif and route.family in uplink.families:
-                    adopted[route.family] = uplink.name
-        return adopted
-
-    @property
-    def primary_family(self) -> int:
-        """The family `selected` in status and STATUS= speaks of: IPv4 when configured."""
-        return self.config.families[0] if self.config.families else 4
-
-    # -- reload -------------------------------------------------------------
-
-    async def reload(self) -> None:
-        """SIGHUP. A task boundary too: whatever fails, the running config stays in service."""
-        try:
-            await self._reload()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("reload failed; the running config stays in service")
-            self.notifier.send("READY=1")
-
-    async def _reload(self) -> None:
-        self.notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        try:
-            new = load_config(self.config.source)
-        except ConfigError as err:
-            log.error("reload rejected, keeping the running config: %s", err)
-            self.notifier.send("READY=1")
-            return
-        problem = self._reload_problem(self.config, new) or "; ".join(await self._collisions(new))
-        if not problem and not self.dry_run:
-            # The new table must load before anything switches to it (`nft -c` changes nothing).
-            script = render_nft(new, carry_steering(self.steering, new))
-            code, error = await nft_run("-c", "-f", "-", script=script)
-            if code not in (0, 127):  # 127: no nft at all, as before the reload
-                problem = f"nft rejects its table: {error}"
-        if problem:
-            log.error("reload rejected, keeping the running config: %s", problem)
-            self.notifier.send("READY=1")
-            return
-        async with self._sync_lock:  # no sync may run on half-swapped state
-            self._swap_config(new)
-        await self._sync()
-        self.notifier.send("READY=1\nSTATUS=" + self.summary())
-
-    @staticmethod
-    def _reload_problem(old: Config, new: Config) -> str | None:
-        fixed = ("rule_priority", "route_protocol", "mark_mask", "default_table")
-        changed = [k for k in fixed if getattr(old.agent, k) != getattr(new.agent, k)]
-        if changed:
-            return f"[agent] {', '.join(changed)} cannot change on reload; restart"
-        before = {u.name: u for u in old.uplinks}
-        for uplink in new.uplinks:
-            was = before.get(uplink.name)
-            if was is not None and (was.table, was.mark) != (uplink.table, uplink.mark):
-                # Ids inherited from the list position move when uplinks are
-                # removed or reordered; marks set elsewhere would route differently.
-                return (
-                    f"uplink {uplink.name}'s table/mark would change from {was.table}/{was.mark:#x} to "
-                    f"{uplink.table}/{uplink.mark:#x}; set them explicitly, or restart"
+        case RouteChangeFailed(change, error, _at):
+            log.warning("netlink: %s failed: %s; retrying with back-off", change, error)
+        case RouteChangeRecovered(change, _at):
+            log.info("netlink: %s no longer fails", change)
+        case ForeignAppeared(foreign, _at):
+            log.error("foreign object: %s: %s; the agent never deletes it", foreign.what, foreign.defeats)
+        case ForeignGone(foreign, _at):
+            log.info("foreign object gone: %s", foreign.what)
+        case Reloaded(source, uplinks, nft_note, _at):
+            log.info("reloaded %s: %d uplinks", source, uplinks)
+            if nft_note:
+                log.warning(
+                    "reload: routing follows the new config, but its nft table could not be checked: %s; "
+                    "the running table stays live until the new one loads",
+                    nft_note,
                 )
-        return None
-
-    async def _collisions(self, config: Config) -> list[str]:
-        rules = await self._netlink.call(nl_rules, config.families)
-        routes = await self._netlink.call(nl_default_routes, config.tables, False, config.families)
-        return find_collisions(config, rules, routes)
-
-    def _swap_config(self, new: Config) -> None:
-        for running in self.runtime.values():
-            if running.prober_task is not None:
-                running.prober_task.cancel()
-        now = loop_now()
-        healths: dict[str, Health] = {}
-        runtimes: dict[str, UplinkRuntime] = {}
-        for uplink in new.uplinks:
-            previous = self.healths.get(uplink.name)
-            before = self.runtime.get(uplink.name)
-            same_path = before is not None and (
-                before.uplink.interface,
-                before.uplink.gateway,
-                before.uplink.gateway6,
-                before.uplink.families,
-            ) == (uplink.interface, uplink.gateway, uplink.gateway6, uplink.families)
-            # State carries across a reload (as keepalived does) unless the uplink now means another path.
-            if previous is not None and same_path:
-                healths[uplink.name] = remap_health(previous, uplink.check)
-            else:
-                healths[uplink.name] = initial_health(uplink, now)
-            runtimes[uplink.name] = UplinkRuntime(uplink, before.interface if before and same_path else None)
-        self.config = new
-        self.healths = healths
-        self.runtime = runtimes
-        # The table is re-installed whole for the new config (per-host placements start
-        # afresh). Until the next sync decides, it keeps the steering that still applies.
-        self.steering = carry_steering(self.steering, new)
-        self.policy_decisions = {
-            name: {f: d for f, d in decisions.items() if f in self.steering.policies.get(name, {})}
-            for name, decisions in self.policy_decisions.items()
-            if name in self.steering.policies
-        }
-        self.managed_tables |= new.tables
-        self._sync_links = True
-        log.info("reloaded %s: %d uplinks", new.source, len(new.uplinks))
-        self._log_effective_config()
-        self._start_probers()
-        self._status_forced = True
-        self._nft_wanted.set()  # the table follows the config (marks, interfaces)
-
-    # -- helpers ------------------------------------------------------------
-
-    def _start_probers(self) -> None:
-        for name, runtime in self.runtime.items():
-            runtime.prober_task = asyncio.ensure_future(self._run_prober(name))
-
-    async def _run_prober(self, name: str) -> None:
-        """A task boundary: a crash is logged with its traceback and the prober restarts."""
-        index = list(self.runtime).index(name)
-        while True:
-            runtime = self.runtime[name]
-            prober = UplinkProber(
-                runtime.uplink,
-                # ICMP ids tell our echoes apart from other pingers' and each uplink's.
-                ident=(os.getpid() * 31 + index) & 0xFFFF,
-                source=self._probe_source(name),
-                deliver=self._deliver_round,
-            )
-            try:
-                await prober.run()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("uplink=%s prober crashed; restarting it in 1s", name)
-                await asyncio.sleep(1.0)
-
-    def _probe_source(self, name: str) -> Callable[[], ProbeSource | None]:
-        """Where this uplink's probes leave from now, or None while it cannot carry traffic."""
-
-        def source() -> ProbeSource | None:
-            runtime = self.runtime.get(name)
-            health = self.healths.get(name)
-            if runtime is None or health is None or runtime.interface is None or not health.link_usable:
-                return None
-            interface = runtime.interface
-            uplink = runtime.uplink
-            # A family the uplink cannot route now (no address, no gateway) is not probed.
-            return ProbeSource(
-                interface.index,
-                interface.address if routable(uplink, interface, 4) else None,
-                interface.address6 if routable(uplink, interface, 6) else None,
-                uplink_gateway(uplink, interface, 4),
-                uplink_gateway(uplink, interface, 6),
-            )
-
-        return source
-
-    async def _install_nft(self, why: str) -> None:
-        """Write the whole table in one transaction; an error is logged, routing works on."""
-        async with self._nft_lock:
-            config, steering = self.config, self.steering
-            script = render_nft(config, steering)
-            if self.dry_run:
-                if config is not self._nft_config:
-                    log.info("dry-run: would install nft table %s (stickiness and steering)", NFT_TABLE)
-                self._nft_config = config
-                return
-            code, error = await nft_run("-f", "-", script=script)
-            if code != 0:
-                if self._nft_installed or config is not self._nft_config or why == "start":
-                    log.error(
-                        "nft: cannot install table %s (%s): %s; connections will not stick to their uplink",
-                        NFT_TABLE,
-                        why,
-                        error,
-                    )
-                self._nft_installed = False
-            else:
-                log.info("nft: installed table %s (%s)", NFT_TABLE, why)
-                self._nft_installed = True
-                self._nft_steering = steering
-            self._nft_config = config
-        # The steering may have moved while nft ran: carry it over now.
-        await self._apply_steering()
-
-    async def _nft_loop(self) -> None:
-        """Keep our table installed: another firewall's full reload (`nft flush ruleset`) removes it."""
-        try:
-            self._nft_events = NftEvents(self._nft_wanted.set)
-        except OSError as err:
-            log.warning("nft: no change events (%s); checking every %.0fs", err, RESYNC_PERIOD_S)
-        while True:
-            try:
-                await asyncio.wait_for(self._nft_wanted.wait(), RESYNC_PERIOD_S)
-            except asyncio.TimeoutError:
-                pass
-            self._nft_wanted.clear()
-            if self.dry_run:
-                continue
-            if self.config is not self._nft_config:
-                await self._install_nft("config changed")
-                continue
-            code, _ = await nft_run("list", "table", *NFT_TABLE.split())
-            if code != 0 or not self._nft_installed:
-                why = "it was removed, e.g. by another firewall's reload" if self._nft_installed else "retry"
-                if self._nft_installed:
-                    log.warning("nft: table %s is gone; re-installing", NFT_TABLE)
-                await self._install_nft(why)
-
-    async def _status_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_count = loop.time()
-        while True:
-            await asyncio.sleep(STATUS_METRICS_PERIOD_S)
-            if loop.time() >= next_count:
-                began = loop.time()
-                await self._count_connections()
-                # A huge table makes the count dearer: keep it under 1 % of a core.
-                next_count = loop.time() + max(CONNTRACK_PERIOD_S, 100 * (loop.time() - began))
-            if self._status_dirty:
-                self._status_dirty = False
-                self._write_status()
-
-    async def _count_connections(self) -> None:
-        marks = {u.name: u.mark for u in self.config.uplinks}
-        try:
-            counts = await self._in_conntrack_thread(
-                conntrack_counts, marks, self.config.agent.mark_mask, self._not_syncing
-            )
-        except Exception as err:  # no nf_conntrack_netlink: status shows no counts
-            if self._connections is not None or not self._conntrack_warned:
-                log.info("conntrack counts unavailable: %s", err)
-                self._conntrack_warned = True
-            self._connections = None
-            return
-        if counts != self._connections:
-            self._connections = counts
-            self._status_dirty = True
-
-    async def _watchdog_loop(self, watchdog_s: float) -> None:
-        """WATCHDOG=1 only while both the event loop and the netlink worker answer."""
-        while True:
-            try:
-                await asyncio.wait_for(self._netlink.call(lambda ipr: None), watchdog_s / 4)
-            except asyncio.TimeoutError:
-                log.error(
-                    "the netlink worker has not answered for %.1fs; withholding the watchdog", watchdog_s / 4
-                )
-            else:
-                self.notifier.send("WATCHDOG=1")
-            await asyncio.sleep(watchdog_s / 2)
-
-    def summary(self) -> str:
-        states = ", ".join(f"{n} {h.state.value}" for n, h in self.healths.items())
-        families = self.config.families
-        selected = " ".join(
-            f"selected{'' if f == self.primary_family else '6'}={self.selected[f] or 'none'}"
-            for f in families
-        )
-        stranded = any(self.decisions[f].stranded for f in families)
-        return f"{selected}; {states}" + ("; NO UPLINK UP" if stranded else "")
-
-    def status_document(self, running: bool = True) -> dict[str, Any]:
-        mono_now = time.monotonic()
-        wall_now = time.time()
-        uplinks: dict[str, Any] = {}
-        for uplink in self.config.uplinks:
-            health = self.healths[uplink.name]
-            interface = self.runtime[uplink.name].interface
-            quality = health.quality
-            uplinks[uplink.name] = {
-                "state": health.state.value,
-                "since": round(wall_now - (mono_now - health.since), 3),
-                "since_monotonic": round(health.since, 6),
-                "reason": health.reason,
-                "selected": uplink.name in self.selected.values(),
-                "families": [FAMILY_NAME[f] for f in uplink.families],
-                "selected_for": [FAMILY_NAME[f] for f in FAMILIES if self.selected[f] == uplink.name],
-                "interface": uplink.interface,
-                # ready: the interface exists, is up, has an address and a gateway; else not probed.
-                "ready": health.link_usable,
-                "ready_reason": None if health.link_usable else link_observation(uplink, interface).reason,
-                "failure": health.failure if health.state is State.DOWN else None,
-                "address": interface.address if interface else None,
-                "gateway": uplink_gateway(uplink, interface, 4),
-                "address6": interface.address6 if interface else None,
-                "gateway6": uplink_gateway(uplink, interface, 6),
-                "priority": uplink.priority,
-                "weight": uplink.weight,
-                "balanced_for": [
-                    FAMILY_NAME[f] for f in self.config.families if uplink.name in self._balancing(f)
-                ],
-                "table": uplink.table,
-                "mark": uplink.mark,
-                "rtt_ms": None if health.rtt_ms is None else round(health.rtt_ms, 3),
-                # over the quality window (the last `window` rounds)
-                "loss_pct": None if quality is None else round(quality.loss_pct, 1),
-                "median_rtt_ms": None
-                if quality is None or quality.rtt_ms is None
-                else round(quality.rtt_ms, 3),
-                "jitter_ms": None
-                if quality is None or quality.jitter_ms is None
-                else round(quality.jitter_ms, 3),
-                "window_rounds": 0 if quality is None else quality.rounds,
-                "good_rounds": health.good_rounds,
-                "bad_rounds": health.bad_rounds,
-                # came back from a failure: owes the hysteresis before traffic returns
-                "recovered": health.recovered,
-                "has_failed": health.has_failed,
-                # tracked connections that stick to this uplink (its connection mark)
-                "connections": None if self._connections is None else self._connections.get(uplink.name),
-            }
-        return {
-            "version": 1,
-            "pid": os.getpid(),
-            "running": running,
-            "dry_run": self.dry_run,
-            "updated": round(wall_now, 3),
-            "updated_monotonic": round(mono_now, 6),
-            # `selected`/`reason`/`stranded` speak of IPv4 (IPv6 when only IPv6 is configured);
-            # `families` has each configured family's own.
-            "selected": self.selected[self.primary_family],
-            "reason": self.decisions[self.primary_family].reason,
-            "stranded": self.decisions[self.primary_family].stranded,
-            "families": {
-                FAMILY_NAME[f]: {
-                    "selected": self.selected[f],
-                    "reason": self.decisions[f].reason,
-                    "stranded": self.decisions[f].stranded,
-                    # the uplinks sharing new connections, with their weights (empty: no balancing)
-                    "balance": self._balancing(f),
-                }
-                for f in self.config.families
-            },
-            "sticky": self.config.agent.sticky,
-            # per policy and family: the uplink its traffic takes (null: its fallback)
-            "policies": {
-                policy.name: {
-                    "fallback": policy.fallback,
-                    **{
-                        FAMILY_NAME[f]: {"uplink": d.selected, "reason": d.reason}
-                        for f, d in self.policy_decisions.get(policy.name, {}).items()
-                    },
-                }
-                for policy in self.config.policies
-            },
-            "uplinks": uplinks,
-        }
-
-    def _balancing(self, family: int) -> dict[str, int]:
-        """The uplinks sharing this family's new connections, by weight (empty: none shared)."""
-        members = self.steering.balance.get(family, ())
-        return dict(members) if len(members) > 1 else {}
-
-    def _write_status(self, running: bool = True) -> None:
-        path = Path(self.config.agent.state_dir) / "status.json"
-        try:
-            write_json_atomically(path, self.status_document(running))
-        except OSError as err:
-            log.warning("cannot write %s: %s", path, err)
-
-    def _read_previous_status(self) -> dict[str, str]:
-        """Each uplink's state in the last status.json; "proving" for one still inside its hysteresis."""
-        path = Path(self.config.agent.state_dir) / "status.json"
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-            states: dict[str, str] = {}
-            for name, u in document.get("uplinks", {}).items():
-                state = str(u.get("state"))
-                proving_until = float(u.get("since", 0)) + self.config.agent.hysteresis_s
-                if state in ("down", "degraded") and u.get("has_failed", True):
-                    state = "failed"  # not merely "not yet confirmed"
-                elif state == "up" and u.get("recovered") and time.time() < proving_until:
-                    state = "proving"
-                states[name] = state
-            return states
-        except (OSError, ValueError, AttributeError, TypeError):
-            return {}
-
-    def _log_effective_config(self) -> None:
-        agent = self.config.agent
-        log.info(
-            "config %s: hysteresis=%s default_table=%d rules=%d-%d protocol=%d mark_mask=%#x%s",
-            self.config.source,
-            format_duration(agent.hysteresis_s),
-            agent.default_table,
-            agent.rule_priority,
-            agent.rule_priority + RULE_BLOCK - 1,
-            agent.route_protocol,
-            agent.mark_mask,
-            " (dry run: no change will be made)" if self.dry_run else "",
-        )
-        for uplink in self.config.uplinks:
-            check = uplink.check
-            log.info(
-                "uplink=%s interface=%s gateway=%s priority=%d table=%d mark=%#x check=%s%s targets=%s "
-                "interval=%s timeout=%s fall=%d rise=%d reliability=%d",
-                uplink.name,
-                uplink.interface,
-                uplink.gateway,
-                uplink.priority,
-                uplink.table,
-                uplink.mark,
-                check.method_names,
-                f":{check.port}" if check.port else "",
-                ",".join(check.targets),
-                format_duration(check.interval_s),
-                format_duration(check.timeout_s),
-                check.fall,
-                check.rise,
-                check.reliability,
-            )
+        case ReloadRejected(reason, _at):
+            log.error("reload rejected, keeping the running config: %s", reason)
 
 
-def _probe_detail(probe: ProbeResult) -> str:
-    if probe.ok and probe.rtt_ms is not None:
-        return f"{probe.rtt_ms:.1f}ms"
-    return probe.reason
-
-
-def _describe_renumbering(uplink: UplinkConfig, before: Interface, after: Interface) -> str:
-    """'address 203.0.113.6 -> 203.0.113.10, gateway ...' for what changed, or ''."""
-    fields = (
-        ("ifindex", before.index, after.index),
-        ("address", before.address, after.address),
-        ("gateway", uplink_gateway(uplink, before, 4), uplink_gateway(uplink, after, 4)),
-        ("address6", before.address6, after.address6),
-        ("gateway6", uplink_gateway(uplink, before, 6), uplink_gateway(uplink, after, 6)),
+def log_effective_config(config: Config, dry_run: bool) -> None:
+    agent = config.agent
+    log.info(
+        "config %s: hysteresis=%s default_table=%d rules=%d-%d protocol=%d mark_mask=%#x%s",
+        config.source,
+        format_duration(agent.hysteresis_s),
+        agent.default_table,
+        agent.rule_priority,
+        agent.rule_priority + RULE_BLOCK - 1,
+        agent.route_protocol,
+        agent.mark_mask,
+        " (dry run: no change will be made)" if dry_run else "",
     )
-    return ", ".join(f"{name} {old} -> {new}" for name, old, new in fields if old != new and old and new)
+    for uplink in config.uplinks:
+        check = uplink.check
+        log.info(
+            "uplink=%s interface=%s gateway=%s priority=%d table=%d mark=%#x check=%s%s targets=%s "
+            "interval=%s timeout=%s fall=%d rise=%d reliability=%d",
+            uplink.name,
+            uplink.interface,
+            uplink.gateway,
+            uplink.priority,
+            uplink.table,
+            uplink.mark,
+            check.method_names,
+            f":{check.port}" if check.port else "",
+            ",".join(check.targets),
+            format_duration(check.interval_s),
+            format_duration(check.timeout_s),
+            check.fall,
+            check.rise,
+            check.reliability,
+        )
 
 
-def loop_now() -> float:
-    return asyncio.get_running_loop().time()
+@dataclass(frozen=True, slots=True)
+class DaemonOptions:
+    dry_run: bool = False
+    cleanup: bool = False
+    verbose: bool = False
+
+
+async def run_daemon(
+    config: Config,
+    options: DaemonOptions,
+    stop: asyncio.Event,
+    reload: asyncio.Event,
+    notifier: Notifier | None = None,
+) -> int:
+    """The agent until `stop` is set; `reload` set (SIGHUP) reads the config again.
+
+    Returns the exit code: 0 for a clean stop, EXIT_FAILURE when a task could not be
+    kept alive. Raises StartupRefused, having changed nothing, when another agent runs
+    with the same state_dir or objects of others sit where the agent would write.
+    """
+    loop = asyncio.get_running_loop()
+    notifier = notifier or Notifier()
+    lock = lock_state_dir(config.agent.state_dir)
+    worker = NetlinkWorker()
+    failure: list[str] = []
+    started = False
+
+    def fail(why: str) -> None:
+        failure.append(why)
+        stop.set()
+
+    supervisor = Supervisor(fail, lambda name: pump.post(Resync()))
+    pump: Pump
+    try:
+        # A look at the system, read-only: a collision refuses the start with nothing changed.
+        rules = await worker.call(nl_rules, config.families)
+        routes = await worker.call(nl_routes, config.tables, config.families)
+        problems = find_collisions(config, rules, routes)
+        if problems:
+            raise StartupRefused("; ".join(problems))
+        interfaces = await worker.call(nl_interfaces, config.agent.route_protocol, FAMILIES)
+        status_path = Path(config.agent.state_dir) / "status.json"
+        previous: PreviousRun | None = None
+        try:
+            previous = previous_run(read_status(status_path))
+        except StatusError as err:
+            if status_path.exists():
+                log.warning("ignoring the previous run's status: %s", err)
+        boot_id = read_boot_id()
+        if stop.is_set():
+            return 0  # stopped before anything was changed
+        state, intent = start_agent(config, interfaces, routes, previous, boot_id, loop.time())
+        log_effective_config(config, options.dry_run)
+
+        def document(running: bool) -> dict[str, Any]:
+            return status_document(
+                pump.state,
+                running=running,
+                dry_run=options.dry_run,
+                boot_id=boot_id,
+                mono_now=time.monotonic(),
+                wall_now=time.time(),
+            )
+
+        route_edge = RouteEdge(worker, config, lambda o: pump.post(o), options.dry_run)
+        nft_edge = NftEdge(lambda o: pump.post(o), options.dry_run)
+        conntrack_edge = ConntrackEdge(config, lambda o: pump.post(o), route_edge.quiet, options.dry_run)
+        status_writer = StatusWriter(status_path, document, lambda: pump.routes_settling())
+        probers = ProberSet(
+            supervisor,
+            lambda name: probe_source(pump.state, name),
+            lambda result: pump.post(RoundObserved(result)),
+            options.verbose,
+        )
+        pump = Pump(
+            state,
+            routes=route_edge,
+            nft=nft_edge,
+            conntrack=conntrack_edge,
+            status=status_writer,
+            probers=probers,
+            notifier=notifier,
+            dry_run=options.dry_run,
+        )
+        reloader = Reloader(config.source, reload, pump, worker, notifier, options.dry_run)
+        supervisor.start("pump", pump.run, restart="never")
+        supervisor.start("routes", route_edge.run)
+        supervisor.start("nft", nft_edge.run)
+        supervisor.start("conntrack", conntrack_edge.run)
+        supervisor.start("status", status_writer.run)
+        supervisor.start("reload", reloader.run)
+        started = True
+        pump.begin(intent)
+        stopped = asyncio.ensure_future(stop.wait())
+        ready = asyncio.ensure_future(pump.ready.wait())
+        await asyncio.wait({stopped, ready}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if not stop.is_set():
+            notifier.send("READY=1\nSTATUS=" + status_summary(pump.state))
+            if notifier.watchdog_s:
+                watchdog = functools.partial(
+                    feed_watchdog, notifier, notifier.watchdog_s, pump, route_edge, nft_edge, conntrack_edge
+                )
+                supervisor.start("watchdog", watchdog)
+        await stopped
+    finally:
+        notifier.send("STOPPING=1")
+        await supervisor.stop(SHUTDOWN_TASKS_S)
+        if started:
+            if options.cleanup and not options.dry_run:
+                try:
+                    done = await asyncio.wait_for(
+                        worker.call(nl_remove_own, config, pump.state.managed_tables), SHUTDOWN_CLEANUP_S
+                    )
+                    for line in done:
+                        log.info("cleanup: %s", line)
+                    await nft_edge.remove()
+                    log.info(
+                        "cleanup: removed %d routes and rules of the agent and its nft table; "
+                        "nothing else was touched",
+                        len(done),
+                    )
+                except (asyncio.TimeoutError, TimeoutError):
+                    log.error("cleanup: netlink did not answer within %.0fs", SHUTDOWN_CLEANUP_S)
+                except Exception:  # the last thing before exit: report it, still exit cleanly
+                    log.exception("cleanup failed")
+            elif options.dry_run:
+                log.info("stopping: a dry run changed nothing")
+            else:
+                log.info("stopping: routes and rules stay in place so the router keeps working")
+            status_writer.write(running=False)
+            conntrack_edge.close()
+        worker.close()
+        os.close(lock)
+    if failure:
+        log.error("stopping with a failure: %s", "; ".join(failure))
+        return EXIT_FAILURE
+    return 0
 
 
 # Command line ################################################################
+#
+# Owns the commands (run, check, status), their output and exit codes, and main().
 
 
 def describe_plan(config: Config) -> str:
@@ -4057,11 +5716,12 @@ def steering_when_all_up(config: Config) -> Steering:
     return Steering(balance, policies)
 
 
-def render_status(document: Mapping[str, Any]) -> str:
+def render_status(document: Mapping[str, Any], *, stale: str | None = None) -> str:
+    """The status table; `stale` says why the agent is not running (the state is its last known)."""
     now = time.time()
     head = f"selected: {document.get('selected') or 'none'}  ({document.get('reason', '')})"
-    if not document.get("running", True):
-        head += "  [agent not running; last known state]"
+    if stale is not None:
+        head += f"  [NOT RUNNING: {stale}; last known state]"
     if document.get("stranded"):
         head += "  [NO UPLINK UP]"
     lines = [
@@ -4087,6 +5747,13 @@ def render_status(document: Mapping[str, Any]) -> str:
             if isinstance(about, dict):
                 where = about.get("uplink") or f"none: {policy.get('fallback')}"
                 lines.append(f"policy {name} {family}: {where}  ({about.get('reason', '')})")
+    for foreign in document.get("foreign", []):
+        lines.append(f"WARNING foreign {foreign['object']}: {foreign['defeats']}")
+    nft = document.get("nft") or {}
+    if isinstance(nft, dict) and nft.get("problem"):
+        lines.append(f"WARNING nft table not live: {nft['problem']}")
+    for failure in document.get("route_failures", []):
+        lines.append(f"WARNING route change failing: {failure}")
     return "\n".join(lines)
 
 
@@ -4098,6 +5765,23 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def status_liveness(document: Mapping[str, Any], locked: bool, holder: int | None) -> str | None:
+    """None if the agent that wrote `document` runs now, else why it does not."""
+    if not locked:
+        return "no agent holds the lock"
+    if holder is not None and document.get("pid") != holder:
+        return f"the status was written by pid {document.get('pid')}, not by the running agent (pid {holder})"
+    if not document.get("running", True):
+        return "the agent said it stopped"
+    boot_id = read_boot_id()
+    if document.get("boot_id") not in (None, boot_id):
+        return "the status is from an earlier boot"
+    age = time.monotonic() - float(document["updated_monotonic"])
+    if age > STATUS_STALE_S:
+        return f"the status has not been rewritten for {age:.0f}s (the agent may be stuck)"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multiwan-agent", description="Multi-uplink failover for Linux routers."
@@ -4107,12 +5791,19 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the agent")
     run.add_argument("-c", "--config", required=True, help="TOML config file")
     run.add_argument("--dry-run", action="store_true", help="probe and decide, change nothing")
-    run.add_argument("--cleanup", action="store_true", help="on exit remove the agent's own routes and rules")
+    run.add_argument(
+        "--cleanup", action="store_true", help="on exit remove the agent's own routes, rules and nft table"
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("-v", "--verbose", action="store_true", help="log every probe round")
     check = sub.add_parser("check", help="validate the config and print the resolved plan")
     check.add_argument("-c", "--config", required=True)
-    status = sub.add_parser("status", help="show the running agent's status")
+    status = sub.add_parser(
+        "status",
+        help="show the agent's status",
+        description="Exit codes: 0 an uplink carries traffic, 1 none is up, 3 the agent is not running "
+        "(or its status cannot be read).",
+    )
     status.add_argument("-c", "--config", help="config file (for its state_dir)")
     status.add_argument("--state-dir", help="default: the config's, else /run/multiwan-agent")
     status.add_argument("--json", action="store_true", help="print status.json as it is")
@@ -4132,15 +5823,46 @@ def setup_logging(level: str) -> None:
     log.setLevel(getattr(logging, level.upper()))
 
 
-async def run_agent(agent: Agent) -> None:
-    """The daemon: signals set events (hypercorn style), the Agent does the work."""
+def catch_early_signals() -> None:
+    """Until the daemon's own handlers are in place, remember SIGTERM/SIGINT/SIGHUP
+    instead of dying of them (SIGHUP's default action kills a starting agent)."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(signum) is not _remember_signal:
+            signal.signal(signum, _remember_signal)
+
+
+def _remember_signal(signum: int, _frame: Any) -> None:
+    _EARLY_SIGNALS.append(signum)
+
+
+async def run_agent(config: Config, options: DaemonOptions) -> int:
+    """The daemon with its signals: handlers only set events (hypercorn style)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reload = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload.set)
-    await agent.run(stop, reload)
+    for early in _EARLY_SIGNALS:
+        (reload if early == signal.SIGHUP else stop).set()
+    _EARLY_SIGNALS.clear()
+    loop.set_exception_handler(_log_loop_exception)
+    threading.excepthook = functools.partial(_thread_died, loop, stop)
+    return await run_daemon(config, options, stop, reload)
+
+
+def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    # A callback (a socket reader) that raised: asyncio would print it to stderr unformatted.
+    error = context.get("exception")
+    log.error("event loop: %s", context.get("message", "error"), exc_info=error)
+
+
+def _thread_died(
+    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, args: threading.ExceptHookArgs
+) -> None:
+    name = args.thread.name if args.thread is not None else "?"
+    log.error("thread %s died; stopping so that the agent is restarted", name, exc_info=args.exc_value)
+    loop.call_soon_threadsafe(stop.set)
 
 
 #: Capability bits (linux/capability.h) the agent needs: netlink changes, raw ICMP.
@@ -4174,16 +5896,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if missing:
         log.error("refusing to start, nothing was changed: missing %s", " and ".join(missing))
         return EXIT_REFUSED
-    agent = Agent(config, dry_run=args.dry_run, cleanup=args.cleanup, verbose=args.verbose)
+    options = DaemonOptions(dry_run=args.dry_run, cleanup=args.cleanup, verbose=args.verbose)
     try:
-        asyncio.run(run_agent(agent))
+        return asyncio.run(run_agent(config, options))
     except StartupRefused as err:
         log.error("refusing to start, nothing was changed: %s", err)
         return EXIT_REFUSED
     except PermissionError as err:
         log.error("refusing to start: %s (needs CAP_NET_ADMIN and CAP_NET_RAW)", err)
         return EXIT_REFUSED
-    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -4197,6 +5918,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """0: an uplink carries traffic; 1: none is up; 3: the agent is not running (or its status
+    cannot be read). A status.json of any content is judged, never trusted."""
     state_dir = args.state_dir
     if state_dir is None and args.config:
         try:
@@ -4204,21 +5927,31 @@ def cmd_status(args: argparse.Namespace) -> int:
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_CONFIG
-    path = Path(state_dir or AgentConfig().state_dir) / "status.json"
+    state_dir = state_dir or AgentConfig().state_dir
+    locked, holder = agent_running(state_dir)
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        print(f"error: cannot read {path}: {err.strerror} (is the agent running?)", file=sys.stderr)
-        return 1
-    except ValueError as err:
-        print(f"error: {path} is not valid JSON: {err}", file=sys.stderr)
-        return 1
-    print(json.dumps(document, indent=2, sort_keys=True) if args.json else render_status(document))
-    return 0
+        document = read_status(Path(state_dir) / "status.json")
+    except StatusError as err:
+        running = f"an agent (pid {holder}) runs, but " if locked else "the agent is not running; "
+        print(f"error: {running}its status cannot be read: {err}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    stale = status_liveness(document, locked, holder)
+    if args.json:
+        print(json.dumps({**document, "stale": stale}, indent=2, sort_keys=True))
+    else:
+        print(render_status(document, stale=stale))
+    if stale is not None:
+        return EXIT_NOT_RUNNING
+    carried = any(
+        u.get("state") in ("up", "degraded") and u.get("selected") for u in document["uplinks"].values()
+    )
+    return 0 if carried else EXIT_NO_UPLINK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        catch_early_signals()
     commands = {"run": cmd_run, "check": cmd_check, "status": cmd_status}
     return commands[args.command](args)
 

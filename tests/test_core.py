@@ -352,10 +352,8 @@ def test_reload_refuses_moved_ids() -> None:
     )
     old = mwa.parse_config(text, "t")
     new = mwa.parse_config(text.split('[[uplink]]\nname = "b"')[0].replace('name = "a"', 'name = "b"'), "t")
-    assert mwa.Agent._reload_problem(old, old) is None
-    assert "table/mark would change from 202/0x200 to 201/0x100" in (
-        mwa.Agent._reload_problem(old, new) or ""
-    )
+    assert mwa.reload_problem(old, old) is None
+    assert "table/mark would change from 202/0x200 to 201/0x100" in (mwa.reload_problem(old, new) or "")
 
 
 def test_a_stale_round_still_counts_in_the_quality_window() -> None:

@@ -369,6 +369,6 @@ print(m.conntrack_counts(marks, 0xff00))
     assert out == [
         "{'fibre': 1000, 'lte': 1000}",
         "(0, [])",
-        "Released(deleted=900, inbound_kept=100, failed=0, error=None)",
+        "Released(deleted=900, inbound_kept=100, failed=0, error=None, cancelled=False)",
         "{'fibre': 100, 'lte': 1000}",
     ]
