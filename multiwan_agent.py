@@ -57,7 +57,7 @@ import struct  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import urllib.parse  # noqa: E402
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence  # noqa: E402
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from enum import Enum  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -248,6 +248,26 @@ class ConfigError(Exception):
 
 class StartupRefused(Exception):
     """The agent will not touch the system (a collision, missing privilege)."""
+
+
+T = TypeVar("T")
+
+
+async def wait_within(awaitable: Coroutine[Any, Any, T], timeout_s: float) -> T:
+    """asyncio.wait_for without its flaw before Python 3.12 (bpo-42130): a cancellation
+    that arrives as the awaited thing completes is never swallowed, so a long-lived task
+    always stops when it is told to. Raises TimeoutError."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except BaseException:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        await asyncio.wait({task})  # let it run its cleanup (an nft run kills its process)
+        raise TimeoutError
+    return task.result()
 
 
 # Config ######################################################################
@@ -2325,7 +2345,11 @@ def start_agent(
         managed_tables=config.tables,
         resync_at=now + RESYNC_PERIOD_S,
     )
-    events = tuple(Adopted(name, family, now) for family, name in sorted(adopted.items()))
+    events = tuple(
+        Adopted(name, family, now)
+        for family, name in sorted(adopted.items())
+        if healths[name].state is State.UP
+    )
     state, intent = on_links(state, interfaces, now)
     return state, dataclasses.replace(
         intent, events=events + intent.events, nft=SteeringWanted(config, state.steering)
@@ -2368,8 +2392,13 @@ def on_links(state: AgentState, interfaces: Mapping[str, Interface], now: float)
             renumbered = describe_renumbering(uplink, before, after)
             if renumbered:
                 # DHCP/RA renewed with new values: the plan rebuilds the uplink's
-                # table and rules in this same reconcile.
+                # table and rules in this same reconcile. A round sent from the old
+                # address proves nothing about the new one.
                 events.append(Renumbered(uplink.name, renumbered, now))
+                health = healths[uplink.name]
+                healths[uplink.name] = dataclasses.replace(
+                    health, last_round_at=max(health.last_round_at, now)
+                )
         healths[uplink.name], changed = observe_link(
             healths[uplink.name], link_observation(uplink, after), now
         )
@@ -3358,8 +3387,6 @@ def _probe_detail(probe: ProbeResult) -> str:
 # type, and any event triggers a fresh dump, so no parser of ours can drift
 # from what the kernel says.
 
-T = TypeVar("T")
-
 
 class NetlinkWorker:
     def __init__(self) -> None:
@@ -3728,7 +3755,7 @@ class RouteEdge:
     async def answers(self, timeout_s: float) -> bool:
         """Whether the netlink worker thread answers within `timeout_s` (for the watchdog)."""
         try:
-            await asyncio.wait_for(self.worker.call(lambda ipr: None), timeout_s)
+            await wait_within(self.worker.call(lambda ipr: None), timeout_s)
         except (asyncio.TimeoutError, TimeoutError):
             return False
         return True
@@ -4029,7 +4056,7 @@ class ConntrackEdge:
         next_count = loop.time()
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), max(next_count - loop.time(), 0.0))
+                await wait_within(self._wake.wait(), max(next_count - loop.time(), 0.0))
             except (asyncio.TimeoutError, TimeoutError):
                 pass
             self._wake.clear()
@@ -4319,7 +4346,7 @@ async def nft_run(*args: str, script: str | None = None, timeout_s: float = NFT_
     except OSError as err:
         return NFT_MISSING, str(err)
     try:
-        _, stderr = await asyncio.wait_for(
+        _, stderr = await wait_within(
             proc.communicate(script.encode() if script is not None else None), timeout_s
         )
     except (asyncio.TimeoutError, TimeoutError):
@@ -4429,7 +4456,7 @@ class NftEdge:
             while True:
                 wait_s = RESYNC_PERIOD_S if not self._failing else max(self._retry_at - loop.time(), 0.0)
                 try:
-                    await asyncio.wait_for(self._wake.wait(), wait_s)
+                    await wait_within(self._wake.wait(), wait_s)
                 except (asyncio.TimeoutError, TimeoutError):
                     self._check = True
                 self._wake.clear()
@@ -5039,14 +5066,16 @@ class Supervisor:
         self._fatal = fatal
         self._restarted = restarted
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._factories: dict[str, tuple[Callable[[], Awaitable[None]], str]] = {}
+        self._factories: dict[str, tuple[Callable[[], Coroutine[Any, Any, None]], str]] = {}
         self._deaths: dict[str, list[float]] = {}
         self._stopping = False
 
-    def start(self, name: str, factory: Callable[[], Awaitable[None]], restart: str = "limited") -> None:
+    def start(
+        self, name: str, factory: Callable[[], Coroutine[Any, Any, None]], restart: str = "limited"
+    ) -> None:
         """restart: "never" (its death ends the agent), "limited" or "always" (a prober)."""
         self._factories[name] = (factory, restart)
-        task = asyncio.ensure_future(factory())
+        task = asyncio.get_running_loop().create_task(factory(), name=name)
         self._tasks[name] = task
         task.add_done_callback(lambda done: self._on_done(name, done))
 
@@ -5196,7 +5225,7 @@ class Pump:
             except asyncio.QueueEmpty:
                 timeout_s = max(next_wake(self.state) - loop.time(), 0.0)
                 try:
-                    observation = await asyncio.wait_for(self._queue.get(), timeout_s)
+                    observation = await wait_within(self._queue.get(), timeout_s)
                 except (asyncio.TimeoutError, TimeoutError):
                     observation = Tick()
             self._handle(observation, loop.time())
@@ -5312,8 +5341,12 @@ class Reloader:
             except ConfigError as err:
                 self._pump.post(ReloadFailed(str(err)))
                 continue
-            rules = await self._worker.call(nl_rules, new.families)
-            routes = await self._worker.call(nl_routes, new.tables, new.families)
+            try:
+                rules = await self._worker.call(nl_rules, new.families)
+                routes = await self._worker.call(nl_routes, new.tables, new.families)
+            except Exception as err:  # NetlinkError is no OSError; the running config stays
+                self._pump.post(ReloadFailed(f"cannot dump the rules and routes to check it against: {err}"))
+                continue
             note = ""
             if not self._dry_run:
                 # The new table is checked, not installed (`nft -c` changes nothing); if it
@@ -5603,7 +5636,7 @@ async def run_daemon(
         if started:
             if options.cleanup and not options.dry_run:
                 try:
-                    done = await asyncio.wait_for(
+                    done = await wait_within(
                         worker.call(nl_remove_own, config, pump.state.managed_tables), SHUTDOWN_CLEANUP_S
                     )
                     for line in done:
@@ -5630,6 +5663,53 @@ async def run_daemon(
         log.error("stopping with a failure: %s", "; ".join(failure))
         return EXIT_FAILURE
     return 0
+
+
+def catch_early_signals() -> None:
+    """Until the daemon's own handlers are in place, remember SIGTERM/SIGINT/SIGHUP
+    instead of dying of them (SIGHUP's default action kills a starting agent)."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(signum) is not _remember_signal:
+            signal.signal(signum, _remember_signal)
+
+
+def _remember_signal(signum: int, _frame: Any) -> None:
+    _EARLY_SIGNALS.append(signum)
+
+
+async def run_agent(config: Config, options: DaemonOptions) -> int:
+    """The daemon with its signals: handlers only set events (hypercorn style)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reload = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+    for early in _EARLY_SIGNALS:
+        (reload if early == signal.SIGHUP else stop).set()
+    _EARLY_SIGNALS.clear()
+    loop.set_exception_handler(_log_loop_exception)
+    died: list[str] = []
+    threading.excepthook = functools.partial(_thread_died, loop, stop, died)
+    code = await run_daemon(config, options, stop, reload)
+    return EXIT_FAILURE if died else code
+
+
+def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    # A callback (a socket reader) that raised: asyncio would print it to stderr unformatted.
+    error = context.get("exception")
+    log.error("event loop: %s", context.get("message", "error"), exc_info=error)
+
+
+def _thread_died(
+    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, died: list[str], args: threading.ExceptHookArgs
+) -> None:
+    # Our threads are executors' workers, which survive their jobs' exceptions: one
+    # that dies anyway is a bug, and the agent exits non-zero to be restarted whole.
+    name = args.thread.name if args.thread is not None else "?"
+    log.error("thread %s died; stopping so that the agent is restarted", name, exc_info=args.exc_value)
+    died.append(name)
+    loop.call_soon_threadsafe(stop.set)
 
 
 # Command line ################################################################
@@ -5821,48 +5901,6 @@ def setup_logging(level: str) -> None:
     # not about every netlink message pyroute2 sees.
     logging.basicConfig(level=logging.WARNING, format=fmt, stream=sys.stderr)
     log.setLevel(getattr(logging, level.upper()))
-
-
-def catch_early_signals() -> None:
-    """Until the daemon's own handlers are in place, remember SIGTERM/SIGINT/SIGHUP
-    instead of dying of them (SIGHUP's default action kills a starting agent)."""
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        if signal.getsignal(signum) is not _remember_signal:
-            signal.signal(signum, _remember_signal)
-
-
-def _remember_signal(signum: int, _frame: Any) -> None:
-    _EARLY_SIGNALS.append(signum)
-
-
-async def run_agent(config: Config, options: DaemonOptions) -> int:
-    """The daemon with its signals: handlers only set events (hypercorn style)."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    reload = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload.set)
-    for early in _EARLY_SIGNALS:
-        (reload if early == signal.SIGHUP else stop).set()
-    _EARLY_SIGNALS.clear()
-    loop.set_exception_handler(_log_loop_exception)
-    threading.excepthook = functools.partial(_thread_died, loop, stop)
-    return await run_daemon(config, options, stop, reload)
-
-
-def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    # A callback (a socket reader) that raised: asyncio would print it to stderr unformatted.
-    error = context.get("exception")
-    log.error("event loop: %s", context.get("message", "error"), exc_info=error)
-
-
-def _thread_died(
-    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, args: threading.ExceptHookArgs
-) -> None:
-    name = args.thread.name if args.thread is not None else "?"
-    log.error("thread %s died; stopping so that the agent is restarted", name, exc_info=args.exc_value)
-    loop.call_soon_threadsafe(stop.set)
 
 
 #: Capability bits (linux/capability.h) the agent needs: netlink changes, raw ICMP.

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -68,7 +69,18 @@ def lab_config(
 class AgentProcess:
     """`multiwan_agent.py run` in the router namespace, with its log in a file."""
 
-    def __init__(self, lab: Lab, workdir: Path, config_text: str, *args: str, name: str = "agent") -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        workdir: Path,
+        config_text: str,
+        *args: str,
+        name: str = "agent",
+        env: dict[str, str] | None = None,
+        program: Sequence[str] = (),
+    ) -> None:
+        """`program` replaces `python multiwan_agent.py` (e.g. a wrapper that injects a fault);
+        `env` replaces the environment (e.g. a PATH with a fake `nft` first)."""
         self.lab = lab
         self.workdir = workdir
         self.config_path = workdir / f"{name}.toml"
@@ -78,9 +90,10 @@ class AgentProcess:
         self._log = open(self.log_path, "a")
         self.proc = lab.popen(
             "router",
-            [sys.executable, str(AGENT), "run", "-c", str(self.config_path), "-v", *args],
+            [*(program or (sys.executable, str(AGENT))), "run", "-c", str(self.config_path), "-v", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
 
     def log(self) -> str:
@@ -88,10 +101,10 @@ class AgentProcess:
 
     def status(self) -> dict[str, Any] | None:
         try:
-            result: dict[str, Any] = json.loads((self.state_dir / "status.json").read_text())
-            return result
-        except (OSError, ValueError):
+            result = json.loads((self.state_dir / "status.json").read_text())
+        except (OSError, ValueError, RecursionError):  # a test may have written garbage there
             return None
+        return result if isinstance(result, dict) else None
 
     def wait_for(
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str = ""
@@ -143,6 +156,23 @@ class AgentProcess:
         code = self.proc.wait(timeout=timeout)
         self._log.close()
         return code
+
+
+def status_command(lab: Lab, state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`multiwan-agent status` as an operator runs it (in the router namespace)."""
+    return lab.run(
+        "router", sys.executable, str(AGENT), "status", "--state-dir", str(state_dir), *args, check=False
+    )
+
+
+def fake_tool_dir(workdir: Path, name: str, body: str) -> dict[str, str]:
+    """An environment whose PATH finds a fake `name` (a shell script with `body`) first."""
+    directory = workdir / "fake-bin"
+    directory.mkdir(exist_ok=True)
+    script = directory / name
+    script.write_text("#!/bin/sh\n" + body + "\n")
+    script.chmod(0o755)
+    return dict(os.environ, PATH=f"{directory}:{os.environ.get('PATH', '/usr/bin:/bin')}")
 
 
 def ruleset_snapshot(lab: Lab) -> tuple[Any, ...]:
