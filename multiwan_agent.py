@@ -31,9 +31,13 @@ import sys
 #: Signals that arrived before the daemon's handlers were in place (see catch_early_signals).
 _EARLY_SIGNALS: list[int] = []
 
-if __name__ == "__main__":
-    # Before the imports below (a tenth of a second): SIGHUP's default action would
-    # kill an agent that a reload request reaches while it starts.
+#: The installed command, `multiwan-agent run`, imports this module before it calls main().
+_INSTALLED_RUN = sys.argv[0].rsplit("/", 1)[-1] == "multiwan-agent" and sys.argv[1:2] == ["run"]
+
+if __name__ == "__main__" or _INSTALLED_RUN:
+    # Run as a script, or imported by the installed `multiwan-agent run`: before the
+    # imports below (a tenth of a second), SIGHUP's default action would kill an agent
+    # that a reload request reaches while it starts.
     for _signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(_signum, lambda signum, _frame: _EARLY_SIGNALS.append(signum))
 
@@ -49,6 +53,7 @@ import ipaddress  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import socket  # noqa: E402
@@ -69,6 +74,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 __version__: Final = "0.1.0"
+
+#: The type of a result that a helper passes through (a worker thread's, a timed wait's).
+T = TypeVar("T")
 
 log = logging.getLogger("multiwan")
 
@@ -123,7 +131,9 @@ NFT_STUCK_GRACE_S: Final = 5.0
 #: nft_run's exit codes for an nft that is not there and one that was killed at its timeout.
 NFT_MISSING: Final = 127
 NFT_TIMED_OUT: Final = 124
-#: A conntrack job that makes no progress this long fails the watchdog (each recv has a 5 s timeout).
+#: One conntrack answer is waited for at most this long (the kernel answers in microseconds).
+CONNTRACK_RECV_TIMEOUT_S: Final = 1.0
+#: A conntrack job that makes no progress this long fails the watchdog (each recv has a timeout).
 CONNTRACK_STUCK_S: Final = 30.0
 #: Observations left untaken this long fail the watchdog.
 PUMP_STUCK_S: Final = 2.0
@@ -139,6 +149,8 @@ SHUTDOWN_CLEANUP_S: Final = 3.0
 #: status.json's format version, and the most of it a reader takes in.
 STATUS_VERSION: Final = 1
 STATUS_MAX_BYTES: Final = 4 << 20
+#: Longest an owed flow release waits for the live nft table to stop steering to its uplink.
+RELEASE_STEERING_WAIT_S: Final = NFT_TIMEOUT_S + 1.0
 #: Longest a status write waits for the route work of the decision it shows.
 STATUS_HOLD_S: Final = 1.0
 #: status.json is rewritten at least this often, so that its age tells a dead agent.
@@ -147,6 +159,9 @@ STATUS_HEARTBEAT_S: Final = 5.0
 STATUS_STALE_S: Final = 3 * STATUS_HEARTBEAT_S
 #: The lock in state_dir that makes one agent per state (flock; holds the pid).
 LOCK_FILE: Final = "agent.lock"
+#: Attempts to take it, and the pause between them (a `status` holds it shared for an instant).
+LOCK_ATTEMPTS: Final = 10
+LOCK_RETRY_S: Final = 0.02
 
 # Kernel constants not exported by the socket module on every Python.
 SO_BINDTODEVICE: Final = getattr(socket, "SO_BINDTODEVICE", 25)
@@ -248,26 +263,6 @@ class ConfigError(Exception):
 
 class StartupRefused(Exception):
     """The agent will not touch the system (a collision, missing privilege)."""
-
-
-T = TypeVar("T")
-
-
-async def wait_within(awaitable: Coroutine[Any, Any, T], timeout_s: float) -> T:
-    """asyncio.wait_for without its flaw before Python 3.12 (bpo-42130): a cancellation
-    that arrives as the awaited thing completes is never swallowed, so a long-lived task
-    always stops when it is told to. Raises TimeoutError."""
-    task = asyncio.ensure_future(awaitable)
-    try:
-        done, _ = await asyncio.wait({task}, timeout=timeout_s)
-    except BaseException:
-        task.cancel()
-        raise
-    if not done:
-        task.cancel()
-        await asyncio.wait({task})  # let it run its cleanup (an nft run kills its process)
-        raise TimeoutError
-    return task.result()
 
 
 # Config ######################################################################
@@ -682,6 +677,10 @@ def parse_config(text: str, source: str) -> Config:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         # tomllib renders the position as "(at line 3, column 5)": keep it.
+        raise ConfigError(source, "", f"invalid TOML: {err}") from None
+    except RecursionError:
+        raise ConfigError(source, "", "invalid TOML: nested too deeply") from None
+    except ValueError as err:  # an integer of thousands of digits
         raise ConfigError(source, "", f"invalid TOML: {err}") from None
     root = _Reader(source, "", document)
 
@@ -2120,11 +2119,39 @@ class ForeignGone:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthUnjudged:
+    """An uplink's rounds have judged nothing for `rounds` in a row: its health stands still."""
+
+    uplink: str
+    rounds: int
+    state: State
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class HealthJudgedAgain:
+    uplink: str
+    rounds: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProberDied:
+    """The task probing an uplink died (it is restarted): until it runs, its health stands still."""
+
+    uplink: str
+    error: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Reloaded:
     source: str
     uplinks: int
     #: Why the new nft table could not be checked (routing was applied anyway), or "".
     nft_note: str
+    #: False when the new config is the running one, value for value.
+    changed: bool
     at: float
 
 
@@ -2148,6 +2175,9 @@ Event = (
     | RouteChangeRecovered
     | ForeignAppeared
     | ForeignGone
+    | HealthUnjudged
+    | HealthJudgedAgain
+    | ProberDied
     | Reloaded
     | ReloadRejected
 )
@@ -2167,6 +2197,8 @@ class RouteWork:
     managed_tables: frozenset[int]
     #: Interface indexes by name, from the dump the plan was made on.
     indexes: Mapping[str, int]
+    #: Counts route work: a flow release waits for the work that moved its traffic.
+    generation: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -2223,6 +2255,11 @@ class OwedRelease:
     #: "down" (cancelled when it is up again) or "failback" (cancelled when it carries again).
     kind: str
     families: frozenset[int]
+    #: The route work that takes new traffic away from the uplink: the release waits for it
+    #: (flows re-established before it would stick to the old path again).
+    after: int = 0
+    #: When it was owed (monotonic): the longest it waits for the nft steering to follow.
+    since: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -2239,7 +2276,11 @@ class RunningRelease:
 class NftStatus:
     """What the nft edge last reported."""
 
-    installed: bool = False
+    #: The steering the table in the kernel carries (None: no table of ours is loaded).
+    live: Steering | None = None
+    #: The loaded table is the one wanted (config and steering).
+    current: bool = False
+    #: Why the wanted table does not load (None: it did).
     problem: str | None = None
 
 
@@ -2276,6 +2317,11 @@ class AgentState:
     nft: NftStatus = NftStatus()
     #: Probes whose own code raised (a bug, never a failed probe), per uplink since start.
     probe_errors: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    #: Rounds in a row in which nothing could be judged, per uplink (its health stands still).
+    unjudged: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    #: The newest route work handed out, and the newest one reconciled.
+    routes_planned: int = 0
+    routes_done: int = 0
 
     def selected(self, family: int) -> str | None:
         decision = self.decisions.get(family)
@@ -2283,8 +2329,10 @@ class AgentState:
 
 
 def next_wake(state: AgentState) -> float:
-    """The latest time the core must be ticked: hysteresis end, a retry, the resync."""
+    """The latest time the core must be ticked: hysteresis end, a retry, the resync, and
+    the end of a release's wait for the nft steering."""
     times = [t for t in (state.wake_at, state.retry_at) if t is not None]
+    times += [owed.since + RELEASE_STEERING_WAIT_S for owed in state.owed_releases.values()]
     return min([state.resync_at, *times])
 
 
@@ -2366,17 +2414,17 @@ def on_round(state: AgentState, result: RoundResult, now: float) -> tuple[AgentS
         errors = dict(state.probe_errors)
         errors[result.uplink] = errors.get(result.uplink, 0) + result.errors
         state = dataclasses.replace(state, probe_errors=errors)
+    state, unjudged = _count_unjudged(state, result, uplink.check.fall, now)
     updated, transitions = observe_round(health, result, uplink.check, now)
     state = dataclasses.replace(state, healths={**state.healths, result.uplink: updated})
     if not transitions:
-        return state, Intent(status=StatusWrite.SOON, wake_at=next_wake(state))
-    state = _owe_on_transitions(state, transitions)
+        status = StatusWrite.NOW if unjudged else StatusWrite.SOON
+        return state, Intent(unjudged, status=status, wake_at=next_wake(state))
+    state = _owe_on_transitions(state, transitions, now)
     state, events = _decide(state, now)
+    state, work = _route_work(state)
     intent = Intent(
-        tuple(transitions) + events,
-        routes=_route_work(state),
-        nft=_steering_wanted(state),
-        status=StatusWrite.NOW,
+        (*transitions, *unjudged, *events), routes=work, nft=_steering_wanted(state), status=StatusWrite.NOW
     )
     return _finish(state, intent)
 
@@ -2407,15 +2455,13 @@ def on_links(state: AgentState, interfaces: Mapping[str, Interface], now: float)
     if status is StatusWrite.NONE and interfaces != state.interfaces:
         status = StatusWrite.SOON
     state = dataclasses.replace(state, interfaces=dict(interfaces), healths=healths)
-    state = _owe_on_transitions(state, transitions)
+    state = _owe_on_transitions(state, transitions, now)
     state, decided = _decide(state, now)
     if decided:
         status = StatusWrite.NOW
+    state, work = _route_work(state)
     intent = Intent(
-        (*transitions, *events, *decided),
-        routes=_route_work(state),
-        nft=_steering_wanted(state),
-        status=status,
+        (*transitions, *events, *decided), routes=work, nft=_steering_wanted(state), status=status
     )
     return _finish(state, intent)
 
@@ -2459,8 +2505,9 @@ def on_routes(
         retry_at=retry[1],
         applied_defaults={**state.applied_defaults, **applied},
         foreign=foreign,
+        routes_done=max(state.routes_done, work.generation),
     )
-    state, releases = _start_releases(state)
+    state, releases = _start_releases(state, now)
     status = StatusWrite.NOW if events else StatusWrite.NONE
     return _finish(state, Intent(tuple(events), releases=releases, status=status))
 
@@ -2471,7 +2518,8 @@ def on_tick(state: AgentState, now: float) -> tuple[AgentState, Intent]:
     if state.wake_at is not None and now >= state.wake_at:
         state, events = _decide(state, now)
         status = StatusWrite.NOW if events else StatusWrite.NONE
-        intent = Intent(events, routes=_route_work(state), nft=_steering_wanted(state), status=status)
+        state, work = _route_work(state)
+        intent = Intent(events, routes=work, nft=_steering_wanted(state), status=status)
     if state.retry_at is not None and now >= state.retry_at:
         # A retry starts from a fresh dump: what failed may have been an interface gone meanwhile.
         state = dataclasses.replace(state, retry_at=None)
@@ -2479,7 +2527,8 @@ def on_tick(state: AgentState, now: float) -> tuple[AgentState, Intent]:
     if now >= state.resync_at:
         state = dataclasses.replace(state, resync_at=now + RESYNC_PERIOD_S)
         intent = dataclasses.replace(intent, refresh_links=True)
-    return _finish(state, intent)
+    state, releases = _start_releases(state, now)  # a release's wait for the steering may be over
+    return _finish(state, dataclasses.replace(intent, releases=intent.releases + releases))
 
 
 def on_routes_failed(state: AgentState, error: str, now: float) -> tuple[AgentState, Intent]:
@@ -2494,10 +2543,23 @@ def on_routes_failed(state: AgentState, error: str, now: float) -> tuple[AgentSt
     return _finish(state, Intent(events, status=StatusWrite.NOW if events else StatusWrite.NONE))
 
 
-def on_resync(state: AgentState, now: float) -> tuple[AgentState, Intent]:
-    """An edge was restarted and knows nothing: dump, reconcile and install everything again."""
+def on_task_died(state: AgentState, task: str, error: str, now: float) -> tuple[AgentState, Intent]:
+    """A task died (the supervisor logged its traceback and restarts it). What it was doing
+    is lost: the routes are dumped and reconciled again, the nft table is wanted again,
+    releases the conntrack edge was running are owed again, and a prober's death is said."""
     state = dataclasses.replace(state, applied_defaults={})
-    return _finish(state, Intent(refresh_links=True, nft=_steering_wanted(state)))
+    events: tuple[Event, ...] = ()
+    if task.startswith("prober "):
+        events = (ProberDied(task.removeprefix("prober "), error, now),)
+    if task == "conntrack" and state.releasing:
+        owed = dict(state.owed_releases)
+        for name, running in state.releasing.items():
+            was = owed.get(name)
+            families = running.families | (was.families if was is not None else frozenset())
+            owed[name] = OwedRelease(running.why, running.kind, families, 0, now)
+        state = dataclasses.replace(state, owed_releases=owed, releasing={})
+    status = StatusWrite.NOW if events else StatusWrite.NONE
+    return _finish(state, Intent(events, refresh_links=True, nft=_steering_wanted(state), status=status))
 
 
 def on_reload_refused(state: AgentState, reason: str, now: float) -> tuple[AgentState, Intent]:
@@ -2540,7 +2602,7 @@ def on_reload(
             if health is not None and same_path
             else initial_health(uplink, now)
         )
-    releasing_uplinks = {u.name for u in new.uplinks if u.release_flows}
+    release_flows = {u.name: u.release_flows for u in new.uplinks}
     # The nft table is re-installed whole for the new config (per-host placements
     # start afresh). Until the next decision it keeps the steering that still applies.
     steering = carry_steering(state.steering, new)
@@ -2555,10 +2617,15 @@ def on_reload(
             if name in steering.policies
         },
         steering=steering,
-        owed_releases={n: owed for n, owed in state.owed_releases.items() if n in releasing_uplinks},
+        owed_releases={
+            n: owed
+            for n, owed in state.owed_releases.items()
+            if f"on_{owed.kind}" in release_flows.get(n, ())
+        },
         managed_tables=state.managed_tables | new.tables,
     )
-    event = Reloaded(new.source, len(new.uplinks), nft_note, now)
+    changed = dataclasses.replace(old, source=new.source) != new
+    event = Reloaded(new.source, len(new.uplinks), nft_note, changed, now)
     return _finish(
         state,
         Intent((event,), refresh_links=True, nft=SteeringWanted(new, steering), status=StatusWrite.NOW),
@@ -2575,7 +2642,7 @@ def on_released(state: AgentState, uplink: str, released: Released, now: float) 
         events = (
             FlowsReleased(uplink, running.families, running.why, running.mark, running.mask, released, now),
         )
-    state, releases = _start_releases(state)
+    state, releases = _start_releases(state, now)
     return _finish(state, Intent(events, releases=releases))
 
 
@@ -2587,12 +2654,13 @@ def on_counts(state: AgentState, counts: Mapping[str, int] | None) -> tuple[Agen
     return state, Intent(status=StatusWrite.SOON, wake_at=next_wake(state))
 
 
-def on_nft(state: AgentState, report: NftStatus) -> tuple[AgentState, Intent]:
+def on_nft(state: AgentState, report: NftStatus, now: float) -> tuple[AgentState, Intent]:
     """What the nft edge reports of the live table (for status; routing never waits on it)."""
     if report == state.nft:
         return state, Intent(wake_at=next_wake(state))
     state = dataclasses.replace(state, nft=report)
-    return state, Intent(status=StatusWrite.NOW, wake_at=next_wake(state))
+    state, releases = _start_releases(state, now)  # a release may have waited for this steering
+    return _finish(state, Intent(releases=releases, status=StatusWrite.NOW))
 
 
 def probe_source(state: AgentState, name: str) -> ProbeSource | None:
@@ -2618,7 +2686,9 @@ def _uplink(config: Config, name: str) -> UplinkConfig | None:
     return next((u for u in config.uplinks if u.name == name), None)
 
 
-def _route_work(state: AgentState) -> RouteWork:
+def _route_work(state: AgentState) -> tuple[AgentState, RouteWork]:
+    """The route work for the state's decisions, numbered (see OwedRelease.after)."""
+    state = dataclasses.replace(state, routes_planned=state.routes_planned + 1)
     selected = {f: state.selected(f) for f in state.config.families}
     plan = plan_network(state.config, state.interfaces, selected)
     # Fast path: a new selection is one replace, sent before the verifying dumps.
@@ -2628,7 +2698,7 @@ def _route_work(state: AgentState) -> RouteWork:
         if state.applied_defaults.get(route.family) != route
     )
     indexes = {name: iface.index for name, iface in state.interfaces.items()}
-    return RouteWork(state.config, plan, urgent, state.managed_tables, indexes)
+    return state, RouteWork(state.config, plan, urgent, state.managed_tables, indexes, state.routes_planned)
 
 
 def _steering_wanted(state: AgentState) -> SteeringWanted:
@@ -2701,7 +2771,9 @@ def _decide(state: AgentState, now: float) -> tuple[AgentState, tuple[Event, ...
             # It stopped carrying new traffic while still usable: its flows move to the new path.
             was = owed.get(name)
             families = (was.families if was is not None else frozenset()) | {family}
-            owed[name] = OwedRelease("it no longer carries new traffic", "failback", families)
+            owed[name] = OwedRelease(
+                "it no longer carries new traffic", "failback", families, state.routes_planned + 1, now
+            )
     state = dataclasses.replace(
         state,
         decisions=decisions,
@@ -2741,17 +2813,51 @@ def _balance_events(
     return events
 
 
-def _owe_on_transitions(state: AgentState, transitions: Iterable[Transition]) -> AgentState:
+def _owe_on_transitions(state: AgentState, transitions: Iterable[Transition], now: float) -> AgentState:
+    # The route work that follows these transitions (made in the same step) moves the
+    # traffic away: its number is the next one.
     owed = dict(state.owed_releases)
     for t in transitions:
         uplink = _uplink(state.config, t.uplink)
         if uplink is None:
             continue
         if t.new is State.DOWN and "on_down" in uplink.release_flows:
-            owed[t.uplink] = OwedRelease("it went down", "down", frozenset(uplink.families))
+            families = frozenset(uplink.families)
+            owed[t.uplink] = OwedRelease("it went down", "down", families, state.routes_planned + 1, now)
         elif t.new is State.UP:
             owed.pop(t.uplink, None)  # back before its flows were released
     return dataclasses.replace(state, owed_releases=owed)
+
+
+def _steered_to(live: Steering | None, name: str, families: frozenset[int]) -> bool:
+    """Whether the live nft table still places new connections of these families on `name`."""
+    if live is None:
+        return False
+    for family in families:
+        members = live.balance.get(family, ())
+        if len(members) > 1 and name in {n for n, _ in members}:
+            return True
+        if any(chosen.get(family) == name for chosen in live.policies.values()):
+            return True
+    return False
+
+
+def _count_unjudged(
+    state: AgentState, result: RoundResult, fall: int, now: float
+) -> tuple[AgentState, tuple[Event, ...]]:
+    """Rounds in a row with nothing to judge (the probes' own code raised): after `fall` of
+    them the uplink's health stands still, and that is said once, loudly."""
+    name = result.uplink
+    before = state.unjudged.get(name, 0)
+    after = before + 1 if result.inconclusive else 0
+    events: tuple[Event, ...] = ()
+    if after == fall:
+        events = (HealthUnjudged(name, after, state.healths[name].state, now),)
+    elif before >= fall and after == 0:
+        events = (HealthJudgedAgain(name, before, now),)
+    if after != before:
+        state = dataclasses.replace(state, unjudged={**state.unjudged, name: after})
+    return state, events
 
 
 def _release_still_wanted(state: AgentState, name: str, running: RunningRelease) -> bool:
@@ -2761,11 +2867,14 @@ def _release_still_wanted(state: AgentState, name: str, running: RunningRelease)
     return not any((name, f) in state.carrying for f in running.families)
 
 
-def _start_releases(state: AgentState) -> tuple[AgentState, tuple[FlowRelease, ...]]:
+def _start_releases(state: AgentState, now: float) -> tuple[AgentState, tuple[FlowRelease, ...]]:
     """Start what is owed, one release per uplink at a time, in the families it no longer carries.
 
     A family it still carries new traffic in (nothing better is up) keeps its flows: they
-    would come straight back. It is released once it carries that family no more.
+    would come straight back. It is released once it carries that family no more, once the
+    route work that moved its traffic is in place, and once the live nft table no longer
+    steers new connections to it (for at most RELEASE_STEERING_WAIT_S: a hung nft must
+    not keep flows on a dead path for ever).
     """
     owed = dict(state.owed_releases)
     releasing = dict(state.releasing)
@@ -2782,10 +2891,12 @@ def _start_releases(state: AgentState) -> tuple[AgentState, tuple[FlowRelease, .
         if uplink is None or not uplink.release_flows:  # removed, or no longer asked for
             del owed[name]
             continue
-        if name in releasing:
-            continue  # one at a time: the rest starts when it finishes
+        if name in releasing or due.after > state.routes_done:
+            continue  # one at a time; and only over the new routes
         families = frozenset(f for f in due.families if (name, f) not in state.carrying)
         if not families:
+            continue
+        if _steered_to(state.nft.live, name, families) and now < due.since + RELEASE_STEERING_WAIT_S:
             continue
         if families == due.families:
             del owed[name]
@@ -3168,7 +3279,7 @@ class UplinkProber:
         self._retired: list[IcmpEcho] = []
         self._seq = 0
         self._rounds: set[asyncio.Task[None]] = set()
-        self._tls: Any = None
+        self._tls: asyncio.Future[Any] | None = None
         #: Gateways that have answered a ping since the prober started.
         self._gateway_answered: set[str] = set()
         #: Bugs already logged with their traceback: (method, exception type).
@@ -3247,10 +3358,7 @@ class UplinkProber:
         self._deliver(result)
 
     async def _probe_round(self, seq: int, source: ProbeSource, started: float) -> RoundResult:
-        loop = asyncio.get_running_loop()
         check = self.uplink.check
-        if Method.HTTPS in check.methods and self._tls is None:
-            self._tls = await loop.run_in_executor(None, tls_context, check)
         # Only targets of a family the uplink can route now: an IPv4-only LTE
         # stick in a dual-stack config is judged on its IPv4 answers.
         targets = [t for t in check.targets if source.for_target(t) is not None]
@@ -3294,6 +3402,17 @@ class UplinkProber:
             gateway=", ".join(gateways) or None,
             gateway_ok=any(judged) if judged else None,
         )
+
+    async def _tls_context(self) -> Any:
+        """Built once, in a thread (it reads the CA bundle), shared by the round's https probes.
+        One that cannot be built fails only those probes, as a bug, and is tried again next round."""
+        if self._tls is None:
+            self._tls = asyncio.get_running_loop().run_in_executor(None, tls_context, self.uplink.check)
+        try:
+            return await asyncio.shield(self._tls)
+        except Exception:
+            self._tls = None
+            raise
 
     def _report_bug(self, what: str, err: BaseException) -> None:
         """The first of each kind with its traceback; status counts them all (probe_errors)."""
@@ -3357,7 +3476,8 @@ class UplinkProber:
             assert check.port is not None
             return await tcp_probe(interface, address, target, check.port, check.timeout_s)
         if method in (Method.HTTP, Method.HTTPS):
-            return await http_probe(interface, address, target, check, method, self._tls)
+            context = await self._tls_context() if method is Method.HTTPS else None
+            return await http_probe(interface, address, target, check, method, context)
         if method is Method.DNS:
             return await dns_probe(interface, address, target, check)
         try:
@@ -3668,10 +3788,10 @@ class NetlinkEvents:
 
 class RouteEdge:
     """The routes and rules, carried out: a task that takes the newest RouteWork, sends
-    its urgent replaces, then dumps, diffs and applies the rest, and posts what it saw.
+    its urgent replaces, then dumps, diffs and applies the rest, and posts what it saw;
+    and that dumps links and addresses when asked (the answer is an on_links).
 
-    A request for links drops the route work not yet started: it was planned on the
-    old dump, and the answer to the new one (on_links) brings work of its own.
+    Newer work replaces work not yet started (it is planned on newer facts).
     """
 
     def __init__(
@@ -3705,18 +3825,21 @@ class RouteEdge:
                 await self._wake.wait()
                 self._wake.clear()
                 try:
+                    # Route work first, then the dump: events that keep coming (a busy routing
+                    # daemon, a flapping VPN) can delay a failover by one dump, never starve it.
+                    if self._work is not None:
+                        work, self._work = self._work, None
+                        self._post(await self._reconcile(work))
                     if self._links_wanted:
                         self._links_wanted = False
-                        self._work = None
                         config = self.config
                         # Only the families configured: a dump less on the path of every failover.
                         interfaces = await self.worker.call(
                             nl_interfaces, config.agent.route_protocol, config.families
                         )
                         self._post(LinksObserved(interfaces))
-                    elif self._work is not None:
-                        work, self._work = self._work, None
-                        self._post(await self._reconcile(work))
+                    if self._work is not None or self._links_wanted:
+                        self._wake.set()
                 except asyncio.CancelledError:
                     raise
                 except Exception as err:  # NetlinkError is no OSError: the core retries with back-off
@@ -3872,7 +3995,8 @@ class TrackedEntry:
 
 def _ctnetlink_socket() -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
-    sock.settimeout(5.0)
+    # Bounds a wait for the kernel, and so how long a stopping agent can wait for this thread.
+    sock.settimeout(CONNTRACK_RECV_TIMEOUT_S)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     sock.bind((0, 0))
     return sock
@@ -3894,6 +4018,8 @@ def _nla_walk(data: bytes, offset: int, end: int) -> Iterator[tuple[int, int, in
 
 
 _sequence = itertools.count(1)
+#: Set at exit: a dump in progress ends at its next datagram (the thread is joined at exit).
+CONNTRACK_STOP: Final = threading.Event()
 
 
 def _mark_filter(mark: int, mask: int) -> bytes:
@@ -3916,6 +4042,8 @@ def _ct_answers(
     (seq,) = struct.unpack_from("=I", request, 8)
     sock.send(request)
     while True:
+        if CONNTRACK_STOP.is_set():
+            raise OSError(errno.ECANCELED, "the agent is stopping")
         data = sock.recv(1 << 20)
         if beat is not None:
             beat()
@@ -4021,6 +4149,7 @@ class ConntrackEdge:
         self._quiet = quiet
         self._dry_run = dry_run
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conntrack")
+        CONNTRACK_STOP.clear()  # an agent run in-process again (tests) starts afresh
         self._jobs: collections.deque[FlowRelease] = collections.deque()
         self._cancel: dict[str, threading.Event] = {}
         self._wake = asyncio.Event()
@@ -4047,6 +4176,8 @@ class ConntrackEdge:
         return idle if idle > CONNTRACK_STUCK_S else None
 
     def close(self) -> None:
+        # The thread is joined at exit: whatever it does must end now, not at its next timeout.
+        CONNTRACK_STOP.set()
         for flag in self._cancel.values():
             flag.set()
         self._thread.shutdown(wait=False, cancel_futures=True)
@@ -4092,6 +4223,9 @@ class ConntrackEdge:
             )
         except OSError as err:  # no nf_conntrack_netlink, no permission
             return Released(error=str(err))
+        except Exception as err:  # the job's boundary: a bug here must not lose the uplink's releases
+            log.exception("uplink=%s release of its connections failed", job.uplink)
+            return Released(error=f"{type(err).__name__}: {err}")
 
     async def _count(self) -> tuple[dict[str, int] | None, float]:
         """The counts (None: conntrack cannot be read), and the CPU time they took."""
@@ -4108,6 +4242,11 @@ class ConntrackEdge:
         except OSError as err:  # no nf_conntrack_netlink: status shows no counts
             if not self._warned:
                 log.info("conntrack counts unavailable: %s", err)
+                self._warned = True
+            return None, 0.0
+        except Exception:  # a bug in counting feeds only status: say it once, never end the agent for it
+            if not self._warned:
+                log.exception("conntrack counts failed; status shows none")
                 self._warned = True
             return None, 0.0
         self._warned = False
@@ -4405,9 +4544,10 @@ class NftEvents:
 class NftEdge:
     """The table `inet multiwan`, carried out: desired (the newest SteeringWanted) versus live.
 
-    A task of its own: routing never waits for nft. Every nft run has a timeout; a
-    table that does not load is retried with a doubling back-off, and what goes
-    wrong is logged once and reported to the core (status), not on every retry.
+    A task of its own: routing never waits for nft. Every nft run has a timeout. A wanted
+    table that does not load is retried with a doubling back-off, and what goes wrong is
+    logged once and reported to the core (status), not on every retry; meanwhile the table
+    that is loaded, if any, keeps following the steering as far as it can carry it.
     """
 
     def __init__(self, post: Callable[[Observation], None], dry_run: bool) -> None:
@@ -4415,12 +4555,13 @@ class NftEdge:
         self._dry_run = dry_run
         self._wanted: SteeringWanted | None = None
         self._wake = asyncio.Event()
-        #: What is live: the config and steering of the last table that loaded.
+        #: What is loaded in the kernel: the config and steering of the last table that loaded
+        #: (None: no table of ours, as far as we know).
         self._live_config: Config | None = None
         self._live_steering: Steering | None = None
-        self._installed = False
-        #: The config of the last install attempt (whether it loaded or not).
+        #: The config of the last install attempt, and whether our table was found gone.
         self._tried_config: Config | None = None
+        self._gone = False
         #: Another program changed nftables (or it is time to look): is our table still there?
         self._check = False
         self._failing: str | None = None
@@ -4457,7 +4598,7 @@ class NftEdge:
                 wait_s = RESYNC_PERIOD_S if not self._failing else max(self._retry_at - loop.time(), 0.0)
                 try:
                     await wait_within(self._wake.wait(), wait_s)
-                except (asyncio.TimeoutError, TimeoutError):
+                except TimeoutError:
                     self._check = True
                 self._wake.clear()
                 wanted = self._wanted
@@ -4468,57 +4609,60 @@ class NftEdge:
                         log.info("dry-run: would install nft table %s (stickiness and steering)", NFT_TABLE)
                         self._tried_config = wanted.config
                     continue
-                if self._failing and loop.time() < self._retry_at and wanted.config is self._tried_config:
-                    continue  # backing off; the retry takes the newest steering
-                await self._converge(wanted)
-                self._report()
+                await self._converge(wanted, loop.time())
+                self._report(wanted)
         finally:
             if events is not None:
                 events.close()
 
-    async def _converge(self, wanted: SteeringWanted) -> None:
-        if self._installed and wanted.config is self._live_config:
-            if self._live_steering != wanted.steering:
-                script = render_steering_update(
-                    wanted.config, self._live_steering or Steering(), wanted.steering
-                )
-                code, error = await self._nft("-f", "-", script=script)
-                if code == 0:
-                    self._live_steering = wanted.steering
-                    return
-                log.warning(
-                    "nft: cannot update the steering of %s: %s; re-installing the table", NFT_TABLE, error
-                )
-                self._installed = False
-            elif self._check:
-                self._check = False
+    async def _converge(self, wanted: SteeringWanted, now: float) -> None:
+        if self._check:
+            self._check = False
+            if self._live_config is not None:
                 code, _ = await self._nft("list", "table", *NFT_TABLE.split())
-                if code in (0, NFT_TIMED_OUT):  # a hung nft says nothing about the table
+                if code not in (0, NFT_TIMED_OUT):  # a hung nft says nothing about the table
+                    log.warning("nft: table %s is gone; re-installing", NFT_TABLE)
+                    self._live_config = self._live_steering = None
+                    self._gone = True
+        if wanted.config is not self._live_config:
+            backing_off = self._failing is not None and now < self._retry_at
+            if not backing_off or wanted.config is not self._tried_config:
+                if await self._install(wanted):
                     return
-                log.warning("nft: table %s is gone; re-installing", NFT_TABLE)
-                await self._install(wanted, "it was removed, e.g. by another firewall's reload")
+            if self._live_config is None:
                 return
-            else:
-                return
-        if self._tried_config is None:
+            # The new table does not load, the old one is live: it steers as far as it can.
+            target = carry_steering(wanted.steering, self._live_config)
+        else:
+            target = wanted.steering
+        if target == self._live_steering:
+            return
+        script = render_steering_update(self._live_config, self._live_steering or Steering(), target)
+        code, error = await self._nft("-f", "-", script=script)
+        if code == 0:
+            self._live_steering = target
+            return
+        log.warning("nft: cannot update the steering of %s: %s; re-installing the table", NFT_TABLE, error)
+        self._live_config = self._live_steering = None
+        self._wake.set()
+
+    async def _install(self, wanted: SteeringWanted) -> bool:
+        """Write the whole table in one transaction; an error is logged once, routing works on."""
+        if self._gone:
+            why = "it was removed, e.g. by another firewall's reload"
+        elif self._tried_config is None:
             why = "start"
         elif wanted.config is not self._tried_config:
             why = "config changed"
         else:
             why = "retry"
-        await self._install(wanted, why)
-
-    async def _install(self, wanted: SteeringWanted, why: str) -> None:
-        """Write the whole table in one transaction; an error is logged once, routing works on."""
         code, error = await self._nft("-f", "-", script=render_nft(wanted.config, wanted.steering))
-        loop = asyncio.get_running_loop()
         tried, self._tried_config = self._tried_config, wanted.config
         if code == 0:
             log.info("nft: installed table %s (%s)", NFT_TABLE, why)
-            self._installed = True
             self._live_config, self._live_steering = wanted.config, wanted.steering
-            self._failing, self._retry_delay_s = None, 0.0
-            return
+            self._failing, self._retry_delay_s, self._gone = None, 0.0, False
+            return True
         if error != self._failing or wanted.config is not tried:
             log.error(
                 "nft: cannot install table %s (%s): %s; connections will not stick to their uplink "
@@ -4527,10 +4671,10 @@ class NftEdge:
                 why,
                 error,
             )
-        self._installed = False
         self._failing = error
         self._retry_delay_s = min(max(self._retry_delay_s * 2, 1.0), RESYNC_PERIOD_S)
-        self._retry_at = loop.time() + self._retry_delay_s
+        self._retry_at = asyncio.get_running_loop().time() + self._retry_delay_s
+        return False
 
     async def _nft(self, *args: str, script: str | None = None) -> tuple[int, str]:
         self._busy_since = time.monotonic()
@@ -4539,8 +4683,10 @@ class NftEdge:
         finally:
             self._busy_since = None
 
-    def _report(self) -> None:
-        report = NftStatus(self._installed, self._failing)
+    def _report(self, wanted: SteeringWanted) -> None:
+        live = self._live_steering if self._live_config is not None else None
+        current = wanted.config is self._live_config and wanted.steering == self._live_steering
+        report = NftStatus(live, current, self._failing)
         if report != self._reported:
             self._reported = report
             self._post(NftReported(report))
@@ -4550,7 +4696,7 @@ class NftEdge:
         code, error = await nft_run("delete", "table", *NFT_TABLE.split(), timeout_s=NFT_CLEANUP_TIMEOUT_S)
         if code == 0:
             log.info("cleanup: deleted nft table %s", NFT_TABLE)
-        elif self._installed or code == NFT_TIMED_OUT:
+        elif self._live_config is not None or code == NFT_TIMED_OUT:
             log.warning("cleanup: cannot delete nft table %s: %s", NFT_TABLE, error)
 
 
@@ -4610,6 +4756,8 @@ def status_document(
             "connections": None if state.connections is None else state.connections.get(uplink.name),
             # probes whose own code raised (a bug in the agent; they count neither way)
             "probe_errors": state.probe_errors.get(uplink.name, 0),
+            # rounds in a row that judged nothing: past `fall`, its health stands still
+            "unjudged_rounds": state.unjudged.get(uplink.name, 0),
         }
     primary_decision = state.decisions.get(primary, Decision(None, "starting"))
     return {
@@ -4650,7 +4798,12 @@ def status_document(
         # objects of other programs that defeat one of the agent's guarantees (never deleted)
         "foreign": [{"object": f.what, "defeats": f.defeats} for f in state.foreign],
         # the nft table (stickiness, steering, NAT): routing and failover never depend on it
-        "nft": {"installed": state.nft.installed, "problem": state.nft.problem},
+        # `installed`: a table of ours is loaded; `current`: it is the one wanted; `problem`: why not
+        "nft": {
+            "installed": state.nft.live is not None,
+            "current": state.nft.current,
+            "problem": state.nft.problem,
+        },
         # route changes that fail and are being retried
         "route_failures": [f"{what}: {error}" for what, error in sorted(state.route_failures)],
         "uplinks": uplinks,
@@ -4756,6 +4909,7 @@ def parse_status(text: str, source: str) -> dict[str, Any]:
             raise StatusError(source, path, f"expected {names}, got {_show(value)}")
 
     check(document, "", (dict,))
+    _check_values(document, source, "")
     for key in _REQUIRED:
         if key not in document:
             raise StatusError(source, key, "is missing")
@@ -4796,6 +4950,29 @@ def parse_status(text: str, source: str) -> dict[str, Any]:
         check(foreign.get("defeats"), f"foreign[{index}].defeats", (str,))
     result: dict[str, Any] = document
     return result
+
+
+def _check_values(value: Any, source: str, path: str) -> None:
+    """Every number finite (1e400 as an integer is valid JSON), every string printable as UTF-8."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_values(key, source, path)
+            _check_values(item, source, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_values(item, source, f"{path}[{index}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            finite = math.isfinite(float(value))
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise StatusError(source, path, "expected a finite number")
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise StatusError(source, path, "expected text that is valid UTF-8") from None
 
 
 def read_status(path: Path) -> dict[str, Any]:
@@ -4842,7 +5019,16 @@ def lock_state_dir(state_dir: str) -> int:
     except OSError as err:
         raise StartupRefused(f"cannot open the lock {path}: {err.strerror}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A `status` that looks at this moment holds the lock shared for microseconds:
+        # try a few times before taking a held lock for another agent.
+        for attempt in range(LOCK_ATTEMPTS):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == LOCK_ATTEMPTS - 1:
+                    raise
+                time.sleep(LOCK_RETRY_S)
     except OSError as err:
         holder = _lock_holder_pid(fd)
         os.close(fd)
@@ -4969,9 +5155,26 @@ class Notifier:
 # Daemon ######################################################################
 #
 # Owns the tasks and threads (one supervisor) and the signals. One pump holds the
-# agent state: observations in, the core, intents out to the edges. A finished
-# probe round reaches the default route's `replace` in four calls:
-# Pump.post(RoundObserved) -> on_round() -> RouteEdge.want() -> nl_apply().
+# agent state: observations in, the core, intents out to the edges. Once the
+# pump takes a finished probe round, it reaches the default route's `replace` in
+# four calls: on_round() -> RouteEdge.want() -> RouteEdge._reconcile() -> nl_apply().
+
+
+async def wait_within(awaitable: Coroutine[Any, Any, T], timeout_s: float) -> T:
+    """asyncio.wait_for without its flaw before Python 3.12 (bpo-42130): a cancellation
+    that arrives as the awaited thing completes is never swallowed, so a long-lived task
+    always stops when it is told to. Raises TimeoutError."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except BaseException:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        await asyncio.wait({task})  # let it run its cleanup (an nft run kills its process)
+        raise TimeoutError
+    return task.result()
 
 
 # Observations: what the edges post to the pump.
@@ -5032,8 +5235,11 @@ class NftReported:
 
 
 @dataclass(frozen=True, slots=True)
-class Resync:
-    """An edge was restarted: what it knew is gone, so look at everything again."""
+class TaskDied:
+    """A supervised task died (it is being restarted): what it knew is gone."""
+
+    task: str
+    error: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -5051,7 +5257,7 @@ Observation = (
     | ReleaseFinished
     | ConnectionsCounted
     | NftReported
-    | Resync
+    | TaskDied
     | Tick
 )
 
@@ -5062,9 +5268,10 @@ class Supervisor:
     dies SUPERVISOR_MAX_DEATHS times within SUPERVISOR_WINDOW_S, ends the agent with
     a failure so that systemd or procd restarts it. Nothing dies silently."""
 
-    def __init__(self, fatal: Callable[[str], None], restarted: Callable[[str], None]) -> None:
+    def __init__(self, fatal: Callable[[str], None], died: Callable[[str, str], None]) -> None:
         self._fatal = fatal
-        self._restarted = restarted
+        #: Told of every death (name, error) that is restarted: the core knows what was lost.
+        self._died = died
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._factories: dict[str, tuple[Callable[[], Coroutine[Any, Any, None]], str]] = {}
         self._deaths: dict[str, list[float]] = {}
@@ -5093,10 +5300,11 @@ class Supervisor:
             return
         error = task.exception()
         factory, restart = self._factories[name]
+        what = "it ended by itself" if error is None else f"{type(error).__name__}: {error}"
         if error is None:
-            log.error("task %s ended by itself; it should run until the agent stops", name)
+            log.error("task=%s died: it ended by itself; it should run until the agent stops", name)
         else:
-            log.error("task %s died: %s: %s", name, type(error).__name__, error, exc_info=error)
+            log.error("task=%s died: %s", name, what, exc_info=error)
         now = time.monotonic()
         deaths = [t for t in self._deaths.get(name, []) if now - t < SUPERVISOR_WINDOW_S] + [now]
         self._deaths[name] = deaths
@@ -5105,15 +5313,15 @@ class Supervisor:
             self._fatal(f"task {name} died{often}")
             return
         delay_s = min(SUPERVISOR_RESTART_S * 2 ** (len(deaths) - 1), RESYNC_PERIOD_S)
-        log.warning("task %s restarts in %.1fs", name, delay_s)
+        log.warning("task=%s restarts in %.1fs", name, delay_s)
         asyncio.get_running_loop().call_later(delay_s, self._restart, name)
+        self._died(name, what)
 
     def _restart(self, name: str) -> None:
         if self._stopping or name not in self._factories or name in self._tasks:
             return
         factory, restart = self._factories[name]
         self.start(name, factory, restart)
-        self._restarted(name)
 
     async def stop(self, timeout_s: float) -> None:
         self._stopping = True
@@ -5123,7 +5331,7 @@ class Supervisor:
         if tasks:
             done, pending = await asyncio.wait(tasks, timeout=timeout_s)
             for task in pending:
-                log.warning("task %s did not stop within %.1fs", task.get_name(), timeout_s)
+                log.warning("task=%s did not stop within %.1fs", task.get_name(), timeout_s)
         self._tasks.clear()
 
 
@@ -5152,7 +5360,10 @@ class ProberSet:
             self._supervisor.cancel(f"prober {name}")
             del self._running[name]
         for name, uplink in wanted.items():
-            if self._running.get(name) == uplink:
+            running = self._running.get(name)
+            # Only what the prober uses: a new priority or weight keeps its rounds in flight.
+            if running is not None and _probed_as(running) == _probed_as(uplink):
+                self._running[name] = uplink
                 continue
             self._supervisor.cancel(f"prober {name}")
             ident = self._idents.setdefault(name, (os.getpid() * 31 + len(self._idents)) & 0xFFFF)
@@ -5161,10 +5372,16 @@ class ProberSet:
             self._running[name] = uplink
 
     async def _run(self, uplink: UplinkConfig, ident: int) -> None:
+        # It probes as `uplink` says; the source (address, gateways) comes from the state.
         prober = UplinkProber(
             uplink, ident, lambda: self._source(uplink.name), self._deliver, verbose=self._verbose
         )
         await prober.run()
+
+
+def _probed_as(uplink: UplinkConfig) -> tuple[object, ...]:
+    """What an uplink's prober depends on."""
+    return (uplink.name, uplink.interface, uplink.gateway, uplink.gateway6, uplink.check)
 
 
 class Pump:
@@ -5199,6 +5416,8 @@ class Pump:
         self._routes_given_at = 0.0
         #: A decision's status write waits for its routes (see routes_settling).
         self._status_deferred = False
+        #: When the core wants to be ticked (the newest intent's wake_at, as aioquic's get_timer).
+        self._wake_at = next_wake(state)
         #: Monotonic time the last observation was taken (for the watchdog).
         self._handled_at = time.monotonic()
 
@@ -5223,14 +5442,14 @@ class Pump:
             try:
                 observation = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                timeout_s = max(next_wake(self.state) - loop.time(), 0.0)
+                timeout_s = max(self._wake_at - loop.time(), 0.0)
                 try:
                     observation = await wait_within(self._queue.get(), timeout_s)
                 except (asyncio.TimeoutError, TimeoutError):
                     observation = Tick()
             self._handle(observation, loop.time())
             # A busy queue must not starve the timers (hysteresis, retries, resync).
-            if not isinstance(observation, Tick) and loop.time() >= next_wake(self.state):
+            if not isinstance(observation, Tick) and loop.time() >= self._wake_at:
                 self._handle(Tick(), loop.time())
 
     def _handle(self, observation: Observation, now: float) -> None:
@@ -5257,16 +5476,17 @@ class Pump:
             case ConnectionsCounted(counts):
                 state, intent = on_counts(state, counts)
             case NftReported(report):
-                state, intent = on_nft(state, report)
-            case Resync():
-                state, intent = on_resync(state, now)
+                state, intent = on_nft(state, report, now)
+            case TaskDied(task, error):
+                state, intent = on_task_died(state, task, error, now)
             case Tick():
                 state, intent = on_tick(state, now)
         self.state = state
         if state.config is not config:
             self._routes.config = self._conntrack.config = state.config
             self._probers.sync(state.config)
-            log_effective_config(state.config, self._dry_run)
+            if dataclasses.replace(config, source=state.config.source) != state.config:
+                log_effective_config(state.config, self._dry_run)
         if isinstance(observation, RoutesFailed) or (
             isinstance(observation, RoutesReconciled) and observation.work is self._routes_given
         ):
@@ -5279,6 +5499,7 @@ class Pump:
             self._notifier.send("READY=1\nSTATUS=" + status_summary(state))
 
     def _carry_out(self, intent: Intent) -> None:
+        self._wake_at = intent.wake_at
         for event in intent.events:
             log_event(event)
         if intent.refresh_links:
@@ -5340,6 +5561,10 @@ class Reloader:
                 new = load_config(self._path)
             except ConfigError as err:
                 self._pump.post(ReloadFailed(str(err)))
+                continue
+            except Exception as err:  # the task's boundary: a bug in the parser keeps the running config
+                log.exception("reload: reading %s failed", self._path)
+                self._pump.post(ReloadFailed(f"reading it failed: {type(err).__name__}: {err}"))
                 continue
             try:
                 rules = await self._worker.call(nl_rules, new.families)
@@ -5451,9 +5676,10 @@ def log_event(event: Event) -> None:
                     released.error,
                 )
                 return
+            failed = f"; {released.failed} could not be: {released.error}" if released.failed else ""
             log.warning(
                 "uplink=%s released %d tracked connection(s) marked %#x/%#x (%s; %s)%s; they re-establish "
-                "over the new path; kept %d that came in from the internet; no other entry was touched",
+                "over the new path; kept %d that came in from the internet; no other entry was touched%s",
                 uplink,
                 released.deleted,
                 mark,
@@ -5462,14 +5688,8 @@ def log_event(event: Event) -> None:
                 which,
                 "; stopped early: it carries them again" if released.cancelled else "",
                 released.inbound_kept,
+                failed,
             )
-            if released.failed:
-                log.warning(
-                    "uplink=%s could not release %d connection(s): %s",
-                    uplink,
-                    released.failed,
-                    released.error,
-                )
         case RouteChangeFailed(change, error, _at):
             log.warning("netlink: %s failed: %s; retrying with back-off", change, error)
         case RouteChangeRecovered(change, _at):
@@ -5478,14 +5698,33 @@ def log_event(event: Event) -> None:
             log.error("foreign object: %s: %s; the agent never deletes it", foreign.what, foreign.defeats)
         case ForeignGone(foreign, _at):
             log.info("foreign object gone: %s", foreign.what)
-        case Reloaded(source, uplinks, nft_note, _at):
-            log.info("reloaded %s: %d uplinks", source, uplinks)
-            if nft_note:
+        case Reloaded(source, uplinks, nft_note, changed, _at):
+            unchanged = "" if changed else " (no change)"
+            if not nft_note:
+                log.info("reloaded %s: %d uplinks%s", source, uplinks, unchanged)
+            else:
                 log.warning(
-                    "reload: routing follows the new config, but its nft table could not be checked: %s; "
-                    "the running table stays live until the new one loads",
+                    "reloaded %s: %d uplinks%s; routing follows the new config, but its nft table could not "
+                    "be checked: %s; the running table stays live until the new one loads",
+                    source,
+                    uplinks,
+                    unchanged,
                     nft_note,
                 )
+        case HealthUnjudged(uplink, rounds, state, _at):
+            log.error(
+                "uplink=%s has judged nothing for %d rounds (its probes' own code raises: a bug in the "
+                "agent); its health stays %s until they work, and a real failure is not seen meanwhile",
+                uplink,
+                rounds,
+                state.value,
+            )
+        case HealthJudgedAgain(uplink, rounds, _at):
+            log.info("uplink=%s is judged again after %d rounds that judged nothing", uplink, rounds)
+        case ProberDied(uplink, error, _at):
+            log.error(
+                "uplink=%s prober died (%s); its health stands still until it runs again", uplink, error
+            )
         case ReloadRejected(reason, _at):
             log.error("reload rejected, keeping the running config: %s", reason)
 
@@ -5556,7 +5795,7 @@ async def run_daemon(
         failure.append(why)
         stop.set()
 
-    supervisor = Supervisor(fail, lambda name: pump.post(Resync()))
+    supervisor = Supervisor(fail, lambda name, error: pump.post(TaskDied(name, error)))
     pump: Pump
     try:
         # A look at the system, read-only: a collision refuses the start with nothing changed.
@@ -5573,6 +5812,9 @@ async def run_daemon(
         except StatusError as err:
             if status_path.exists():
                 log.warning("ignoring the previous run's status: %s", err)
+        except Exception as err:  # any content: never a reason not to start
+            what = f"{type(err).__name__}: {err}"
+            log.warning("ignoring the previous run's status: %s: %s", status_path, what)
         boot_id = read_boot_id()
         if stop.is_set():
             return 0  # stopped before anything was changed
@@ -5943,6 +6185,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except PermissionError as err:
         log.error("refusing to start: %s (needs CAP_NET_ADMIN and CAP_NET_RAW)", err)
         return EXIT_REFUSED
+    finally:
+        catch_early_signals()  # the closed loop restored the default actions; threads join now
 
 
 def cmd_check(args: argparse.Namespace) -> int:

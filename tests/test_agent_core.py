@@ -40,11 +40,14 @@ class Clock:
         self.now = 100.0
         self.state, intent = mwa.start_agent(cfg, INTERFACES, list(routes), previous, boot, self.now)
         self.intents = [intent]
+        self.work: mwa.RouteWork | None = intent.routes
         self.reconcile()
 
     def apply(self, result: tuple[mwa.AgentState, mwa.Intent]) -> mwa.Intent:
         self.state, intent = result
         self.intents.append(intent)
+        if intent.routes is not None:
+            self.work = intent.routes  # the routes edge keeps only the newest
         return intent
 
     def rounds(self, name: str, ok: bool, count: int) -> list[mwa.Intent]:
@@ -73,9 +76,12 @@ class Clock:
             self.reconcile()
         return intent
 
-    def reconcile(self, failed=(), rules=(), routes=()) -> mwa.Intent:
-        """The routes edge did the newest route work and saw `rules`/`routes`."""
-        work = mwa._route_work(self.state)
+    def reconcile(self, failed=(), rules=(), routes=(), work: mwa.RouteWork | None = None) -> mwa.Intent:
+        """The routes edge did the newest route work (or `work`) and saw `rules`/`routes`."""
+        if work is None:
+            if self.work is None:
+                self.state, self.work = mwa._route_work(self.state)
+            work, self.work = self.work, None
         return self.apply(mwa.on_routes(self.state, work, list(failed), list(rules), list(routes), self.now))
 
     def selected(self) -> str | None:
@@ -304,7 +310,7 @@ def test_a_reload_whose_nft_table_cannot_be_checked_still_applies_the_routing() 
 
 def test_a_failing_route_change_is_reported_once_and_retried_with_back_off() -> None:
     clock = up_and_running(config())
-    work = mwa._route_work(clock.state)
+    clock.state, work = mwa._route_work(clock.state)
     change = mwa.Change("replace_route", route=work.plan.uplink_routes[0])
     delays = []
     for _ in range(3):
@@ -326,7 +332,7 @@ def test_a_failed_selected_default_is_sent_again_as_urgent() -> None:
     urgent = intent.routes.urgent
     assert [c.route.interface for c in urgent] == ["wan1"]
     clock.apply(mwa.on_routes(clock.state, intent.routes, [(urgent[0], "No such device")], [], [], clock.now))
-    assert [c.route.interface for c in mwa._route_work(clock.state).urgent] == ["wan1"]
+    assert [c.route.interface for c in mwa._route_work(clock.state)[1].urgent] == ["wan1"]
 
 
 def test_netlink_trouble_backs_off_like_a_failed_change() -> None:
@@ -410,3 +416,129 @@ def test_next_wake_is_the_earliest_of_hysteresis_retry_and_resync() -> None:
     assert clock.intents[-1].wake_at == clock.state.wake_at < clock.state.resync_at
     resync = clock.tick(clock.state.resync_at)
     assert resync.refresh_links
+
+
+# route work answered late ---------------------------------------------------------------
+
+
+def test_a_release_waits_for_the_route_work_that_moved_its_traffic() -> None:
+    clock = up_and_running(config(extra_fibre='release_flows = "on_down"'))
+    clock.state, stale = mwa._route_work(clock.state)  # a resync's work, still being reconciled
+    for _ in range(3):
+        clock.now += 1
+        failover = clock.apply(mwa.on_round(clock.state, round_("fibre", False, clock.now), clock.now))
+    assert clock.selected() == "lte" and failover.routes.generation > stale.generation
+    # the stale work's answer comes first: table 200 still pointed at fibre then
+    early = clock.reconcile(work=stale)
+    assert early.releases == () and "fibre" in clock.state.owed_releases
+    done = clock.reconcile(work=failover.routes)
+    assert [r.uplink for r in done.releases] == ["fibre"]
+
+
+BALANCED = '[[uplink]]\nname = "cable"\ninterface = "wan2"\npriority = 1\nrelease_flows = "on_down"\n'
+
+
+def test_a_release_waits_for_the_live_nft_steering_or_its_time_bound() -> None:
+    cable_if = mwa.Interface("wan2", 4, True, True, "203.0.113.10", "203.0.113.9")
+    clock = Clock(config(tail=BALANCED))
+    clock.apply(mwa.on_links(clock.state, {**INTERFACES, "wan2": cable_if}, clock.now))
+    clock.reconcile()
+    for _ in range(3):
+        clock.now += 1
+        for name in ("fibre", "lte", "cable"):
+            clock.apply(mwa.on_round(clock.state, round_(name, True, clock.now), clock.now))
+            clock.reconcile()
+    group = clock.state.steering
+    assert dict(group.balance[4]) == {"fibre": 1, "cable": 1}
+    clock.apply(mwa.on_nft(clock.state, mwa.NftStatus(group, True), clock.now))  # the table steers to both
+    for _ in range(3):
+        clock.now += 1
+        clock.apply(mwa.on_round(clock.state, round_("cable", False, clock.now), clock.now))
+    assert clock.reconcile().releases == ()  # routes are done, but nft still balances onto cable
+    owed_at = clock.state.owed_releases["cable"].since
+    # the nft edge loads the new steering: the release starts
+    live = mwa.on_nft(clock.state, mwa.NftStatus(clock.state.steering, True), clock.now)
+    assert [r.uplink for r in live[1].releases] == ["cable"]
+    # ... or, with nft hung, once the wait is over (the core asked to be woken for it)
+    assert clock.intents[-1].wake_at <= owed_at + mwa.RELEASE_STEERING_WAIT_S
+    late = clock.tick(owed_at + mwa.RELEASE_STEERING_WAIT_S)
+    assert [r.uplink for r in late.releases] == ["cable"]
+
+
+def test_a_reload_drops_owed_releases_it_no_longer_asks_for() -> None:
+    clock = up_and_running(config(extra_fibre='release_flows = "on_down"'))
+    clock.rounds("lte", False, 3)
+    clock.state, stale = mwa._route_work(clock.state)
+    for _ in range(3):
+        clock.now += 1
+        clock.apply(mwa.on_round(clock.state, round_("fibre", False, clock.now), clock.now))
+    assert "fibre" in clock.state.owed_releases  # stranded: fibre still carries, it waits
+    same = clock.apply(
+        mwa.on_reload(clock.state, config(extra_fibre='release_flows = "on_down"'), [], [], "", clock.now)
+    )
+    assert "fibre" in clock.state.owed_releases and same.events[0].changed is False
+    clock.apply(
+        mwa.on_reload(clock.state, config(extra_fibre='release_flows = "on_failback"'), [], [], "", clock.now)
+    )
+    assert clock.state.owed_releases == {}
+
+
+# health that cannot be judged, tasks that die ---------------------------------------------
+
+
+def test_rounds_that_judge_nothing_for_fall_rounds_are_said_once_loudly() -> None:
+    clock = up_and_running(config())
+    broken = tuple(
+        mwa.ProbeResult(t, False, reason="agent error: KeyError", inconclusive=True) for t in TARGETS
+    )
+    seen = []
+    for i in range(6):
+        clock.now += 1
+        seen += clock.apply(
+            mwa.on_round(clock.state, mwa.RoundResult("fibre", 50 + i, clock.now, broken), clock.now)
+        ).events
+    (event,) = seen
+    assert isinstance(event, mwa.HealthUnjudged) and event.rounds == 3 and event.state is mwa.State.UP
+    assert clock.state.unjudged["fibre"] == 6
+    clock.now += 1
+    again = clock.apply(mwa.on_round(clock.state, round_("fibre", True, clock.now), clock.now))
+    assert [type(e) for e in again.events] == [mwa.HealthJudgedAgain] and clock.state.unjudged["fibre"] == 0
+
+
+def test_a_dead_conntrack_task_owes_its_running_release_again() -> None:
+    clock = up_and_running(config(extra_fibre='release_flows = "on_down"'))
+    clock.rounds("fibre", False, 3)
+    assert "fibre" in clock.state.releasing
+    died = clock.apply(mwa.on_task_died(clock.state, "conntrack", "ValueError: x", clock.now))
+    assert died.refresh_links and clock.state.releasing == {} and "fibre" in clock.state.owed_releases
+    assert [r.uplink for r in clock.reconcile().releases] == ["fibre"]
+    prober = clock.apply(mwa.on_task_died(clock.state, "prober lte", "KeyError: 'x'", clock.now))
+    assert [type(e) for e in prober.events] == [mwa.ProberDied]
+
+
+def test_probers_keep_their_rounds_unless_what_they_probe_changed() -> None:
+    started: list[str] = []
+    cancelled: list[str] = []
+
+    class Supervisor:
+        def start(self, name: str, factory: object, restart: str = "limited") -> None:
+            started.append(name)
+
+        def cancel(self, name: str) -> None:
+            cancelled.append(name)
+
+    probers = mwa.ProberSet(Supervisor(), lambda name: None, lambda result: None, False)  # type: ignore[arg-type]
+    probers.sync(config())
+    assert started == ["prober fibre", "prober lte"]
+    started.clear()
+    cancelled.clear()
+    probers.sync(config(extra_fibre="weight = 3", extra_lte='release_flows = "on_down"'))
+    assert started == [] and cancelled == []
+    probers.sync(config(extra_lte='[uplink.check]\ntimeout = "500ms"'))
+    assert started == ["prober lte"]
+    probers.sync(
+        config(extra_lte='[uplink.check]\ntimeout = "500ms"').__class__(
+            "agent.toml", config().agent, (config().uplinks[0],)
+        )
+    )
+    assert "prober lte" in cancelled

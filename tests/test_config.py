@@ -137,3 +137,10 @@ def test_steering_options() -> None:
     assert voip.match.families == (4, 6) and voip.uplinks == ("fibre", "lte") and voip.fallback == "drop"
     assert guests.match.iif == ("lan1",) and guests.match.families == (4,) and guests.fallback == "default"
     assert guests.match.dst_port == ("443", "8443")  # a port may be written as a string too
+
+
+def test_toml_that_would_overflow_the_parser_is_a_config_error() -> None:
+    with pytest.raises(mwa.ConfigError, match="t.toml: invalid TOML: nested too deeply"):
+        mwa.parse_config("x = " + "[" * 100_000, "t.toml")
+    with pytest.raises(mwa.ConfigError, match="t.toml: invalid TOML: "):
+        mwa.parse_config("x = 1" + "0" * 5000, "t.toml")

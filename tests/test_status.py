@@ -115,3 +115,21 @@ def test_liveness_from_the_lock_the_pid_the_boot_and_the_age() -> None:
     assert "NOT RUNNING: no agent holds the lock" in mwa.render_status(
         document, stale="no agent holds the lock"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('"since_monotonic": 1' + "0" * 400, "uplinks.fibre.since_monotonic: expected a finite number"),
+        ('"since": 1' + "0" * 400, "uplinks.fibre.since: expected a finite number"),
+        ('"reason": "\\ud800"', "uplinks.fibre.reason: expected text that is valid UTF-8"),
+    ],
+)
+def test_values_that_json_takes_but_nothing_can_use_are_refused(text: str, message: str) -> None:
+    document = json.dumps(written())
+    key = text.split(":", 1)[0]
+    start = document.index(key, document.index('"fibre": {'))
+    end = document.index(",", start)
+    with pytest.raises(mwa.StatusError) as err:
+        mwa.parse_status(document[:start] + text + document[end:], "status.json")
+    assert str(err.value) == f"status.json: {message}"
