@@ -1310,6 +1310,7 @@ def select(
     current: str | None,
     hysteresis_s: float,
     now: float,
+    unavailable: Mapping[str, str] | None = None,
 ) -> Decision:
     """Choose the uplink that carries new traffic.
 
@@ -1318,6 +1319,7 @@ def select(
     back to a better uplink waits until it has been up for `hysteresis_s` if
     it came back from a failure; one that never failed (at start) takes over
     as soon as it is confirmed. Among equal priorities the current one stays.
+    `unavailable` says why an uplink left out of `uplinks` is (e.g. "is drained").
     """
     order = {u.name: (u.priority, i) for i, u in enumerate(uplinks)}
 
@@ -1337,6 +1339,8 @@ def select(
         why_leave = (
             f"{current} cannot carry this traffic now" if gone else f"{current} is {state(current).value}"
         )
+        if unavailable and current in unavailable:
+            why_leave = f"{current} {unavailable[current]}"
         current = None
     else:
         why_leave = "first uplink up" if current is None else f"{current} is {state(current).value}"
@@ -1418,6 +1422,7 @@ def select_for_policy(
     current: str | None,
     hysteresis_s: float,
     now: float,
+    unavailable: Mapping[str, str] | None = None,
 ) -> Decision:
     """The uplink a policy's traffic takes: `select` over its own list, in its order.
 
@@ -1429,7 +1434,7 @@ def select_for_policy(
         for u in candidates
         if u.name in policy.uplinks
     ]
-    decision = select(healths, ranked, current, hysteresis_s, now)
+    decision = select(healths, ranked, current, hysteresis_s, now, unavailable)
     if decision.stranded:
         fallback = (
             "its traffic is dropped" if policy.fallback == "drop" else "its traffic follows the default"
@@ -2119,6 +2124,21 @@ class ForeignGone:
 
 
 @dataclass(frozen=True, slots=True)
+class Drained:
+    uplink: str
+    release: bool
+    #: Forced although no other uplink is up in `stranded` (the families left without one).
+    stranded: tuple[int, ...]
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Undrained:
+    uplink: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class HealthUnjudged:
     """An uplink's rounds have judged nothing for `rounds` in a row: its health stands still."""
 
@@ -2175,6 +2195,8 @@ Event = (
     | RouteChangeRecovered
     | ForeignAppeared
     | ForeignGone
+    | Drained
+    | Undrained
     | HealthUnjudged
     | HealthJudgedAgain
     | ProberDied
@@ -2221,6 +2243,29 @@ class FlowRelease:
     local: frozenset[str]
 
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    ok: bool
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class DrainCommand:
+    uplink: str
+    #: Also release its tracked flows (as release_flows does), so they move at once.
+    release: bool = False
+    #: Even if no other uplink is up in a family it carries.
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UndrainCommand:
+    uplink: str
+
+
+Command = DrainCommand | UndrainCommand
+
+
 class StatusWrite(Enum):
     NONE = 0
     #: Metrics changed (rtt, loss, counts): write within STATUS_METRICS_PERIOD_S.
@@ -2242,6 +2287,8 @@ class Intent:
     status: StatusWrite = StatusWrite.NONE
     #: When the core wants on_tick at the latest (monotonic).
     wake_at: float = float("inf")
+    #: The answer to an operator's command (on_command), for the one who asked.
+    reply: Reply | None = None
 
 
 # The state.
@@ -2252,7 +2299,8 @@ class OwedRelease:
     """release_flows that will run once the uplink carries none of these families."""
 
     why: str
-    #: "down" (cancelled when it is up again) or "failback" (cancelled when it carries again).
+    #: "down" (cancelled when it is up again), "failback" (cancelled when it carries again) or
+    #: "drain" (cancelled when it is undrained).
     kind: str
     families: frozenset[int]
     #: The route work that takes new traffic away from the uplink: the release waits for it
@@ -2270,6 +2318,16 @@ class RunningRelease:
     mark: int
     mask: int
     cancelled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """An operator's drain of one uplink."""
+
+    #: Wall-clock time of the drain (for people; it survives a restart, unlike the monotonic clock).
+    since_wall: float
+    #: Its tracked flows were released too (`drain --release`).
+    release: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -2317,6 +2375,8 @@ class AgentState:
     nft: NftStatus = NftStatus()
     #: Probes whose own code raised (a bug, never a failed probe), per uplink since start.
     probe_errors: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    #: Uplinks an operator took out of selection, balance groups and policies (probes go on).
+    drained: Mapping[str, Drain] = dataclasses.field(default_factory=dict)
     #: Rounds in a row in which nothing could be judged, per uplink (its health stands still).
     unjudged: Mapping[str, int] = dataclasses.field(default_factory=dict)
     #: The newest route work handed out, and the newest one reconciled.
@@ -2359,9 +2419,10 @@ def start_agent(
     previous: PreviousRun | None,
     boot_id: str | None,
     now: float,
+    drained: Mapping[str, Drain] | None = None,
 ) -> tuple[AgentState, Intent]:
-    """The state at start: adopt what a previous run left, owe what it owed, then
-    take the first link dump as any later one."""
+    """The state at start: adopt what a previous run left, owe what it owed, keep its
+    drains, then take the first link dump as any later one."""
     adopted = adoptable(config, interfaces, routes)
     healths: dict[str, Health] = {}
     for uplink in config.uplinks:
@@ -2392,6 +2453,7 @@ def start_agent(
         applied_defaults=applied,
         managed_tables=config.tables,
         resync_at=now + RESYNC_PERIOD_S,
+        drained={n: d for n, d in (drained or {}).items() if _uplink(config, n) is not None},
     )
     events = tuple(
         Adopted(name, family, now)
@@ -2623,6 +2685,7 @@ def on_reload(
             if f"on_{owed.kind}" in release_flows.get(n, ())
         },
         managed_tables=state.managed_tables | new.tables,
+        drained={n: d for n, d in state.drained.items() if n in release_flows},
     )
     changed = dataclasses.replace(old, source=new.source) != new
     event = Reloaded(new.source, len(new.uplinks), nft_note, changed, now)
@@ -2644,6 +2707,73 @@ def on_released(state: AgentState, uplink: str, released: Released, now: float) 
         )
     state, releases = _start_releases(state, now)
     return _finish(state, Intent(events, releases=releases))
+
+
+def on_command(state: AgentState, command: Command, now: float, wall_now: float) -> tuple[AgentState, Intent]:
+    """An operator's drain or undrain; the reply says what happened, or why not."""
+    uplink = _uplink(state.config, command.uplink)
+    if uplink is None:
+        names = ", ".join(u.name for u in state.config.uplinks)
+        return _finish(
+            state, Intent(reply=Reply(False, f"no uplink named {command.uplink!r} (uplinks: {names})"))
+        )
+    name = uplink.name
+    if isinstance(command, UndrainCommand):
+        if name not in state.drained:
+            return _finish(state, Intent(reply=Reply(True, f"{name} is not drained")))
+        owed = {n: o for n, o in state.owed_releases.items() if not (n == name and o.kind == "drain")}
+        drained = {n: d for n, d in state.drained.items() if n != name}
+        state = dataclasses.replace(state, drained=drained, owed_releases=owed)
+        events: tuple[Event, ...] = (Undrained(name, now),)
+        message = f"{name} is undrained: it takes traffic again as its priority and health say"
+    else:
+        was = state.drained.get(name)
+        if was is not None and (was.release or not command.release):
+            return _finish(state, Intent(reply=Reply(True, f"{name} is already drained")))
+        stranded = tuple(
+            f
+            for f in uplink.families
+            if state.healths[name].state is not State.DOWN
+            and not any(
+                u.name != name and state.healths[u.name].state is not State.DOWN
+                for u in _candidates(state, f)
+            )
+        )
+        if stranded and not command.force:
+            which = "/".join(FAMILY_TITLE[f] for f in stranded)
+            return _finish(
+                state,
+                Intent(
+                    reply=Reply(
+                        False,
+                        f"refused: {name} is the last uplink up for {which}; drained, it would carry no new "
+                        f"traffic, yet nothing else could: the agent would keep its route (no uplink up) and "
+                        "traffic would go on leaving through it. Add --force to drain it anyway",
+                    )
+                ),
+            )
+        drain = Drain(was.since_wall if was is not None else wall_now, command.release)
+        state = dataclasses.replace(state, drained={**state.drained, name: drain})
+        if command.release:
+            owed = dict(state.owed_releases)
+            owed[name] = OwedRelease(
+                "it was drained", "drain", frozenset(uplink.families), state.routes_planned + 1, now
+            )
+            state = dataclasses.replace(state, owed_releases=owed)
+        events = (Drained(name, command.release, stranded, now),)
+        message = f"{name} is drained: new traffic leaves through other uplinks; its probes go on" + (
+            "; its tracked flows are released" if command.release else "; its established flows stay"
+        )
+    state, decided = _decide(state, now)
+    state, work = _route_work(state)
+    intent = Intent(
+        (*events, *decided),
+        routes=work,
+        nft=_steering_wanted(state),
+        status=StatusWrite.NOW,
+        reply=Reply(True, message),
+    )
+    return _finish(state, intent)
 
 
 def on_counts(state: AgentState, counts: Mapping[str, int] | None) -> tuple[AgentState, Intent]:
@@ -2714,15 +2844,11 @@ def _decide(state: AgentState, now: float) -> tuple[AgentState, tuple[Event, ...
     policy_decisions = {name: dict(d) for name, d in state.policy_decisions.items()}
     balance: dict[int, tuple[tuple[str, int], ...]] = {}
     wakes: list[float] = []
+    unavailable = {name: "is drained by the operator" for name in state.drained}
     for family in config.families:
-        # Each family chooses among the uplinks that can route it right now.
-        candidates = [
-            u
-            for u in config.uplinks
-            if family in u.families and routable(u, state.interfaces.get(u.interface), family)
-        ]
+        candidates = _candidates(state, family)
         previous = decisions.get(family, Decision(None, "starting"))
-        decision = select(state.healths, candidates, previous.selected, hysteresis_s, now)
+        decision = select(state.healths, candidates, previous.selected, hysteresis_s, now, unavailable)
         events += _selection_events(family, previous, decision, now)
         decisions[family] = decision
         group = balance_group(state.healths, candidates, decision.selected, hysteresis_s, now)
@@ -2734,7 +2860,9 @@ def _decide(state: AgentState, now: float) -> tuple[AgentState, tuple[Event, ...
             chosen = policy_decisions.setdefault(policy.name, {})
             before = chosen.get(family)
             current = before.selected if before is not None else None
-            placed = select_for_policy(policy, state.healths, candidates, current, hysteresis_s, now)
+            placed = select_for_policy(
+                policy, state.healths, candidates, current, hysteresis_s, now, unavailable
+            )
             if before is None or before.selected != placed.selected:
                 events.append(
                     PolicyChanged(
@@ -2784,6 +2912,17 @@ def _decide(state: AgentState, now: float) -> tuple[AgentState, tuple[Event, ...
         wake_at=min(wakes) if wakes else None,
     )
     return state, tuple(events)
+
+
+def _candidates(state: AgentState, family: int) -> list[UplinkConfig]:
+    """The uplinks that may carry this family now: they can route it, and are not drained."""
+    return [
+        u
+        for u in state.config.uplinks
+        if family in u.families
+        and routable(u, state.interfaces.get(u.interface), family)
+        and u.name not in state.drained
+    ]
 
 
 def _selection_events(family: int, previous: Decision, decision: Decision, now: float) -> list[Event]:
@@ -2862,6 +3001,8 @@ def _count_unjudged(
 
 def _release_still_wanted(state: AgentState, name: str, running: RunningRelease) -> bool:
     health = state.healths.get(name)
+    if running.kind == "drain":
+        return name in state.drained
     if running.kind == "down":
         return health is None or health.state is not State.UP
     return not any((name, f) in state.carrying for f in running.families)
@@ -4616,14 +4757,19 @@ class NftEdge:
                 events.close()
 
     async def _converge(self, wanted: SteeringWanted, now: float) -> None:
-        if self._check:
+        # What is wanted first (a steering change is on a switch's path), the look second.
+        await self._follow(wanted, now)
+        if self._check and self._live_config is not None:
             self._check = False
-            if self._live_config is not None:
-                code, _ = await self._nft("list", "table", *NFT_TABLE.split())
-                if code not in (0, NFT_TIMED_OUT):  # a hung nft says nothing about the table
-                    log.warning("nft: table %s is gone; re-installing", NFT_TABLE)
-                    self._live_config = self._live_steering = None
-                    self._gone = True
+            code, _ = await self._nft("list", "table", *NFT_TABLE.split())
+            if code not in (0, NFT_TIMED_OUT):  # a hung nft says nothing about the table
+                log.warning("nft: table %s is gone; re-installing", NFT_TABLE)
+                self._live_config = self._live_steering = None
+                self._gone = True
+                await self._follow(wanted, now)
+        self._check = False
+
+    async def _follow(self, wanted: SteeringWanted, now: float) -> None:
         if wanted.config is not self._live_config:
             backing_off = self._failing is not None and now < self._retry_at
             if not backing_off or wanted.config is not self._tried_config:
