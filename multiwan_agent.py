@@ -49,6 +49,7 @@ import dataclasses  # noqa: E402
 import errno  # noqa: E402
 import fcntl  # noqa: E402
 import functools  # noqa: E402
+import grp  # noqa: E402
 import ipaddress  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
@@ -57,16 +58,18 @@ import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import socket  # noqa: E402
+import stat  # noqa: E402
 import statistics  # noqa: E402
 import struct  # noqa: E402
+import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import urllib.parse  # noqa: E402
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence  # noqa: E402
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from enum import Enum  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Final, TypeVar  # noqa: E402
+from typing import Any, Final, Protocol, TypeVar  # noqa: E402
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -91,11 +94,19 @@ EXIT_FAILURE: Final = 1
 EXIT_CONFIG: Final = 2
 #: Exit code when the agent refuses to start (collision, another agent, missing privilege).
 EXIT_REFUSED: Final = 3
+#: `check --strict`: the config is valid, but the host gave a warning.
+EXIT_WARNINGS: Final = 1
+#: drain, undrain, reload: the agent refused (the message says why).
+EXIT_REFUSED_COMMAND: Final = 1
 #: `status`: no uplink is up (the agent runs).
 EXIT_NO_UPLINK: Final = 1
 #: `status`: the agent is not running, or its status cannot be read.
 EXIT_NOT_RUNNING: Final = 3
 
+#: `check` warns when one target gets more probes a second than this from all uplinks.
+PROBE_RATE_WARN_PER_S: Final = 10.0
+#: Where every command looks for the config unless told (-c).
+DEFAULT_CONFIG: Final = "/etc/multiwan-agent/multiwan.toml"
 #: Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
 IFNAME_MAX: Final = 15
 #: Tables the kernel reserves: unspec, compat, default, main, local.
@@ -159,6 +170,34 @@ STATUS_HEARTBEAT_S: Final = 5.0
 STATUS_STALE_S: Final = 3 * STATUS_HEARTBEAT_S
 #: The lock in state_dir that makes one agent per state (flock; holds the pid).
 LOCK_FILE: Final = "agent.lock"
+#: History: events kept (state_dir/history.json), its format and size bounds, its write period.
+HISTORY_SIZE: Final = 1000
+HISTORY_VERSION: Final = 1
+HISTORY_MAX_BYTES: Final = 4 << 20
+HISTORY_WRITE_PERIOD_S: Final = 1.0
+#: The control socket in state_dir, and its bounds: request size, clients at once, requests
+#: per connection, the time a client may take, events per history reply, reply size read.
+CONTROL_SOCKET: Final = "control.sock"
+CONTROL_MAX_REQUEST: Final = 4096
+CONTROL_MAX_CLIENTS: Final = 8
+CONTROL_MAX_REQUESTS: Final = 100
+CONTROL_TIMEOUT_S: Final = 5.0
+CONTROL_MAX_EVENTS: Final = 1000
+CONTROL_MAX_REPLY: Final = 8 << 20
+#: How long the CLI waits for the agent's reply (a reload checks nft, up to NFT_TIMEOUT_S).
+CONTROL_CLIENT_WAIT_S: Final = NFT_TIMEOUT_S + 5.0
+#: Hooks: at most this many run at once; events waiting beyond HOOK_QUEUE drop the oldest.
+HOOK_CONCURRENCY: Final = 4
+HOOK_QUEUE: Final = 100
+#: Webhooks: events waiting per webhook, attempts per event, and the retry back-off.
+WEBHOOK_QUEUE: Final = 100
+WEBHOOK_ATTEMPTS: Final = 8
+WEBHOOK_RETRY_S: Final = 1.0
+WEBHOOK_RETRY_MAX_S: Final = 60.0
+#: A dropped notification is logged at most this often.
+NOTIFY_DROP_LOG_S: Final = 10.0
+#: The metrics textfile is rewritten this often.
+METRICS_TEXTFILE_PERIOD_S: Final = 5.0
 #: Attempts to take it, and the pause between them (a `status` holds it shared for an instant).
 LOCK_ATTEMPTS: Final = 10
 LOCK_RETRY_S: Final = 0.02
@@ -241,6 +280,35 @@ NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 #: Interface names as the agent accepts them: what nft takes unquoted-safe in a string.
 IFNAME_RE: Final = re.compile(rf"^[A-Za-z0-9_.@-]{{1,{IFNAME_MAX}}}$")
 IFNAME_EXPECTED: Final = f"an interface name (letters, digits, '_', '.', '@', '-'; at most {IFNAME_MAX})"
+#: A group name, as [agent] control_group takes it.
+GROUP_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,31}\Z")
+#: An HTTP header name (RFC 9110 token).
+HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}\Z")
+#: The events hooks and webhooks may subscribe to, as event_record names them.
+HOOK_EVENTS: Final = (
+    "uplink_up",
+    "uplink_down",
+    "uplink_degraded",
+    "switch",
+    "no_uplink",
+    "failback_waiting",
+    "balance",
+    "policy",
+    "drain",
+    "undrain",
+    "flows_released",
+    "reload",
+    "reload_rejected",
+    "renumbered",
+    "adopted",
+    "route_change_failed",
+    "route_change_recovered",
+    "foreign_object",
+    "foreign_object_gone",
+    "health_unjudged",
+    "health_judged",
+    "prober_died",
+)
 #: A port or a port range, as a policy takes them ("443", "10000-20000").
 PORT_RE: Final = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
 
@@ -363,6 +431,45 @@ class AgentConfig:
     sticky: str = "connection"
     #: With sticky = "source": a host idle this long is placed afresh.
     sticky_timeout_s: float = 1800.0
+    #: The group that may use the control socket (state_dir/control.sock, mode 0660).
+    control_group: str = "root"
+    #: Where the Prometheus metrics are served, (address, port); None: not served.
+    metrics_listen: tuple[str, int] | None = None
+    #: A node_exporter textfile (`*.prom`) the metrics are also written to; None: none.
+    metrics_textfile: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HookConfig:
+    """A program run, without a shell, on each of `events` (see HOOK_EVENTS)."""
+
+    exec: tuple[str, ...]
+    events: frozenset[str]
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """An HTTP(S) POST of each of `events`, as one JSON object, retried with back-off."""
+
+    url: str
+    events: frozenset[str]
+    #: Extra headers (name, value): values may be secrets and are never logged or shown.
+    headers: tuple[tuple[str, str], ...] = ()
+    #: A file holding the token sent as `Authorization: Bearer ...` (read at start and reload).
+    bearer_token_file: str | None = None
+    timeout_s: float = 10.0
+    tls_verify: bool = True
+
+    @property
+    def shown(self) -> str:
+        """The URL as logs and `check` show it: without credentials, query or fragment."""
+        parts = urllib.parse.urlsplit(self.url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}{parts.path or '/'}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +515,8 @@ class Config:
     agent: AgentConfig
     uplinks: tuple[UplinkConfig, ...]
     policies: tuple[PolicyConfig, ...] = ()
+    hooks: tuple[HookConfig, ...] = ()
+    webhooks: tuple[WebhookConfig, ...] = ()
 
     def uplink(self, name: str) -> UplinkConfig:
         for uplink in self.uplinks:
@@ -700,6 +809,9 @@ def parse_config(text: str, source: str) -> Config:
         mark_mask=agent_reader.integer("mark_mask", defaults.mark_mask, 1, 0xFFFFFFFF),
         sticky=agent_reader.choice("sticky", STICKY_MODES, defaults.sticky),
         sticky_timeout_s=agent_reader.duration("sticky_timeout", defaults.sticky_timeout_s, minimum_s=1.0),
+        control_group=_read_group(agent_reader),
+        metrics_listen=_read_listen(agent_reader),
+        metrics_textfile=_read_textfile(agent_reader),
     )
     if agent_reader.has("sticky_timeout") and agent.sticky != "source":
         raise ConfigError(source, "agent.sticky_timeout", 'applies only with sticky = "source"')
@@ -789,8 +901,150 @@ def parse_config(text: str, source: str) -> Config:
             )
         )
     policies = _read_policies(root, uplinks)
+    hooks = _read_hooks(root)
+    webhooks = _read_webhooks(root)
     root.finish()
-    return Config(source=source, agent=agent, uplinks=tuple(uplinks), policies=policies)
+    return Config(
+        source=source, agent=agent, uplinks=tuple(uplinks), policies=policies, hooks=hooks, webhooks=webhooks
+    )
+
+
+def _read_group(reader: _Reader) -> str:
+    group = reader.string("control_group", "root")
+    if not GROUP_RE.match(group):
+        raise reader.error("control_group", "a group name (letters, digits, '_', '-')", group)
+    return group
+
+
+def _read_listen(reader: _Reader) -> tuple[str, int] | None:
+    """`metrics_listen = "127.0.0.1:9367"` or "[::1]:9367"; loopback unless metrics_allow_remote."""
+    allow_remote = reader.boolean("metrics_allow_remote") if reader.has("metrics_allow_remote") else False
+    if not reader.has("metrics_listen"):
+        if allow_remote:
+            raise ConfigError(
+                reader.source, reader.key("metrics_allow_remote"), "applies only with metrics_listen"
+            )
+        return None
+    text = reader.string("metrics_listen")
+    expected = 'an address and port such as "127.0.0.1:9367" or "[::1]:9367"'
+    host, _, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        address = ipaddress.ip_address(host)
+        number = int(port) if port.isdigit() else 0
+    except ValueError:
+        raise reader.error("metrics_listen", expected, text) from None
+    if not 1 <= number <= 65535 or (address.version == 6 and not text.startswith("[")):
+        raise reader.error("metrics_listen", expected, text)
+    if not address.is_loopback and not allow_remote:
+        raise reader.error(
+            "metrics_listen", "a loopback address (or set metrics_allow_remote = true to serve others)", text
+        )
+    return str(address), number
+
+
+def _read_textfile(reader: _Reader) -> str | None:
+    if not reader.has("metrics_textfile"):
+        return None
+    path = reader.string("metrics_textfile")
+    if not path.startswith("/") or not path.endswith(".prom"):
+        raise reader.error("metrics_textfile", 'an absolute path ending in ".prom"', path)
+    return path
+
+
+def _read_events(reader: _Reader) -> frozenset[str]:
+    """`events = ["uplink_down", ...]`: names from HOOK_EVENTS; all of them when left out."""
+    if not reader.has("events"):
+        return frozenset(HOOK_EVENTS)
+    expected = "event names (" + ", ".join(HOOK_EVENTS) + ")"
+    names: set[str] = set()
+    for where, item in _one_or_many(reader, "events", expected):
+        if item not in HOOK_EVENTS:
+            raise reader.error(where, expected, item)
+        names.add(item)
+    return frozenset(names)
+
+
+def _tables(root: _Reader, key: str) -> list[_Reader]:
+    if not root.has(key):
+        return []
+    raw = root.raw(key)
+    if not isinstance(raw, list):
+        raise root.error(key, f"an array of [[{key}]] tables", raw)
+    readers = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise ConfigError(root.source, f"{key}[{index}]", f"expected a table, got {_show(item)}")
+        readers.append(_Reader(root.source, f"{key}[{index}]", item))
+    return readers
+
+
+def _read_hooks(root: _Reader) -> tuple[HookConfig, ...]:
+    hooks: list[HookConfig] = []
+    for reader in _tables(root, "hook"):
+        if not reader.has("exec"):
+            raise ConfigError(reader.source, reader.key("exec"), "is required")
+        argv = reader.raw("exec")
+        expected = (
+            'an array: an absolute program path, then its arguments, e.g. ["/usr/local/bin/notify", "-x"]'
+        )
+        if (
+            not isinstance(argv, list)
+            or not argv
+            or not all(isinstance(a, str) and a and "\0" not in a for a in argv)
+            or not argv[0].startswith("/")
+        ):
+            raise reader.error("exec", expected, argv)
+        events = _read_events(reader)
+        timeout_s = reader.duration("timeout", 10.0, minimum_s=0.1)
+        reader.finish()
+        hooks.append(HookConfig(tuple(argv), events, timeout_s))
+    return tuple(hooks)
+
+
+def _read_webhooks(root: _Reader) -> tuple[WebhookConfig, ...]:
+    webhooks: list[WebhookConfig] = []
+    for reader in _tables(root, "webhook"):
+        url = reader.string("url")
+        parts = urllib.parse.urlsplit(url)
+        try:
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+        except ValueError:
+            valid = False
+        if not valid or any(c in url for c in "\r\n\0 "):
+            raise reader.error(
+                "url", 'an http:// or https:// URL such as "https://hooks.example/multiwan"', url
+            )
+        headers: list[tuple[str, str]] = []
+        table = reader.sub("headers")
+        if table is not None:
+            for name in list(table.table):
+                value = table.raw(name)
+                if not HEADER_NAME_RE.match(name) or name.lower() in (
+                    "host",
+                    "content-length",
+                    "content-type",
+                ):
+                    raise ConfigError(
+                        reader.source,
+                        table.key(name),
+                        "expected a header name other than Host, Content-Length and Content-Type",
+                    )
+                if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+                    # The value is not shown: it may be a secret.
+                    raise ConfigError(reader.source, table.key(name), "expected a string on one line")
+                headers.append((name, value))
+        token_file = None
+        if reader.has("bearer_token_file"):
+            token_file = reader.string("bearer_token_file")
+            if not token_file.startswith("/"):
+                raise reader.error("bearer_token_file", "an absolute path", token_file)
+        events = _read_events(reader)
+        timeout_s = reader.duration("timeout", 10.0, minimum_s=0.1)
+        tls_verify = reader.boolean("tls_verify") if reader.has("tls_verify") else True
+        reader.finish()
+        webhooks.append(WebhookConfig(url, events, tuple(headers), token_file, timeout_s, tls_verify))
+    return tuple(webhooks)
 
 
 def _one_or_many(reader: _Reader, key: str, expected: str) -> list[tuple[str, Any]]:
@@ -1129,6 +1383,9 @@ class Health:
     #: Start time of the newest round observed: an older round that completes
     #: later (its timeout ran out after a newer round's reply) is stale.
     last_round_at: float = float("-inf")
+    #: When the current run of failed rounds began (the first bad evidence), or the link was
+    #: lost; None while it answers. A failover's detection time is measured from here.
+    failing_since: float | None = None
 
     @property
     def quality(self) -> Quality | None:
@@ -1197,6 +1454,11 @@ def observe_round(
         good, bad = (health.good_rounds + 1, 0) if result.ok else (0, health.bad_rounds + 1)
         rtt = result.rtt_ms  # None when nothing answered: a down uplink shows no stale RTT
         last_round_at = result.started_at
+    failing_since = health.failing_since
+    if not stale:
+        failing_since = (
+            None if result.ok else failing_since if failing_since is not None else result.started_at
+        )
     judged, problem = quality_problem(samples, check)
     good_q, bad_q = health.good_quality, health.bad_quality
     if judged:
@@ -1214,6 +1476,7 @@ def observe_round(
         samples=samples,
         failure=failure,
         last_round_at=last_round_at,
+        failing_since=failing_since,
     )
     state = health.state
     if state is not State.DOWN and bad >= check.fall:
@@ -1241,7 +1504,13 @@ def observe_link(health: Health, link: LinkObservation, now: float) -> tuple[Hea
         return health, []
     if not link.usable:
         updated = dataclasses.replace(
-            health, link_usable=False, good_rounds=0, bad_rounds=0, failure=None, last_round_at=now
+            health,
+            link_usable=False,
+            good_rounds=0,
+            bad_rounds=0,
+            failure=None,
+            last_round_at=now,
+            failing_since=now if health.failing_since is None else health.failing_since,
         )
         if health.state is State.DOWN:
             return dataclasses.replace(updated, reason=link.reason), []
@@ -2030,6 +2299,8 @@ class SelectionChanged:
     new: str | None
     reason: str
     at: float
+    #: A failover: when the first evidence of the old uplink's failure came (else None).
+    evidence_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -2849,7 +3120,7 @@ def _decide(state: AgentState, now: float) -> tuple[AgentState, tuple[Event, ...
         candidates = _candidates(state, family)
         previous = decisions.get(family, Decision(None, "starting"))
         decision = select(state.healths, candidates, previous.selected, hysteresis_s, now, unavailable)
-        events += _selection_events(family, previous, decision, now)
+        events += _selection_events(family, previous, decision, state.healths, now)
         decisions[family] = decision
         group = balance_group(state.healths, candidates, decision.selected, hysteresis_s, now)
         balance[family] = group.members
@@ -2925,9 +3196,15 @@ def _candidates(state: AgentState, family: int) -> list[UplinkConfig]:
     ]
 
 
-def _selection_events(family: int, previous: Decision, decision: Decision, now: float) -> list[Event]:
+def _selection_events(
+    family: int, previous: Decision, decision: Decision, healths: Mapping[str, Health], now: float
+) -> list[Event]:
     if decision.selected != previous.selected:
-        return [SelectionChanged(family, previous.selected, decision.selected, decision.reason, now)]
+        old = healths.get(previous.selected) if previous.selected is not None else None
+        evidence = old.failing_since if old is not None and old.state is not State.UP else None
+        return [
+            SelectionChanged(family, previous.selected, decision.selected, decision.reason, now, evidence)
+        ]
     if decision.stranded and not previous.stranded:
         return [NoUplinkUp(family, decision.selected, decision.reason, now)]
     if decision.wake_at is not None and decision.wake_at != previous.wake_at:
@@ -3999,6 +4276,7 @@ class RouteEdge:
                 for change in work.urgent:
                     log.info("netlink: %s", change.describe())
                 failed += await self.worker.call(nl_apply, work.urgent, work.indexes, protocol)
+            urgent_done_at = asyncio.get_running_loop().time()
             # Every family here: objects of a family a reload dropped must go too.
             rules = await self.worker.call(nl_rules)
             routes = await self.worker.call(nl_routes, work.managed_tables)
@@ -4012,7 +4290,7 @@ class RouteEdge:
                 for change in changes:
                     log.info("netlink: %s", change.describe())
                 failed += await self.worker.call(nl_apply, changes, work.indexes, protocol)
-            return RoutesReconciled(work, tuple(failed), tuple(rules), tuple(routes))
+            return RoutesReconciled(work, tuple(failed), tuple(rules), tuple(routes), urgent_done_at)
         finally:
             self.quiet.set()
 
@@ -4904,6 +5182,8 @@ def status_document(
             "probe_errors": state.probe_errors.get(uplink.name, 0),
             # rounds in a row that judged nothing: past `fall`, its health stands still
             "unjudged_rounds": state.unjudged.get(uplink.name, 0),
+            # taken out of selection, balance and policies by an operator (its probes go on)
+            "drained": uplink.name in state.drained,
         }
     primary_decision = state.decisions.get(primary, Decision(None, "starting"))
     return {
@@ -5259,6 +5539,881 @@ class StatusWriter:
             self._failing = False
 
 
+# History ######################################################################
+#
+# Owns the record of what the agent decided: one flat JSON object per event (the
+# same for history, hooks, webhooks and metrics), a bounded ring of them kept
+# atomically in state_dir across restarts, and the drains an operator made.
+
+
+def event_record(event: Event, wall_now: float, mono_now: float) -> dict[str, Any]:
+    """An event as everyone outside the agent sees it: `event` (a HOOK_EVENTS name), `time`
+    (wall clock, for people), `monotonic` (for order within a boot) and its fields."""
+    record: dict[str, Any] = {
+        "time": round(wall_now - (mono_now - event.at), 3),
+        "monotonic": round(event.at, 6),
+    }
+    match event:
+        case Transition(uplink, old, new, reason, _at):
+            record |= {
+                "event": f"uplink_{new.value}",
+                "uplink": uplink,
+                "state": new.value,
+                "previous": old.value,
+            }
+            record["reason"] = reason
+        case SelectionChanged(family, old, new, reason, _at, _evidence):
+            record |= {"event": "switch", "family": FAMILY_NAME[family], "selected": new, "previous": old}
+            record |= {"uplink": new, "reason": reason}
+        case NoUplinkUp(family, kept, reason, _at):
+            record |= {
+                "event": "no_uplink",
+                "family": FAMILY_NAME[family],
+                "selected": kept,
+                "reason": reason,
+            }
+        case FailbackWaiting(family, reason, _at):
+            record |= {"event": "failback_waiting", "family": FAMILY_NAME[family], "reason": reason}
+        case BalanceChanged(family, members, changes, _at):
+            record |= {"event": "balance", "family": FAMILY_NAME[family], "members": dict(members)}
+            record["reason"] = ", ".join(changes)
+        case PolicyChanged(policy, family, old, new, fallback, reason, _first, _at):
+            record |= {"event": "policy", "policy": policy, "family": FAMILY_NAME[family], "uplink": new}
+            record |= {"selected": new, "previous": old, "fallback": fallback, "reason": reason}
+        case Renumbered(uplink, change, _at):
+            record |= {"event": "renumbered", "uplink": uplink, "reason": change}
+        case Adopted(uplink, family, _at):
+            record |= {
+                "event": "adopted",
+                "uplink": uplink,
+                "family": FAMILY_NAME[family],
+                "selected": uplink,
+            }
+            record["reason"] = "the selected default route of a previous run points at it"
+        case FlowsReleased(uplink, families, why, _mark, _mask, released, _at):
+            record |= {
+                "event": "flows_released",
+                "uplink": uplink,
+                "reason": why,
+                "released": released.deleted,
+            }
+            record |= {"families": [FAMILY_NAME[f] for f in sorted(families)], "kept": released.inbound_kept}
+            record |= {"failed": released.failed, "error": released.error, "cancelled": released.cancelled}
+        case RouteChangeFailed(change, error, _at):
+            record |= {"event": "route_change_failed", "reason": f"{change}: {error}"}
+        case RouteChangeRecovered(change, _at):
+            record |= {"event": "route_change_recovered", "reason": change}
+        case ForeignAppeared(foreign, _at):
+            record |= {"event": "foreign_object", "reason": f"{foreign.what}: {foreign.defeats}"}
+        case ForeignGone(foreign, _at):
+            record |= {"event": "foreign_object_gone", "reason": foreign.what}
+        case Drained(uplink, release, stranded, _at):
+            reason = "drained by the operator" + (", its flows released" if release else "")
+            if stranded:
+                reason += f"; forced, the last uplink up for {'/'.join(FAMILY_TITLE[f] for f in stranded)}"
+            record |= {"event": "drain", "uplink": uplink, "release": release, "reason": reason}
+        case Undrained(uplink, _at):
+            record |= {"event": "undrain", "uplink": uplink, "reason": "undrained by the operator"}
+        case HealthUnjudged(uplink, rounds, state, _at):
+            record |= {"event": "health_unjudged", "uplink": uplink, "state": state.value}
+            record["reason"] = f"{rounds} rounds in a row judged nothing (its probes raise)"
+        case HealthJudgedAgain(uplink, rounds, _at):
+            record |= {"event": "health_judged", "uplink": uplink, "reason": f"after {rounds} rounds"}
+        case ProberDied(uplink, error, _at):
+            record |= {"event": "prober_died", "uplink": uplink, "reason": error}
+        case Reloaded(source, uplinks, nft_note, changed, _at):
+            reason = ("applied" if changed else "applied, no change") + (f"; {nft_note}" if nft_note else "")
+            record |= {"event": "reload", "config": source, "uplinks": uplinks, "reason": reason}
+        case ReloadRejected(reason, _at):
+            record |= {"event": "reload_rejected", "reason": reason}
+    return record
+
+
+class History:
+    """The last HISTORY_SIZE events, in state_dir/history.json: written atomically at most
+    once a second (and at exit), read back at start like any state file (a bad one is
+    named and set aside, never a reason not to start)."""
+
+    def __init__(self, path: Path, boot_id: str | None) -> None:
+        self.path = path
+        self._boot_id = boot_id
+        self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY_SIZE)
+        self._seq = 0
+        self._dirty = False
+        self._failing = False
+
+    def load(self) -> None:
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as handle:
+                text = handle.read(HISTORY_MAX_BYTES + 1)
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            log.warning("ignoring the history in %s: cannot read: %s", self.path, err.strerror)
+            return
+        try:
+            events = parse_history(text, str(self.path))
+        except StatusError as err:
+            log.warning("ignoring the history: %s", err)
+            return
+        self._events.extend(events)
+        self._seq = max((e["seq"] for e in events), default=0)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self._seq += 1
+        self._events.append({"seq": self._seq, "boot_id": self._boot_id, **record})
+        self._dirty = True
+
+    def since(self, wall_s: float) -> list[dict[str, Any]]:
+        return [e for e in self._events if e["time"] >= wall_s]
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(HISTORY_WRITE_PERIOD_S)
+            if self._dirty:
+                self.save()
+
+    def save(self) -> None:
+        self._dirty = False
+        try:
+            write_json_atomically(self.path, {"version": HISTORY_VERSION, "events": list(self._events)})
+        except OSError as err:
+            if not self._failing:
+                log.warning("cannot write %s: %s; history is kept in memory until it can be", self.path, err)
+                self._failing = True
+            self._dirty = True
+            return
+        self._failing = False
+
+
+def parse_history(text: str, source: str) -> list[dict[str, Any]]:
+    """A history file's events, checked like a status document. Raises StatusError."""
+    if len(text) > HISTORY_MAX_BYTES:
+        raise StatusError(source, "", f"expected at most {HISTORY_MAX_BYTES} bytes, got {len(text)}")
+    try:
+        document = json.loads(text)
+    except RecursionError:
+        raise StatusError(source, "", "nested too deeply") from None
+    except ValueError as err:
+        raise StatusError(source, "", f"not JSON: {err}") from None
+    if not isinstance(document, dict) or document.get("version") != HISTORY_VERSION:
+        raise StatusError(source, "version", f"expected a history document of version {HISTORY_VERSION}")
+    _check_values(document, source, "")
+    events = document.get("events")
+    if not isinstance(events, list):
+        raise StatusError(source, "events", f"expected an array, got {_show(events)}")
+    for index, event in enumerate(events):
+        where = f"events[{index}]"
+        if not isinstance(event, dict):
+            raise StatusError(source, where, f"expected an object, got {_show(event)}")
+        for key, types in (
+            ("seq", (int,)),
+            ("event", (str,)),
+            ("time", (int, float)),
+            ("monotonic", (int, float)),
+        ):
+            value = event.get(key)
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise StatusError(
+                    source, f"{where}.{key}", f"expected a {types[0].__name__}, got {_show(value)}"
+                )
+    return events[-HISTORY_SIZE:]
+
+
+def read_drains(path: Path) -> dict[str, Drain]:
+    """The drains a previous run left (state_dir/drains.json). Raises StatusError."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.read(STATUS_MAX_BYTES + 1)
+    except FileNotFoundError:
+        return {}
+    except OSError as err:
+        raise StatusError(str(path), "", f"cannot read: {err.strerror}") from None
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError):
+        raise StatusError(str(path), "", "not JSON") from None
+    drained = document.get("drained") if isinstance(document, dict) else None
+    if not isinstance(drained, dict):
+        raise StatusError(str(path), "drained", "expected an object of uplink names")
+    result: dict[str, Drain] = {}
+    for name, drain in drained.items():
+        since = drain.get("since") if isinstance(drain, dict) else None
+        release = drain.get("release", False) if isinstance(drain, dict) else None
+        if isinstance(since, bool) or not isinstance(since, (int, float)) or not isinstance(release, bool):
+            raise StatusError(str(path), f"drained.{name}", 'expected {"since": <time>, "release": <bool>}')
+        if not math.isfinite(float(since)) or not isinstance(name, str) or not NAME_RE.match(name):
+            raise StatusError(str(path), f"drained.{name}", "expected an uplink name and a finite time")
+        result[name] = Drain(float(since), release)
+    return result
+
+
+def write_drains(path: Path, drained: Mapping[str, Drain]) -> None:
+    document = {n: {"since": round(d.since_wall, 3), "release": d.release} for n, d in drained.items()}
+    write_json_atomically(path, {"version": 1, "drained": document})
+
+
+# Control socket ###############################################################
+#
+# Owns state_dir/control.sock: line-delimited JSON requests and replies for the
+# CLI (status, history, drain, undrain, reload), bounded in size, clients and
+# time, so that no client can stall probing or switching.
+
+
+class ControlServer:
+    """One request per line, one reply per line: {"cmd": ...} -> {"ok": true, ...} or
+    {"ok": false, "error": "..."}. Garbage gets an error reply; the agent goes on."""
+
+    def __init__(
+        self,
+        path: Path,
+        group: str,
+        answer: Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]],
+    ) -> None:
+        self.path = path
+        self._group = group
+        self._answer = answer
+        self._clients = 0
+
+    async def run(self) -> None:
+        _remove_stale_socket(self.path)
+        try:
+            server = await asyncio.start_unix_server(
+                self._serve, path=str(self.path), limit=CONTROL_MAX_REQUEST
+            )
+        except OSError as err:  # e.g. a state_dir path too long for a unix socket: the agent runs on
+            log.error(
+                "control socket %s: cannot listen: %s; status comes from status.json only", self.path, err
+            )
+            await asyncio.Event().wait()
+            return
+        try:
+            gid = grp.getgrnam(self._group).gr_gid if self._group != "root" else 0
+            os.chown(self.path, -1, gid)
+            os.chmod(self.path, 0o660)
+        except (KeyError, OSError) as err:
+            log.error("control socket %s: cannot give it to group %s: %s", self.path, self._group, err)
+        try:
+            async with server:
+                await server.serve_forever()
+        finally:
+            _remove_stale_socket(self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._clients >= CONTROL_MAX_CLIENTS:
+            writer.write(_reply_line({"ok": False, "error": f"busy: {CONTROL_MAX_CLIENTS} clients at once"}))
+            await _close(writer)
+            return
+        self._clients += 1
+        try:
+            for _ in range(CONTROL_MAX_REQUESTS):
+                try:
+                    line = await wait_within(reader.readline(), CONTROL_TIMEOUT_S)
+                except TimeoutError:
+                    break
+                except (ValueError, asyncio.LimitOverrunError):  # longer than the limit
+                    writer.write(
+                        _reply_line(
+                            {"ok": False, "error": f"a request is at most {CONTROL_MAX_REQUEST} bytes"}
+                        )
+                    )
+                    break
+                if not line.endswith(b"\n"):
+                    break  # EOF, or a half-closed client's last words
+                reply = await self._request(line)
+                writer.write(_reply_line(reply))
+                await wait_within(writer.drain(), CONTROL_TIMEOUT_S)
+        except (TimeoutError, OSError):
+            pass  # a slow or gone client: its loss
+        finally:
+            self._clients -= 1
+            await _close(writer)
+
+    async def _request(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+        except (ValueError, RecursionError):
+            return {"ok": False, "error": 'expected one JSON object per line, such as {"cmd": "status"}'}
+        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+            return {"ok": False, "error": 'expected an object with a "cmd", such as {"cmd": "status"}'}
+        try:
+            return await self._answer(request)
+        except Exception as err:  # the request's boundary: a bug answers an error, the server goes on
+            log.exception("control: %s failed", request["cmd"])
+            return {"ok": False, "error": f"the agent failed to answer: {type(err).__name__}"}
+
+
+def _reply_line(reply: Mapping[str, Any]) -> bytes:
+    return (json.dumps(reply, separators=(",", ":")) + "\n").encode()
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    try:
+        await wait_within(writer.wait_closed(), 1.0)
+    except (TimeoutError, OSError):
+        pass
+
+
+def _remove_stale_socket(path: Path) -> None:
+    # Only a socket: the lock says no other agent runs, so one found here is a dead one's.
+    try:
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def control_request(
+    state_dir: str, request: Mapping[str, Any], timeout_s: float = CONTROL_CLIENT_WAIT_S
+) -> dict[str, Any]:
+    """One request to a running agent; raises OSError when none answers."""
+    path = Path(state_dir) / CONTROL_SOCKET
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(str(path))
+        sock.sendall(_reply_line(request))
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError(f"{path}: the agent closed the connection")
+            data += chunk
+            if len(data) > CONTROL_MAX_REPLY:
+                raise ConnectionError(f"{path}: a reply longer than {CONTROL_MAX_REPLY} bytes")
+    reply = json.loads(data)
+    if not isinstance(reply, dict):
+        raise ConnectionError(f"{path}: not a reply: {data[:80]!r}")
+    return reply
+
+
+# Hooks and webhooks ###########################################################
+#
+# Owns what tells the world: [[hook]] programs (no shell, the event in MULTIWAN_*
+# and on stdin) and [[webhook]] POSTs (retried with back-off). Both queue boundedly
+# and run off the pump: a hook that hangs or a receiver that is dead delays nothing.
+
+
+def hook_environment(record: Mapping[str, Any]) -> dict[str, str]:
+    """The MULTIWAN_* variables of one event ("" for a field it does not have)."""
+    fields = ("event", "uplink", "family", "state", "previous", "selected", "reason")
+    return {f"MULTIWAN_{key.upper()}": str(record.get(key) or "").replace("\0", "") for key in fields}
+
+
+class Notifications:
+    """Every event record goes to the hooks and webhooks that asked for it. A task of its
+    own runs them: at most HOOK_CONCURRENCY hooks at once, one sender per webhook."""
+
+    def __init__(self, config: Config) -> None:
+        self._hooks: tuple[HookConfig, ...] = ()
+        self._hook_queue: collections.deque[tuple[HookConfig, Mapping[str, Any]]] = collections.deque()
+        self._senders: dict[WebhookConfig, WebhookSender] = {}
+        self._wake = asyncio.Event()
+        #: Events dropped because a queue was full, since start (a metric).
+        self.dropped = 0
+        self._dropped_logged_at = float("-inf")
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """At start and on reload: the hooks and webhooks of this config (a kept webhook keeps its queue)."""
+        self._hooks = config.hooks
+        self._senders = {w: self._senders.get(w) or WebhookSender(w, self._drop) for w in config.webhooks}
+        self._wake.set()
+
+    def submit(self, record: Mapping[str, Any]) -> None:
+        for hook in self._hooks:
+            if record.get("event") in hook.events:
+                if len(self._hook_queue) >= HOOK_QUEUE:
+                    self._hook_queue.popleft()
+                    self._drop("hooks")
+                self._hook_queue.append((hook, record))
+                self._wake.set()
+        for sender in self._senders.values():
+            sender.submit(record)
+
+    def _drop(self, where: str) -> None:
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._dropped_logged_at >= NOTIFY_DROP_LOG_S:
+            self._dropped_logged_at = now
+            log.warning(
+                "%s: queue full, the oldest event dropped (%d dropped since start)", where, self.dropped
+            )
+
+    async def run(self) -> None:
+        running: set[asyncio.Task[None]] = set()
+        senders: dict[WebhookSender, asyncio.Task[None]] = {}
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                for sender in [s for s in senders if s not in self._senders.values()]:
+                    senders.pop(sender).cancel()
+                for sender in self._senders.values():
+                    if sender not in senders or senders[sender].done():
+                        if (
+                            sender in senders
+                            and not senders[sender].cancelled()
+                            and senders[sender].exception()
+                        ):
+                            raise senders[sender].exception()  # type: ignore[misc]
+                        senders[sender] = asyncio.ensure_future(sender.run())
+                while self._hook_queue and len(running) < HOOK_CONCURRENCY:
+                    hook, record = self._hook_queue.popleft()
+                    task = asyncio.ensure_future(self._run_hook(hook, record))
+                    running.add(task)
+
+                    def finished(done: asyncio.Task[None]) -> None:
+                        running.discard(done)
+                        self._wake.set()  # the next hook may start
+
+                    task.add_done_callback(finished)
+        finally:
+            for task in [*running, *senders.values()]:
+                task.cancel()
+
+    async def _run_hook(self, hook: HookConfig, record: Mapping[str, Any]) -> None:
+        name, event = hook.exec[0], record.get("event")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *hook.exec,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, **hook_environment(record)},
+                start_new_session=True,  # its children too can be killed at the timeout
+            )
+        except OSError as err:
+            log.warning("hook=%s event=%s cannot run: %s", name, event, err.strerror or err)
+            return
+        try:
+            _, stderr = await wait_within(
+                proc.communicate(json.dumps(record).encode() + b"\n"), hook.timeout_s
+            )
+        except TimeoutError:
+            _kill_group(proc)
+            log.warning(
+                "hook=%s event=%s killed: still running after its %s timeout",
+                name,
+                event,
+                format_duration(hook.timeout_s),
+            )
+            return
+        except BaseException:
+            _kill_group(proc)
+            raise
+        if proc.returncode:
+            last = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+            log.warning("hook=%s event=%s exited %d: %s", name, event, proc.returncode, last[0][:200])
+
+
+class WebhookSender:
+    """One [[webhook]]: POSTs its events in order, retried with a doubling back-off; a full
+    queue drops the oldest. Never logs a header value or the token (secrets)."""
+
+    def __init__(self, webhook: WebhookConfig, drop: Callable[[str], None]) -> None:
+        self.webhook = webhook
+        self._drop = drop
+        self._queue: collections.deque[Mapping[str, Any]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._token = _read_token(webhook.bearer_token_file)
+
+    def submit(self, record: Mapping[str, Any]) -> None:
+        if record.get("event") not in self.webhook.events:
+            return
+        if len(self._queue) >= WEBHOOK_QUEUE:
+            self._queue.popleft()
+            self._drop(f"webhook {self.webhook.shown}")
+        self._queue.append(record)
+        self._wake.set()
+
+    async def run(self) -> None:
+        delay_s = 0.0
+        attempts = 0
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            outcome = await self._post(self._queue[0])
+            if outcome is None:
+                self._queue.popleft()
+                delay_s, attempts = 0.0, 0
+                continue
+            attempts += 1
+            if outcome.startswith("refused") or attempts >= WEBHOOK_ATTEMPTS:
+                self._queue.popleft()
+                log.warning(
+                    "webhook=%s event dropped after %d attempts: %s", self.webhook.shown, attempts, outcome
+                )
+                delay_s, attempts = 0.0, 0
+                continue
+            delay_s = min(max(delay_s * 2, WEBHOOK_RETRY_S), WEBHOOK_RETRY_MAX_S)
+            if attempts == 1:
+                log.warning("webhook=%s: %s; retrying with back-off", self.webhook.shown, outcome)
+            await asyncio.sleep(delay_s)
+
+    async def _post(self, record: Mapping[str, Any]) -> str | None:
+        """None when delivered; else why not ("refused ..." for an answer that a retry cannot change)."""
+        webhook = self.webhook
+        url = urllib.parse.urlsplit(webhook.url)
+        body = json.dumps(record).encode()
+        context: Any = None
+        if url.scheme == "https":
+            import ssl
+
+            context = ssl.create_default_context()
+            if not webhook.tls_verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        host = url.hostname or ""
+        port = url.port or (443 if url.scheme == "https" else 80)
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        headers = [
+            f"POST {path} HTTP/1.1",
+            f"Host: {url.netloc.rsplit('@', 1)[-1]}",
+            f"User-Agent: multiwan-agent/{__version__}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+            *(f"{name}: {value}" for name, value in webhook.headers),
+        ]
+        if self._token:
+            headers.append(f"Authorization: Bearer {self._token}")
+        writer: asyncio.StreamWriter | None = None
+        try:
+
+            async def exchange() -> int:
+                nonlocal writer
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=context, server_hostname=host if context else None
+                )
+                writer.write(("\r\n".join(headers) + "\r\n\r\n").encode() + body)
+                await writer.drain()
+                parts = (await reader.readline()).decode("latin-1").split()
+                if len(parts) < 2 or not parts[1].isdigit():
+                    raise ProbeFailure("not an HTTP response")
+                return int(parts[1])
+
+            code = await wait_within(exchange(), webhook.timeout_s)
+        except TimeoutError:
+            return f"no answer within {format_duration(webhook.timeout_s)}"
+        except (OSError, ProbeFailure) as err:  # ssl.SSLError is an OSError
+            return f"{type(err).__name__}: {getattr(err, 'strerror', None) or err}"
+        finally:
+            if writer is not None:
+                writer.close()
+        if 200 <= code < 300:
+            return None
+        if 400 <= code < 500 and code not in (408, 429):
+            return f"refused with HTTP {code}"
+        return f"HTTP {code}"
+
+
+def _read_token(path: str | None) -> str:
+    if path is None:
+        return ""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        log.error("webhook: cannot read bearer_token_file %s: %s; sending without a token", path, err)
+        return ""
+    if any(c in token for c in "\r\n\0"):
+        log.error("webhook: bearer_token_file %s holds more than one line; sending without a token", path)
+        return ""
+    return token
+
+
+# Metrics ######################################################################
+#
+# Owns the Prometheus exposition (text format 0.0.4): counters fed by rounds and
+# events, gauges read off the agent state, served on metrics_listen and/or
+# written atomically as a node_exporter textfile. Labels: uplink, family,
+# target, method (and reason on probe failures, version on build info).
+
+#: Histogram buckets, in seconds.
+RTT_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+DETECTION_BUCKETS: Final = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.0,
+    3.0,
+    4.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    30.0,
+    60.0,
+)
+ROUTE_CHANGE_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+#: Probe failure reasons, as the failures counter's `reason` label (a bounded set).
+FAILURE_REASONS: Final = (
+    "timeout",
+    "unreachable",
+    "ttl_exceeded",
+    "refused",
+    "status",
+    "tls",
+    "dns",
+    "error",
+)
+
+
+def failure_reason(reason: str) -> str:
+    """A probe's reason ("unreachable (from 203.0.113.1)") as a bounded label value."""
+    for prefix, label in (
+        ("timeout", "timeout"),
+        ("unreachable", "unreachable"),
+        ("ttl exceeded", "ttl_exceeded"),
+        ("refused", "refused"),
+        ("status ", "status"),
+        ("tls", "tls"),
+    ):
+        if reason.startswith(prefix):
+            return label
+    return "dns" if reason in DNS_RCODES.values() or reason.startswith("rcode") else "error"
+
+
+class Histogram:
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * len(self.buckets)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.total += 1
+        self.sum += value
+        for index, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[index] += 1
+
+
+Labels = tuple[tuple[str, str], ...]
+
+
+class Metrics:
+    """Counters and histograms fed by the pump; render() adds the gauges of the state."""
+
+    def __init__(self) -> None:
+        self.requests: dict[Labels, int] = {}
+        self.failures: dict[Labels, int] = {}
+        self.rtt: dict[Labels, Histogram] = {}
+        self.state_changes: dict[Labels, int] = {}
+        self.switches: dict[Labels, int] = {}
+        self.released: dict[Labels, int] = {}
+        self.detection: dict[Labels, Histogram] = {}
+        self.route_change = Histogram(ROUTE_CHANGE_BUCKETS)
+        self.reload_ok = 1
+
+    def on_round(self, result: RoundResult) -> None:
+        for probe in result.judged:
+            labels = (("uplink", result.uplink), ("target", probe.target), ("method", probe.method.value))
+            self.requests[labels] = self.requests.get(labels, 0) + 1
+            if probe.ok and probe.rtt_ms is not None:
+                self.rtt.setdefault(labels, Histogram(RTT_BUCKETS)).observe(probe.rtt_ms / 1000)
+            elif not probe.ok:
+                failed = (*labels, ("reason", failure_reason(probe.reason)))
+                self.failures[failed] = self.failures.get(failed, 0) + 1
+
+    def submit(self, record: Mapping[str, Any]) -> None:
+        event = record.get("event", "")
+        if event.startswith("uplink_"):
+            key = (("uplink", str(record["uplink"])),)
+            self.state_changes[key] = self.state_changes.get(key, 0) + 1
+        elif event == "switch":
+            key = (("family", str(record["family"])),)
+            self.switches[key] = self.switches.get(key, 0) + 1
+        elif event == "flows_released":
+            key = (("uplink", str(record["uplink"])),)
+            self.released[key] = self.released.get(key, 0) + int(record.get("released", 0))
+        elif event in ("reload", "reload_rejected"):
+            self.reload_ok = 1 if event == "reload" else 0
+
+    def on_switch_done(self, family: int, detection_s: float | None, route_change_s: float) -> None:
+        """A switch's route change is in the kernel: how long it took from the decision, and
+        (a failover) from the first evidence of the failure."""
+        self.route_change.observe(route_change_s)
+        if detection_s is not None:
+            key = (("family", FAMILY_NAME[family]),)
+            self.detection.setdefault(key, Histogram(DETECTION_BUCKETS)).observe(detection_s)
+
+    def render(self, state: AgentState, dropped: int) -> str:
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+
+        def sample(name: str, labels: Labels, value: float) -> None:
+            text = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels)
+            out.append(f"{name}{{{text}}} {value:g}" if text else f"{name} {value:g}")
+
+        def histograms(name: str, series: Mapping[Labels, Histogram]) -> None:
+            for labels, histogram in sorted(series.items()):
+                cumulative = 0
+                for bound, count in zip(histogram.buckets, histogram.counts, strict=True):
+                    cumulative = count
+                    sample(f"{name}_bucket", (*labels, ("le", f"{bound:g}")), cumulative)
+                sample(f"{name}_bucket", (*labels, ("le", "+Inf")), histogram.total)
+                sample(f"{name}_sum", labels, histogram.sum)
+                sample(f"{name}_count", labels, histogram.total)
+
+        config = state.config
+        family("multiwan_build_info", "gauge", "The agent's version.")
+        sample("multiwan_build_info", (("version", __version__),), 1)
+        family("multiwan_uplink_up", "gauge", "1 while the uplink is up.")
+        for u in config.uplinks:
+            sample("multiwan_uplink_up", (("uplink", u.name),), int(state.healths[u.name].state is State.UP))
+        family("multiwan_uplink_state", "gauge", "The uplink's state, one-hot.")
+        for u in config.uplinks:
+            for s in State:
+                sample(
+                    "multiwan_uplink_state",
+                    (("uplink", u.name), ("state", s.value)),
+                    int(state.healths[u.name].state is s),
+                )
+        family("multiwan_uplink_selected", "gauge", "1 while the uplink carries the family's new traffic.")
+        for u in config.uplinks:
+            for f in u.families:
+                sample(
+                    "multiwan_uplink_selected",
+                    (("uplink", u.name), ("family", FAMILY_NAME[f])),
+                    int(state.selected(f) == u.name),
+                )
+        family("multiwan_uplink_drained", "gauge", "1 while an operator has drained the uplink.")
+        for u in config.uplinks:
+            sample("multiwan_uplink_drained", (("uplink", u.name),), int(u.name in state.drained))
+        family("multiwan_uplink_state_changes_total", "counter", "State changes of the uplink since start.")
+        for u in config.uplinks:
+            key = (("uplink", u.name),)
+            sample("multiwan_uplink_state_changes_total", key, self.state_changes.get(key, 0))
+        family("multiwan_probe_rtt_seconds", "histogram", "Round-trip times of answered probes.")
+        histograms("multiwan_probe_rtt_seconds", self.rtt)
+        family("multiwan_probe_loss_ratio", "gauge", "Share of probes lost over the quality window.")
+        for u in config.uplinks:
+            loss = state.healths[u.name].loss_pct
+            if loss is not None:
+                sample("multiwan_probe_loss_ratio", (("uplink", u.name),), round(loss / 100, 4))
+        family("multiwan_probe_requests_total", "counter", "Probes sent and judged.")
+        for labels, count in sorted(self.requests.items()):
+            sample("multiwan_probe_requests_total", labels, count)
+        family("multiwan_probe_failures_total", "counter", "Probes that failed, by reason.")
+        for labels, count in sorted(self.failures.items()):
+            sample("multiwan_probe_failures_total", labels, count)
+        family("multiwan_switches_total", "counter", "Changes of the selected uplink, per family.")
+        for f in config.families:
+            key = (("family", FAMILY_NAME[f]),)
+            sample("multiwan_switches_total", key, self.switches.get(key, 0))
+        family(
+            "multiwan_detection_seconds",
+            "histogram",
+            "From the first evidence of a failure to its route change.",
+        )
+        histograms("multiwan_detection_seconds", self.detection)
+        family(
+            "multiwan_route_change_seconds",
+            "histogram",
+            "From a switch's decision to its route change in the kernel.",
+        )
+        histograms("multiwan_route_change_seconds", {(): self.route_change})
+        family(
+            "multiwan_flows_released_total", "counter", "Tracked connections released (deleted one by one)."
+        )
+        for u in config.uplinks:
+            key = (("uplink", u.name),)
+            sample("multiwan_flows_released_total", key, self.released.get(key, 0))
+        if state.connections is not None:
+            family("multiwan_tracked_connections", "gauge", "Tracked connections marked for the uplink.")
+            for u in config.uplinks:
+                sample(
+                    "multiwan_tracked_connections", (("uplink", u.name),), state.connections.get(u.name, 0)
+                )
+        family("multiwan_config_last_reload_successful", "gauge", "1 when the last reload was applied.")
+        sample("multiwan_config_last_reload_successful", (), self.reload_ok)
+        family(
+            "multiwan_notifications_dropped_total",
+            "counter",
+            "Hook and webhook events dropped by full queues.",
+        )
+        sample("multiwan_notifications_dropped_total", (), dropped)
+        return "\n".join(out) + "\n"
+
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class MetricsServer:
+    """GET /metrics on metrics_listen, and/or the textfile; both read `render()` when asked."""
+
+    def __init__(
+        self, render: Callable[[], str], listen: tuple[str, int] | None, textfile: str | None
+    ) -> None:
+        self._render = render
+        self.listen = listen
+        self.textfile = textfile
+        self._clients = 0
+
+    async def run(self) -> None:
+        server = None
+        if self.listen is not None:
+            host, port = self.listen
+            try:
+                server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+            except OSError as err:  # the agent runs on without metrics
+                log.error("metrics: cannot listen on %s:%d: %s", host, port, err.strerror or err)
+        try:
+            while True:
+                if self.textfile is not None:
+                    try:
+                        _write_atomically(Path(self.textfile), self._render())
+                    except OSError as err:
+                        log.warning("metrics: cannot write %s: %s", self.textfile, err)
+                await asyncio.sleep(METRICS_TEXTFILE_PERIOD_S)
+        finally:
+            if server is not None:
+                server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if self._clients >= CONTROL_MAX_CLIENTS:
+                return
+            self._clients += 1
+            try:
+                request = await wait_within(reader.readuntil(b"\r\n\r\n"), CONTROL_TIMEOUT_S)
+                words = request.split(b" ", 2)
+                if len(words) >= 2 and words[0] == b"GET" and words[1].split(b"?")[0] == b"/metrics":
+                    body, status = self._render().encode(), "200 OK"
+                    kind = "text/plain; version=0.0.4; charset=utf-8"
+                else:
+                    body, status, kind = b"not found: try /metrics\n", "404 Not Found", "text/plain"
+                head = (
+                    f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+                    "Connection: close\r\n\r\n"
+                )
+                writer.write(head.encode() + body)
+                await wait_within(writer.drain(), CONTROL_TIMEOUT_S)
+            finally:
+                self._clients -= 1
+        except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            await _close(writer)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 # systemd notification ########################################################
 #
 # Owns sd_notify: READY, RELOADING, STOPPING, STATUS and WATCHDOG datagrams.
@@ -5306,7 +6461,7 @@ class Notifier:
 # four calls: on_round() -> RouteEdge.want() -> RouteEdge._reconcile() -> nl_apply().
 
 
-async def wait_within(awaitable: Coroutine[Any, Any, T], timeout_s: float) -> T:
+async def wait_within(awaitable: Awaitable[T], timeout_s: float) -> T:
     """asyncio.wait_for without its flaw before Python 3.12 (bpo-42130): a cancellation
     that arrives as the awaited thing completes is never swallowed, so a long-lived task
     always stops when it is told to. Raises TimeoutError."""
@@ -5342,6 +6497,8 @@ class RoutesReconciled:
     failed: tuple[tuple[Change, str], ...]
     rules: tuple[RuleEntry, ...]
     routes: tuple[RouteEntry, ...]
+    #: Loop time when the urgent replaces were in the kernel (for the route-change metric).
+    urgent_done_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -5357,11 +6514,14 @@ class ReloadPrepared:
     rules: tuple[RuleEntry, ...]
     routes: tuple[RouteEntry, ...]
     nft_note: str
+    #: Who asked through the control socket, waiting for the result.
+    waiters: tuple[asyncio.Future[Reply], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class ReloadFailed:
     reason: str
+    waiters: tuple[asyncio.Future[Reply], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -5378,6 +6538,14 @@ class ConnectionsCounted:
 @dataclass(frozen=True, slots=True)
 class NftReported:
     report: NftStatus
+
+
+@dataclass(frozen=True, slots=True)
+class CommandReceived:
+    """An operator's drain or undrain (control socket); the reply goes to `reply_to`."""
+
+    command: Command
+    reply_to: asyncio.Future[Reply]
 
 
 @dataclass(frozen=True, slots=True)
@@ -5403,6 +6571,7 @@ Observation = (
     | ReleaseFinished
     | ConnectionsCounted
     | NftReported
+    | CommandReceived
     | TaskDied
     | Tick
 )
@@ -5546,8 +6715,20 @@ class Pump:
         probers: ProberSet,
         notifier: Notifier,
         dry_run: bool,
+        history: History,
+        drains_path: Path,
+        metrics: Metrics,
+        sinks: Sequence[EventSink] = (),
     ) -> None:
         self.state = state
+        self._history = history
+        self._metrics = metrics
+        #: Switches whose route work is not yet in the kernel: (its generation, the switch).
+        self._switches: list[tuple[int, SelectionChanged]] = []
+        self._drains_path = drains_path
+        self._drained = state.drained
+        #: Hooks, webhooks and metrics: each takes every event record, never blocking.
+        self._sinks = sinks
         self._routes = routes
         self._nft = nft
         self._conntrack = conntrack
@@ -5604,19 +6785,23 @@ class Pump:
         config = state.config
         match observation:
             case RoundObserved(result):
+                self._metrics.on_round(result)
                 state, intent = on_round(state, result, now)
             case LinksObserved(interfaces):
                 state, intent = on_links(state, interfaces, now)
-            case RoutesReconciled(work, failed, rules, routes):
+            case RoutesReconciled(work, failed, rules, routes, done_at):
                 state, intent = on_routes(state, work, failed, rules, routes, now)
+                self._switch_done(work.generation, done_at)
                 if not self.ready.is_set():
                     self.ready.set()  # READY=1 after the first reconcile
             case RoutesFailed(error):
                 state, intent = on_routes_failed(state, error, now)
-            case ReloadPrepared(new, rules, routes, nft_note):
+            case ReloadPrepared(new, rules, routes, nft_note, _waiters):
                 state, intent = on_reload(state, new, rules, routes, nft_note, now)
-            case ReloadFailed(reason):
+            case ReloadFailed(reason, _waiters):
                 state, intent = on_reload_refused(state, reason, now)
+            case CommandReceived(command, _reply_to):
+                state, intent = on_command(state, command, now, time.time())
             case ReleaseFinished(uplink, released):
                 state, intent = on_released(state, uplink, released, now)
             case ConnectionsCounted(counts):
@@ -5631,6 +6816,9 @@ class Pump:
         if state.config is not config:
             self._routes.config = self._conntrack.config = state.config
             self._probers.sync(state.config)
+            for sink in self._sinks:
+                if isinstance(sink, Notifications):
+                    sink.configure(state.config)
             if dataclasses.replace(config, source=state.config.source) != state.config:
                 log_effective_config(state.config, self._dry_run)
         if isinstance(observation, RoutesFailed) or (
@@ -5643,11 +6831,24 @@ class Pump:
             self._write_status(StatusWrite.NOW)
         if isinstance(observation, (ReloadPrepared, ReloadFailed)):
             self._notifier.send("READY=1\nSTATUS=" + status_summary(state))
+            _answer_reload(observation.waiters, intent)
+        if isinstance(observation, CommandReceived) and not observation.reply_to.done():
+            observation.reply_to.set_result(intent.reply or Reply(False, "no answer"))
+        if state.drained is not self._drained:
+            self._drained = state.drained
+            self._save_drains(state.drained)
 
     def _carry_out(self, intent: Intent) -> None:
         self._wake_at = intent.wake_at
+        wall_now, mono_now = time.time(), time.monotonic()
         for event in intent.events:
             log_event(event)
+            if isinstance(event, SelectionChanged) and intent.routes is not None:
+                self._switches.append((intent.routes.generation, event))
+            record = event_record(event, wall_now, mono_now)
+            self._history.add(record)
+            for sink in self._sinks:
+                sink.submit(record)
         if intent.refresh_links:
             self._routes.want_links()
         if intent.routes is not None:
@@ -5664,6 +6865,20 @@ class Pump:
             self._routes_given = intent.routes
         self._write_status(intent.status)
 
+    def _switch_done(self, generation: int, done_at: float) -> None:
+        """The route work of these switches is in the kernel: time them (metrics)."""
+        for entry in [e for e in self._switches if e[0] <= generation]:
+            self._switches.remove(entry)
+            _, switch = entry
+            detection = None if switch.evidence_at is None else done_at - switch.evidence_at
+            self._metrics.on_switch_done(switch.family, detection, max(done_at - switch.at, 0.0))
+
+    def _save_drains(self, drained: Mapping[str, Drain]) -> None:
+        try:
+            write_drains(self._drains_path, drained)
+        except OSError as err:  # the drain holds; only a restart would forget it
+            log.error("cannot write %s: %s; a restart would forget the drains", self._drains_path, err)
+
     def routes_settling(self) -> bool:
         """Route work is on its way into the kernel (for at most STATUS_HOLD_S): status waits
         for it, so that it never says what is not in place yet."""
@@ -5676,6 +6891,94 @@ class Pump:
         self._status.note(status)
         if status is StatusWrite.NOW and self.ready.is_set():
             self._notifier.send("STATUS=" + status_summary(self.state))
+
+
+def _answer_reload(waiters: Sequence[asyncio.Future[Reply]], intent: Intent) -> None:
+    """Tell those who asked for the reload what came of it."""
+    reply = Reply(False, "no answer")
+    for event in intent.events:
+        if isinstance(event, Reloaded):
+            note = f"; {event.nft_note}" if event.nft_note else ""
+            reply = Reply(True, f"applied {event.source}{'' if event.changed else ' (no change)'}{note}")
+        elif isinstance(event, ReloadRejected):
+            reply = Reply(False, f"{event.reason}; kept the running config")
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(reply)
+
+
+class EventSink(Protocol):
+    """Takes every event record (hooks, webhooks, metrics); must never block."""
+
+    def submit(self, record: Mapping[str, Any]) -> None: ...
+
+
+class Operator:
+    """The control socket's answers: status from the pump's state, history from the ring,
+    drain and undrain through the core, reload through the reloader."""
+
+    def __init__(
+        self, pump: Pump, history: History, reloader: Reloader, document: Callable[[bool], dict[str, Any]]
+    ) -> None:
+        self._pump = pump
+        self._history = history
+        self._reloader = reloader
+        self._document = document
+
+    async def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request["cmd"]
+        if cmd == "status":
+            return {"ok": True, "status": self._document(True)}
+        if cmd == "history":
+            since = request.get("since", "1h")
+            try:
+                seconds = (
+                    float(since)
+                    if isinstance(since, (int, float)) and not isinstance(since, bool)
+                    else parse_duration(since)
+                )
+            except ValueError:
+                return {
+                    "ok": False,
+                    "error": f'"since": expected a duration such as "1h" or "30m", got {_show(since)}',
+                }
+            events = self._history.since(time.time() - seconds)
+            return {
+                "ok": True,
+                "events": events[-CONTROL_MAX_EVENTS:],
+                "truncated": len(events) > CONTROL_MAX_EVENTS,
+            }
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Reply] = loop.create_future()
+        if cmd in ("drain", "undrain"):
+            uplink = request.get("uplink")
+            flags = {k: request.get(k, False) for k in ("release", "force")}
+            if not isinstance(uplink, str) or not all(isinstance(v, bool) for v in flags.values()):
+                return {
+                    "ok": False,
+                    "error": f'{cmd}: expected {{"uplink": "<name>"}} (and "release", "force": true/false)',
+                }
+            command: Command = (
+                DrainCommand(uplink, flags["release"], flags["force"])
+                if cmd == "drain"
+                else UndrainCommand(uplink)
+            )
+            self._pump.post(CommandReceived(command, waiter))
+        elif cmd == "reload":
+            self._reloader.request(waiter)
+        else:
+            return {
+                "ok": False,
+                "error": f"unknown cmd {_show(cmd)}: expected status, history, drain, undrain or reload",
+            }
+        try:
+            reply = await wait_within(waiter, CONTROL_CLIENT_WAIT_S)
+        except TimeoutError:
+            return {
+                "ok": False,
+                "error": f"{cmd}: the agent did not answer within {CONTROL_CLIENT_WAIT_S:g}s",
+            }
+        return {"ok": True, "message": reply.message} if reply.ok else {"ok": False, "error": reply.message}
 
 
 class Reloader:
@@ -5697,33 +7000,41 @@ class Reloader:
         self._worker = worker
         self._notifier = notifier
         self._dry_run = dry_run
+        self._waiters: list[asyncio.Future[Reply]] = []
+
+    def request(self, waiter: asyncio.Future[Reply]) -> None:
+        """A reload asked for through the control socket: `waiter` gets its result."""
+        self._waiters.append(waiter)
+        self._wanted.set()
 
     async def run(self) -> None:
         while True:
             await self._wanted.wait()
             self._wanted.clear()
+            waiters, self._waiters = tuple(self._waiters), []
             self._notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
             try:
                 new = load_config(self._path)
             except ConfigError as err:
-                self._pump.post(ReloadFailed(str(err)))
+                self._pump.post(ReloadFailed(str(err), waiters))
                 continue
             except Exception as err:  # the task's boundary: a bug in the parser keeps the running config
                 log.exception("reload: reading %s failed", self._path)
-                self._pump.post(ReloadFailed(f"reading it failed: {type(err).__name__}: {err}"))
+                self._pump.post(ReloadFailed(f"reading it failed: {type(err).__name__}: {err}", waiters))
                 continue
             try:
                 rules = await self._worker.call(nl_rules, new.families)
                 routes = await self._worker.call(nl_routes, new.tables, new.families)
             except Exception as err:  # NetlinkError is no OSError; the running config stays
-                self._pump.post(ReloadFailed(f"cannot dump the rules and routes to check it against: {err}"))
+                why = f"cannot dump the rules and routes to check it against: {err}"
+                self._pump.post(ReloadFailed(why, waiters))
                 continue
             note = ""
             if not self._dry_run:
                 # The new table is checked, not installed (`nft -c` changes nothing); if it
                 # cannot be, routing is reloaded anyway and the running table stays live.
                 note = await nft_check(new, carry_steering(self._pump.state.steering, new))
-            self._pump.post(ReloadPrepared(new, tuple(rules), tuple(routes), note))
+            self._pump.post(ReloadPrepared(new, tuple(rules), tuple(routes), note, waiters))
 
 
 async def feed_watchdog(
@@ -5770,7 +7081,7 @@ def log_event(event: Event) -> None:
                 new.value,
                 reason,
             )
-        case SelectionChanged(family, old, new, reason, _at):
+        case SelectionChanged(family, old, new, reason, _at, _evidence):
             log.warning("selected=%s family=%s (was %s): %s", new, FAMILY_NAME[family], old or "none", reason)
         case NoUplinkUp(family, kept, reason, _at):
             if kept is None:
@@ -5962,9 +7273,20 @@ async def run_daemon(
             what = f"{type(err).__name__}: {err}"
             log.warning("ignoring the previous run's status: %s: %s", status_path, what)
         boot_id = read_boot_id()
+        state_dir = Path(config.agent.state_dir)
+        drains_path = state_dir / "drains.json"
+        try:
+            drained = read_drains(drains_path)
+        except StatusError as err:
+            log.warning("ignoring the drains of the previous run: %s", err)
+            drained = {}
+        history = History(state_dir / "history.json", boot_id)
+        history.load()
         if stop.is_set():
             return 0  # stopped before anything was changed
-        state, intent = start_agent(config, interfaces, routes, previous, boot_id, loop.time())
+        state, intent = start_agent(config, interfaces, routes, previous, boot_id, loop.time(), drained)
+        for name in state.drained:
+            log.warning("uplink=%s stays drained, as the previous run left it", name)
         log_effective_config(config, options.dry_run)
 
         def document(running: bool) -> dict[str, Any]:
@@ -5977,6 +7299,8 @@ async def run_daemon(
                 wall_now=time.time(),
             )
 
+        metrics = Metrics()
+        notifications = Notifications(config)
         route_edge = RouteEdge(worker, config, lambda o: pump.post(o), options.dry_run)
         nft_edge = NftEdge(lambda o: pump.post(o), options.dry_run)
         conntrack_edge = ConntrackEdge(config, lambda o: pump.post(o), route_edge.quiet, options.dry_run)
@@ -5996,14 +7320,30 @@ async def run_daemon(
             probers=probers,
             notifier=notifier,
             dry_run=options.dry_run,
+            history=history,
+            drains_path=drains_path,
+            metrics=metrics,
+            sinks=(notifications, metrics),
         )
         reloader = Reloader(config.source, reload, pump, worker, notifier, options.dry_run)
+        operator = Operator(pump, history, reloader, document)
+        control = ControlServer(state_dir / CONTROL_SOCKET, config.agent.control_group, operator.answer)
         supervisor.start("pump", pump.run, restart="never")
         supervisor.start("routes", route_edge.run)
         supervisor.start("nft", nft_edge.run)
         supervisor.start("conntrack", conntrack_edge.run)
         supervisor.start("status", status_writer.run)
         supervisor.start("reload", reloader.run)
+        supervisor.start("history", history.run)
+        supervisor.start("control", control.run)
+        supervisor.start("notify", notifications.run)
+        if config.agent.metrics_listen or config.agent.metrics_textfile:
+            exposition = MetricsServer(
+                lambda: metrics.render(pump.state, notifications.dropped),
+                config.agent.metrics_listen,
+                config.agent.metrics_textfile,
+            )
+            supervisor.start("metrics", exposition.run)
         started = True
         pump.begin(intent)
         stopped = asyncio.ensure_future(stop.wait())
@@ -6044,6 +7384,7 @@ async def run_daemon(
             else:
                 log.info("stopping: routes and rules stay in place so the router keeps working")
             status_writer.write(running=False)
+            history.save()
             conntrack_edge.close()
         worker.close()
         os.close(lock)
@@ -6160,6 +7501,31 @@ def describe_plan(config: Config) -> str:
         uplink_routes = plan.uplink_routes + plan.unreachable_routes
         lines += [f"  {route.describe()}" for route in uplink_routes if route.family == family]
         lines.append(f"  default via <selected uplink> table {agent.default_table}")
+    lines += ["", "operating:"]
+    lines.append(
+        f"  control socket {agent.state_dir}/{CONTROL_SOCKET} (mode 0660, group {agent.control_group}); "
+        f"history and drains in {agent.state_dir}"
+    )
+    if agent.metrics_listen is not None:
+        host, port = agent.metrics_listen
+        lines.append(f"  metrics: http://{f'[{host}]' if ':' in host else host}:{port}/metrics")
+    if agent.metrics_textfile is not None:
+        lines.append(f"  metrics textfile: {agent.metrics_textfile}")
+    for hook in config.hooks:
+        lines.append(
+            f"  hook {' '.join(hook.exec)} on {', '.join(sorted(hook.events))} "
+            f"(timeout {format_duration(hook.timeout_s)})"
+        )
+    for webhook in config.webhooks:
+        # Header values and the token may be secrets: only their names are shown.
+        secrets = [f"header {name}" for name, _ in webhook.headers]
+        if webhook.bearer_token_file:
+            secrets.append(f"bearer token from {webhook.bearer_token_file}")
+        lines.append(
+            f"  webhook POST {webhook.shown} on {', '.join(sorted(webhook.events))}"
+            + (f" ({', '.join(secrets)})" if secrets else "")
+            + ("" if webhook.tls_verify else " WITHOUT TLS verification")
+        )
     lines += ["", f"nft table {NFT_TABLE} (one transaction; shown with every uplink up):"]
     lines += ["  " + line for line in render_nft(config, steering_when_all_up(config)).splitlines()]
     return "\n".join(lines)
@@ -6188,25 +7554,45 @@ def render_status(document: Mapping[str, Any], *, stale: str | None = None) -> s
     """The status table; `stale` says why the agent is not running (the state is its last known)."""
     now = time.time()
     head = f"selected: {document.get('selected') or 'none'}  ({document.get('reason', '')})"
+    lines = [head + ("  [NO UPLINK UP]" if document.get("stranded") else "")]
+    families = document.get("families") or {}
+    for family, about in families.items():
+        # Another family only where it differs from the first (selected uplink or reason).
+        if (about.get("selected"), about.get("reason")) != (document.get("selected"), document.get("reason")):
+            line = f"{family}: {about.get('selected') or 'none'}  ({about.get('reason', '')})"
+            lines.append(line + ("  [NO UPLINK UP]" if about.get("stranded") else ""))
     if stale is not None:
-        head += f"  [NOT RUNNING: {stale}; last known state]"
-    if document.get("stranded"):
-        head += "  [NO UPLINK UP]"
-    lines = [
-        head,
-        f"{'uplink':<12} {'state':<8} {'for':>8} {'rtt':>9} {'loss':>6} {'conns':>6}  interface  reason",
+        lines.insert(0, f"[NOT RUNNING: {stale}; last known state]")
+    rows = [
+        ["UPLINK", "IFACE", "STATE", "SINCE", "RTT", "LOSS", "PRIO", "WEIGHT", "CONNS", "SELECTED", "REASON"]
     ]
     for name, u in document.get("uplinks", {}).items():
-        age = now - float(u.get("since", now))
+        state = str(u.get("state", "?")) + (", drained" if u.get("drained") else "")
         rtt = "-" if u.get("rtt_ms") is None else f"{u['rtt_ms']:.1f}ms"
         loss = "-" if u.get("loss_pct") is None else f"{u['loss_pct']:.0f}%"
-        mark = "*" if u.get("selected") else " "
         conns = "-" if u.get("connections") is None else str(u["connections"])
-        lines.append(
-            f"{mark}{name:<11} {u.get('state', '?'):<8} {_age(age):>8} {rtt:>9} {loss:>6} {conns:>6}  "
-            f"{u.get('interface', ''):<9}  {u.get('reason', '')}"
+        selected = ",".join(u.get("selected_for") or []) or ("yes" if u.get("selected") else "-")
+        rows.append(
+            [
+                name,
+                str(u.get("interface", "")),
+                state,
+                _age(now - float(u.get("since", now))),
+                rtt,
+                loss,
+                str(u.get("priority", "")),
+                str(u.get("weight", "")),
+                conns,
+                selected,
+                str(u.get("reason", "")),
+            ]
         )
-    for family, about in document.get("families", {}).items():
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines += [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
+        for row in rows
+    ]
+    for family, about in families.items():
         if about.get("balance"):
             shares = ", ".join(f"{n} x{w}" for n, w in about["balance"].items())
             lines.append(f"balance {family}: {shares} (sticky per {document.get('sticky', 'connection')})")
@@ -6219,7 +7605,7 @@ def render_status(document: Mapping[str, Any], *, stale: str | None = None) -> s
         lines.append(f"WARNING foreign {foreign['object']}: {foreign['defeats']}")
     nft = document.get("nft") or {}
     if isinstance(nft, dict) and nft.get("problem"):
-        lines.append(f"WARNING nft table not live: {nft['problem']}")
+        lines.append(f"WARNING nft table not current: {nft['problem']}")
     for failure in document.get("route_failures", []):
         lines.append(f"WARNING route change failing: {failure}")
     return "\n".join(lines)
@@ -6250,31 +7636,119 @@ def status_liveness(document: Mapping[str, Any], locked: bool, holder: int | Non
     return None
 
 
+def carries_traffic(document: Mapping[str, Any]) -> bool:
+    """Some family's selected uplink is up or degraded (status exit code 0)."""
+    return any(
+        u.get("state") in ("up", "degraded") and u.get("selected")
+        for u in document.get("uplinks", {}).values()
+    )
+
+
+def render_history(events: Sequence[Mapping[str, Any]]) -> str:
+    lines = []
+    for event in events:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(event.get("time", 0))))
+        where = " ".join(str(event[k]) for k in ("uplink", "family") if event.get(k))
+        reason = event.get("reason") or ""
+        lines.append(f"{when}  {event.get('event', '?'):<22} {where:<16} {reason}".rstrip())
+    return "\n".join(lines) if lines else "(no events in that time)"
+
+
+EXIT_CODES_HELP: Final = """\
+exit codes:
+  run     0 clean stop, 1 a task could not be kept alive, 2 bad config, 3 refused to start
+  check   0 valid (1 with --strict and a warning), 2 bad config
+  status  0 an uplink carries traffic, 1 none is up, 3 the agent is not running
+  others  0 done, 1 refused (the message says why), 2 bad config, 3 the agent is not running
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="multiwan-agent", description="Multi-uplink failover for Linux routers."
+        prog="multiwan-agent",
+        description="Multi-uplink failover for Linux routers.",
+        epilog="examples:\n"
+        "  multiwan-agent check                  validate /etc/multiwan-agent/multiwan.toml, print the plan\n"
+        "  multiwan-agent run -v                 run in the foreground, logging every probe round\n"
+        "  multiwan-agent status                 which uplink carries traffic, and why\n"
+        "  multiwan-agent history --since 2h     what happened\n"
+        "  multiwan-agent drain lte --release    take lte out for maintenance, move its flows now\n"
+        "\n" + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the agent")
-    run.add_argument("-c", "--config", required=True, help="TOML config file")
+
+    def command(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+        parser = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=f"example:\n  {example}\n\n{EXIT_CODES_HELP}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        parser.add_argument(
+            "-c",
+            "--config",
+            help=f"the config file (default {DEFAULT_CONFIG}; for its state_dir unless run/check)",
+        )
+        return parser
+
+    run = command(
+        "run", "run the agent", "multiwan-agent run -c /etc/multiwan-agent/multiwan.toml --dry-run -v"
+    )
     run.add_argument("--dry-run", action="store_true", help="probe and decide, change nothing")
     run.add_argument(
         "--cleanup", action="store_true", help="on exit remove the agent's own routes, rules and nft table"
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("-v", "--verbose", action="store_true", help="log every probe round")
-    check = sub.add_parser("check", help="validate the config and print the resolved plan")
-    check.add_argument("-c", "--config", required=True)
-    status = sub.add_parser(
-        "status",
-        help="show the agent's status",
-        description="Exit codes: 0 an uplink carries traffic, 1 none is up, 3 the agent is not running "
-        "(or its status cannot be read).",
+    check = command(
+        "check",
+        "validate the config and print the resolved plan, with warnings about this host",
+        "multiwan-agent check --strict",
     )
-    status.add_argument("-c", "--config", help="config file (for its state_dir)")
-    status.add_argument("--state-dir", help="default: the config's, else /run/multiwan-agent")
-    status.add_argument("--json", action="store_true", help="print status.json as it is")
+    check.add_argument("--strict", action="store_true", help="exit 1 when there is a warning")
+    init = sub.add_parser(
+        "init",
+        help="write a starting config from this host's default routes",
+        description="Write a starting config from this host's default routes (read-only look).",
+        epilog=f"example:\n  multiwan-agent init -o /etc/multiwan-agent/multiwan.toml\n\n{EXIT_CODES_HELP}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    init.add_argument("-o", "--output", help=f"where to write it (default {DEFAULT_CONFIG}; - for stdout)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.add_argument("--target", action="append", help="a probe target (repeat; default public resolvers)")
+    for name, help_text, example in (
+        ("status", "show which uplink carries traffic, and why", "multiwan-agent status --json"),
+        (
+            "history",
+            "show what happened: state changes, switches, drains, reloads, releases",
+            "multiwan-agent history --since 1h",
+        ),
+        (
+            "drain",
+            "take an uplink out of selection, balance and policies (its probes go on)",
+            "multiwan-agent drain lte --release",
+        ),
+        ("undrain", "give a drained uplink back", "multiwan-agent undrain lte"),
+        ("reload", "read the config again (as SIGHUP), and say what came of it", "multiwan-agent reload"),
+    ):
+        operate = command(name, help_text, example)
+        operate.add_argument("--state-dir", help="default: the config's, else /run/multiwan-agent")
+        if name in ("status", "history"):
+            operate.add_argument("--json", action="store_true", help="print JSON")
+        if name == "history":
+            operate.add_argument("--since", default="1h", help='how far back, e.g. "30m", "2h" (default 1h)')
+        if name in ("drain", "undrain"):
+            operate.add_argument("uplink", help="the uplink's name")
+        if name == "drain":
+            operate.add_argument(
+                "--release", action="store_true", help="also release its tracked flows (they move at once)"
+            )
+            operate.add_argument(
+                "--force", action="store_true", help="drain it even if it is the last uplink up"
+            )
     return parser
 
 
@@ -6311,7 +7785,7 @@ def missing_capabilities(status_text: str, dry_run: bool) -> list[str]:
 def cmd_run(args: argparse.Namespace) -> int:
     setup_logging("debug" if args.verbose else args.log_level)
     try:
-        config = load_config(args.config)
+        config = load_config(args.config or DEFAULT_CONFIG)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
@@ -6335,53 +7809,415 @@ def cmd_run(args: argparse.Namespace) -> int:
         catch_early_signals()  # the closed loop restored the default actions; threads join now
 
 
+@dataclass(frozen=True, slots=True)
+class HostFacts:
+    """What `check` reads of this host (read-only) to warn about what the config cannot see."""
+
+    #: Interfaces by name, with their connected prefixes ("203.0.113.2/30"); None: not readable.
+    interfaces: Mapping[str, tuple[str, ...]] | None
+    #: Why the interfaces could not be read.
+    interfaces_error: str = ""
+    #: The sysctls that matter, by key ("net.ipv4.ip_forward"); missing ones are left out.
+    sysctl: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: Why `nft -c` refuses the agent's table ("" when it takes it).
+    nft_problem: str = ""
+    #: Groups and files the config names that do not exist or cannot be read.
+    missing_groups: tuple[str, ...] = ()
+    unreadable_files: tuple[str, ...] = ()
+
+
+def check_warnings(config: Config, facts: HostFacts) -> list[str]:
+    """What would make the agent fail on this host although the config is valid (pure)."""
+    warnings: list[str] = []
+    if facts.interfaces is None:
+        warnings.append(
+            f"cannot read this host's interfaces ({facts.interfaces_error}): they are not checked"
+        )
+    for index, uplink in enumerate(config.uplinks):
+        where = f"uplink[{index}] ({uplink.name})"
+        if facts.interfaces is not None and uplink.interface not in facts.interfaces:
+            warnings.append(
+                f"{where}: interface {uplink.interface} does not exist on this host: `run` would wait "
+                f"for it, with the uplink down (interface {uplink.interface} is gone)"
+            )
+        rp = max(
+            int(facts.sysctl.get(f"net.ipv4.conf.{key}.rp_filter", "0") or 0)
+            for key in ("all", uplink.interface)
+        )
+        if rp == 1 and 4 in uplink.families:
+            warnings.append(
+                f"{where}: strict reverse-path filtering on {uplink.interface} (rp_filter = 1): "
+                f"connections from the internet (port forwards) arriving through {uplink.name} while it is "
+                f"not selected fail the check and are dropped; set "
+                f"net.ipv4.conf.{uplink.interface}.rp_filter = 2 (loose)"
+            )
+        prefixes = (facts.interfaces or {}).get(uplink.interface)
+        for key, gateway in (("gateway", uplink.gateway), ("gateway6", uplink.gateway6)):
+            if gateway in ("auto", "none") or prefixes is None:
+                continue
+            address = ipaddress.ip_address(gateway)
+            if address.is_link_local:
+                continue
+            if not any(address in ipaddress.ip_interface(p).network for p in prefixes):
+                warnings.append(
+                    f"{where}.{key}: {gateway} is not on-link on {uplink.interface} (its prefixes: "
+                    f"{', '.join(prefixes) or 'none'}): the kernel refuses a route via it"
+                )
+    if facts.sysctl.get("net.ipv4.ip_forward") == "0" and 4 in config.families:
+        warnings.append(
+            "net.ipv4.ip_forward = 0: this host does not forward IPv4, so the LAN's traffic goes nowhere"
+        )
+    if facts.sysctl.get("net.ipv6.conf.all.forwarding") == "0" and 6 in config.families:
+        warnings.append("net.ipv6.conf.all.forwarding = 0: this host does not forward IPv6")
+    if facts.nft_problem:
+        warnings.append(
+            f"{facts.nft_problem}: connection stickiness, steering and NAT would not work "
+            "(routing and failover do)"
+        )
+    targets = {u.check.targets for u in config.uplinks}
+    if len(config.uplinks) > 1 and len(targets) == 1 and len(next(iter(targets))) == 1:
+        warnings.append(
+            f"every uplink probes the one target {next(iter(targets))[0]}: when it stops answering, every "
+            "uplink looks down at once; give each check two or more targets"
+        )
+    rates: dict[str, float] = {}
+    for uplink in config.uplinks:
+        for target in uplink.check.targets:
+            rates[target] = rates.get(target, 0.0) + len(uplink.check.methods) / uplink.check.interval_s
+    for target, rate in sorted(rates.items()):
+        if rate > PROBE_RATE_WARN_PER_S:
+            warnings.append(
+                f"{target} gets {rate:g} probes a second from this router: public targets rate-limit "
+                f"answers (often to a few a second), which looks like loss; probe it at most "
+                f"{PROBE_RATE_WARN_PER_S:g} times a second in all"
+            )
+    for group in facts.missing_groups:
+        warnings.append(
+            f"agent.control_group: no group {group!r} on this host: the control socket stays root's"
+        )
+    for path in facts.unreadable_files:
+        warnings.append(f"{path} cannot be read: a webhook would send no token")
+    return warnings
+
+
+def gather_host_facts(config: Config) -> HostFacts:
+    """Read, never change: interfaces and their prefixes, sysctls, `nft -c` of the table."""
+    interfaces: dict[str, tuple[str, ...]] | None = None
+    error = ""
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in ipr.get_links()}
+            found: dict[str, list[str]] = {name: [] for name in names.values()}
+            for msg in ipr.get_addr():
+                name = names.get(msg["index"])
+                address = msg.get_attr("IFA_ADDRESS")
+                if name is not None and address:
+                    found[name].append(f"{address}/{msg['prefixlen']}")
+            interfaces = {name: tuple(prefixes) for name, prefixes in found.items()}
+    except Exception as err:  # no pyroute2, no netlink: the rest is still checked
+        error = f"{type(err).__name__}: {err}"
+    keys = ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding", "net.ipv4.conf.all.rp_filter"]
+    keys += [f"net.ipv4.conf.{u.interface}.rp_filter" for u in config.uplinks]
+    sysctl = {}
+    for key in keys:
+        try:
+            sysctl[key] = Path("/proc/sys", *key.split(".")).read_text().strip()
+        except OSError:
+            pass
+    try:
+        proc = subprocess.run(
+            ["nft", "-c", "-f", "-"],
+            input=render_nft(config, steering_when_all_up(config)),
+            capture_output=True,
+            text=True,
+            timeout=NFT_TIMEOUT_S,
+        )
+        nft_problem = (
+            "" if proc.returncode == 0 else f"nft -c refuses the agent's table: {proc.stderr.strip()}"
+        )
+    except FileNotFoundError:
+        nft_problem = "nft is not installed"
+    except subprocess.TimeoutExpired:
+        nft_problem = f"nft did not answer within {format_duration(NFT_TIMEOUT_S)}"
+    missing = []
+    if config.agent.control_group != "root":
+        try:
+            grp.getgrnam(config.agent.control_group)
+        except KeyError:
+            missing.append(config.agent.control_group)
+    unreadable = []
+    for webhook in config.webhooks:
+        if webhook.bearer_token_file and not os.access(webhook.bearer_token_file, os.R_OK):
+            unreadable.append(webhook.bearer_token_file)
+    return HostFacts(interfaces, error, sysctl, nft_problem, tuple(missing), tuple(unreadable))
+
+
+#: Route protocols a DHCP or RA client leaves (gateway = "auto" follows them).
+RTPROT_AUTO: Final = {9: "RA", 16: "DHCP", 11: "RA"}  # ra, dhcp, (zebra's kernel ra)
+#: The targets `init` writes unless told: anycast resolvers that answer pings (the config's own choice).
+INIT_TARGETS: Final = {4: ("1.1.1.1", "9.9.9.9"), 6: ("2606:4700:4700::1111", "2620:fe::fe")}
+
+
+@dataclass(frozen=True, slots=True)
+class HostUplink:
+    """An interface with a default route in main, as `init` found it."""
+
+    interface: str
+    #: "auto" (a DHCP/RA client's route), "none" (point-to-point) or the static gateway.
+    gateway: str
+    gateway6: str
+    metric: int
+    families: tuple[int, ...]
+    why: str
+
+
+def host_uplinks(ipr: Any) -> list[HostUplink]:
+    """Interfaces with a default route in main, lowest metric first (read-only)."""
+    names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in ipr.get_links()}
+    gateways: dict[str, dict[int, str]] = {}
+    metrics: dict[str, int] = {}
+    whys: dict[str, list[str]] = {}
+    for family in FAMILIES:
+        for msg in ipr.get_routes(family=ADDRESS_FAMILY[family], table=RT_TABLE_MAIN):
+            if msg["dst_len"] != 0 or _route_table(msg) != RT_TABLE_MAIN or msg["type"] != 1:
+                continue
+            name = names.get(msg.get_attr("RTA_OIF"))
+            if name is None or family in gateways.get(name, {}):
+                continue
+            gateway = msg.get_attr("RTA_GATEWAY")
+            proto = int(msg["proto"])
+            if gateway is None:
+                spec, why = "none", "no gateway: point-to-point"
+            elif proto in RTPROT_AUTO:
+                spec, why = "auto", f"its default route comes from {RTPROT_AUTO[proto]}"
+            else:
+                spec, why = str(gateway), f"a static default route via {gateway}"
+            gateways.setdefault(name, {})[family] = spec
+            metrics[name] = min(metrics.get(name, 1 << 32), int(msg.get_attr("RTA_PRIORITY") or 0))
+            whys.setdefault(name, []).append(f"{FAMILY_TITLE[family]}: {why}")
+    uplinks = []
+    for name, by_family in gateways.items():
+        gateway = by_family.get(4, "auto")
+        gateway6 = by_family.get(6, "none" if gateway == "none" else "auto")
+        uplinks.append(
+            HostUplink(
+                name, gateway, gateway6, metrics[name], tuple(sorted(by_family)), "; ".join(whys[name])
+            )
+        )
+    return sorted(uplinks, key=lambda u: (u.metric, u.interface))
+
+
+def render_init(uplinks: Sequence[HostUplink], targets: Sequence[str] | None) -> str:
+    """A starting config for these uplinks: values written by tomli-w, comments saying why."""
+    import tomli_w
+
+    families = sorted({f for u in uplinks for f in u.families})
+    chosen = list(targets) if targets else [t for f in families for t in INIT_TARGETS[f]]
+    lines = [
+        "# multiwan-agent config written by `multiwan-agent init` from what this host has now.",
+        "# Check it with `multiwan-agent check`; every key is in the README's config reference.",
+        "",
+        "[agent]",
+        "# How long a preferred uplink that failed must stay up before traffic moves back.",
+        tomli_w.dumps({"hysteresis": "30s"}).strip(),
+        "",
+        "[check]",
+        "# Probed through each uplink's own interface; two or more targets, so that one",
+        "# that stops answering does not look like every uplink failing.",
+        tomli_w.dumps({"targets": chosen, "interval": "1s", "timeout": "1s", "fall": 3, "rise": 3}).strip(),
+    ]
+    for priority, uplink in enumerate(uplinks, start=1):
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", uplink.interface)[:32]
+        lines += [
+            "",
+            "[[uplink]]",
+            f"# {uplink.interface}: {uplink.why}; metric {uplink.metric} in main, so priority {priority}",
+            "# (lower is preferred).",
+        ]
+        values: dict[str, Any] = {"name": name, "interface": uplink.interface, "priority": priority}
+        if uplink.gateway != "auto":
+            values["gateway"] = uplink.gateway
+        if uplink.gateway6 not in ("auto", "none" if uplink.gateway == "none" else "auto"):
+            values["gateway6"] = uplink.gateway6
+        lines.append(tomli_w.dumps(values).strip())
+    return "\n".join(lines) + "\n"
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    out = args.output or DEFAULT_CONFIG
+    if out != "-" and Path(out).exists() and not args.force:
+        print(f"error: {out} exists; add --force to overwrite it", file=sys.stderr)
+        return EXIT_REFUSED_COMMAND
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            uplinks = host_uplinks(ipr)
+    except Exception as err:  # no pyroute2, no netlink
+        print(f"error: cannot read this host's routes: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_REFUSED_COMMAND
+    if not uplinks:
+        print(
+            "error: no interface has a default route in the main table: nothing to fail over", file=sys.stderr
+        )
+        return EXIT_REFUSED_COMMAND
+    try:
+        text = render_init(uplinks, args.target)
+    except ImportError:
+        print(
+            "error: init writes TOML with tomli-w: pip install tomli-w (Debian: python3-tomli-w)",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED_COMMAND
+    parse_config(text, out)  # what init writes, check accepts
+    if out == "-":
+        sys.stdout.write(text)
+        return 0
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(Path(out), text)
+    found = ", ".join(u.interface for u in uplinks)
+    print(f"wrote {out} with uplinks {found}; now: multiwan-agent check -c {out}")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config)
+        config = load_config(args.config or DEFAULT_CONFIG)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     print(describe_plan(config))
-    return 0
+    warnings = check_warnings(config, gather_host_facts(config))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return EXIT_WARNINGS if warnings and args.strict else 0
+
+
+def _state_dir(args: argparse.Namespace) -> str:
+    """--state-dir, else the config's (-c, or the default config if it exists), else the default.
+    Raises ConfigError for a config that was named and does not validate."""
+    if args.state_dir:
+        return str(args.state_dir)
+    path = args.config or DEFAULT_CONFIG
+    if args.config is None and not Path(path).exists():
+        return AgentConfig().state_dir
+    return load_config(path).agent.state_dir
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """0: an uplink carries traffic; 1: none is up; 3: the agent is not running (or its status
     cannot be read). A status.json of any content is judged, never trusted."""
-    state_dir = args.state_dir
-    if state_dir is None and args.config:
-        try:
-            state_dir = load_config(args.config).agent.state_dir
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_CONFIG
-    state_dir = state_dir or AgentConfig().state_dir
-    locked, holder = agent_running(state_dir)
     try:
-        document = read_status(Path(state_dir) / "status.json")
-    except StatusError as err:
-        running = f"an agent (pid {holder}) runs, but " if locked else "the agent is not running; "
-        print(f"error: {running}its status cannot be read: {err}", file=sys.stderr)
-        return EXIT_NOT_RUNNING
-    stale = status_liveness(document, locked, holder)
+        state_dir = _state_dir(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        reply = control_request(state_dir, {"cmd": "status"})
+        document, stale = reply["status"], None
+        if not isinstance(document, dict):
+            raise ConnectionError("not a status")
+    except (OSError, ValueError, KeyError, RecursionError):
+        # Not answering: what status.json says, judged and marked stale.
+        locked, holder = agent_running(state_dir)
+        try:
+            document = read_status(Path(state_dir) / "status.json")
+        except StatusError as err:
+            running = f"an agent (pid {holder}) runs, but " if locked else "the agent is not running; "
+            print(f"error: {running}its status cannot be read: {err}", file=sys.stderr)
+            return EXIT_NOT_RUNNING
+        stale = status_liveness(document, locked, holder) or "it does not answer on its control socket"
     if args.json:
         print(json.dumps({**document, "stale": stale}, indent=2, sort_keys=True))
     else:
         print(render_status(document, stale=stale))
     if stale is not None:
         return EXIT_NOT_RUNNING
-    carried = any(
-        u.get("state") in ("up", "degraded") and u.get("selected") for u in document["uplinks"].values()
-    )
-    return 0 if carried else EXIT_NO_UPLINK
+    return 0 if carries_traffic(document) else EXIT_NO_UPLINK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    try:
+        state_dir = _state_dir(args)
+        seconds = parse_duration(args.since)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError:
+        print(
+            f'error: --since: expected a duration such as "30m" or "2h", got {args.since!r}', file=sys.stderr
+        )
+        return EXIT_CONFIG
+    code = 0
+    try:
+        reply = control_request(state_dir, {"cmd": "history", "since": seconds})
+        events = reply["events"]
+    except (OSError, ValueError, KeyError, RecursionError):
+        code = EXIT_NOT_RUNNING
+        try:
+            text = (Path(state_dir) / "history.json").read_text(encoding="utf-8", errors="replace")
+            events = [
+                e
+                for e in parse_history(text, f"{state_dir}/history.json")
+                if e["time"] >= time.time() - seconds
+            ]
+        except (OSError, StatusError) as err:
+            print(f"error: the agent is not running, and its history cannot be read: {err}", file=sys.stderr)
+            return code
+        print("(the agent is not running: the history it left)", file=sys.stderr)
+    print(json.dumps(events, indent=2) if args.json else render_history(events))
+    return code
+
+
+def cmd_operate(args: argparse.Namespace) -> int:
+    """drain, undrain, reload: one request to the running agent."""
+    try:
+        state_dir = _state_dir(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    request: dict[str, Any] = {"cmd": args.command}
+    if args.command in ("drain", "undrain"):
+        request["uplink"] = args.uplink
+    if args.command == "drain":
+        request |= {"release": args.release, "force": args.force}
+    try:
+        reply = control_request(state_dir, request)
+    except (OSError, ValueError, RecursionError) as err:
+        print(
+            f"error: the agent is not running (cannot reach {state_dir}/{CONTROL_SOCKET}: {err})",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_RUNNING
+    if reply.get("ok"):
+        print(reply.get("message", "done"))
+        return 0
+    print(f"error: {reply.get('error', 'refused')}", file=sys.stderr)
+    return EXIT_REFUSED_COMMAND
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         catch_early_signals()
-    commands = {"run": cmd_run, "check": cmd_check, "status": cmd_status}
-    return commands[args.command](args)
+    commands = {
+        "run": cmd_run,
+        "check": cmd_check,
+        "init": cmd_init,
+        "status": cmd_status,
+        "history": cmd_history,
+        "drain": cmd_operate,
+        "undrain": cmd_operate,
+        "reload": cmd_operate,
+    }
+    try:
+        return commands[args.command](args)
+    except BrokenPipeError:
+        # `check | head`: the reader has gone; nothing more to say, and no traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

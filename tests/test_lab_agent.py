@@ -282,7 +282,10 @@ def test_status_command_reads_the_state(lab: Lab, tmp_path: Path) -> None:
         timeout=10,
     )
     assert out.returncode == 0
-    assert "selected: fibre" in out.stdout and "*fibre" in out.stdout
+    assert "selected: fibre" in out.stdout
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[1:]}
+    assert rows["UPLINK"][:4] == ["UPLINK", "IFACE", "STATE", "SINCE"]
+    assert rows["fibre"][1:3] == ["wan0", "up"] and rows["fibre"][9] == "ipv4" and rows["lte"][9] == "-"
 
 
 def test_address_loss_is_down_at_once_and_return_rises_again(lab: Lab, tmp_path: Path) -> None:
