@@ -6260,7 +6260,7 @@ class Metrics:
                 cumulative = 0
                 for bound, count in zip(histogram.buckets, histogram.counts, strict=True):
                     cumulative = count
-                    sample(f"{name}_bucket", (*labels, ("le", f"{bound:g}")), cumulative)
+                    sample(f"{name}_bucket", (*labels, ("le", repr(float(bound)))), cumulative)
                 sample(f"{name}_bucket", (*labels, ("le", "+Inf")), histogram.total)
                 sample(f"{name}_sum", labels, histogram.sum)
                 sample(f"{name}_count", labels, histogram.total)
@@ -8103,7 +8103,18 @@ def _state_dir(args: argparse.Namespace) -> str:
     path = args.config or DEFAULT_CONFIG
     if args.config is None and not Path(path).exists():
         return AgentConfig().state_dir
-    return load_config(path).agent.state_dir
+    try:
+        return load_config(path).agent.state_dir
+    except ConfigError:
+        # A config being edited may not validate yet: its state_dir still names the agent to ask
+        # (`reload` then answers with the error, from the agent).
+        try:
+            state_dir = tomllib.loads(Path(path).read_text(encoding="utf-8"))["agent"]["state_dir"]
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            state_dir = AgentConfig().state_dir if args.command == "reload" else None
+        if isinstance(state_dir, str) and state_dir.startswith("/"):
+            return state_dir
+        raise
 
 
 def cmd_status(args: argparse.Namespace) -> int:
