@@ -1065,6 +1065,46 @@ class Lab:
         self._start_echo_server("lan2", (LAN2_HOST,))
         return LAN2_HOST
 
+    def add_extra_uplinks(self, count: int) -> list[tuple[str, str, str]]:
+        """`count` more uplinks through isp1, for scale tests: router wanN (N = 2, 3, ...)
+        198.19.N.2/30 ---- isp1 cpeN 198.19.N.1/30; inet routes 198.19.0.0/16 back via isp1.
+
+        Returns (interface, router address, gateway) per uplink. isp1's BCP38 rule matches
+        only its `cpe` link, so these are not filtered.
+        """
+        if not 1 <= count <= 60:
+            raise LabError(f"extra uplinks: 1 to 60, got {count}")
+        made: list[tuple[str, str, str]] = []
+        router_lines: list[str] = []
+        isp_lines: list[str] = []
+        for n in range(2, 2 + count):
+            dev = f"wan{n}"
+            router_lines.append(f"link add {dev} type veth peer name cpe{n} netns {self.name('isp1')}")
+            made.append((dev, f"198.19.{n}.2", f"198.19.{n}.1"))
+        self._ip_batch("router", router_lines)
+        self.run(
+            "router", "sysctl", "-q", "-w",
+            *(f"net.ipv4.conf.{dev}.rp_filter=0" for dev, _, _ in made),
+            *(f"net.ipv6.conf.{dev}.accept_dad=0" for dev, _, _ in made),
+        )  # fmt: skip
+        self._ip_batch(
+            "router",
+            [line for dev, ip, _ in made for line in (f"addr add {ip}/30 dev {dev}", f"link set {dev} up")],
+        )
+        for n, (_, _, gateway) in enumerate(made, start=2):
+            isp_lines += [f"addr add {gateway}/30 dev cpe{n}", f"link set dev cpe{n} up"]
+        self._ip_batch("isp1", isp_lines)
+        self._ip_batch("inet", [f"route replace 198.19.0.0/16 via {ISPS['isp1'].isp_transit_ip}"])
+        self._ip_batch(
+            "router",
+            [*_sync_link_lines([dev for dev, _, _ in made])]
+            + [
+                f"route add default via {gw} dev {dev} proto dhcp metric {300 + i}"
+                for i, (dev, _, gw) in enumerate(made)
+            ],
+        )
+        return made
+
     # Teardown ---------------------------------------------------------------
 
     def close(self) -> None:
