@@ -5985,7 +5985,11 @@ class Notifications:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                env={**os.environ, **hook_environment(record)},
+                # The agent's environment, but MULTIWAN_* is the event's alone.
+                env={
+                    **{k: v for k, v in os.environ.items() if not k.startswith("MULTIWAN_")},
+                    **hook_environment(record),
+                },
                 start_new_session=True,  # its children too can be killed at the timeout
             )
         except OSError as err:

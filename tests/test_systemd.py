@@ -36,6 +36,7 @@ def test_unit_is_hardened_as_promised() -> None:
     assert s["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_NET_RAW"]
     assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK AF_INET AF_INET6"]
     assert s["After"] == ["network-online.target"] and s["Wants"] == ["network-online.target"]
+    assert s["RestartPreventExitStatus"] == ["2 3"]  # a bad config or a refused start: no retry loop
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
