@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """multiwan-agent: multi-uplink failover for Linux routers.
 
 One asyncio process. Per uplink it probes through that uplink's interface
@@ -437,6 +437,9 @@ class AgentConfig:
     metrics_listen: tuple[str, int] | None = None
     #: A node_exporter textfile (`*.prom`) the metrics are also written to; None: none.
     metrics_textfile: str | None = None
+    #: A file for keepalived's track_file: the number of families no uplink carries (0: all
+    #: well), and every family at stop; None: none.
+    keepalived_track_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -817,6 +820,7 @@ def parse_config(text: str, source: str) -> Config:
         control_group=_read_group(agent_reader),
         metrics_listen=_read_listen(agent_reader),
         metrics_textfile=_read_textfile(agent_reader),
+        keepalived_track_file=_read_path(agent_reader, "keepalived_track_file"),
     )
     if agent_reader.has("sticky_timeout") and agent.sticky != "source":
         raise ConfigError(source, "agent.sticky_timeout", 'applies only with sticky = "source"')
@@ -946,6 +950,15 @@ def _read_listen(reader: _Reader) -> tuple[str, int] | None:
             "metrics_listen", "a loopback address (or set metrics_allow_remote = true to serve others)", text
         )
     return str(address), number
+
+
+def _read_path(reader: _Reader, key: str) -> str | None:
+    if not reader.has(key):
+        return None
+    path = reader.string(key)
+    if not path.startswith("/") or "\0" in path or path.endswith("/"):
+        raise reader.error(key, "an absolute file path", path)
+    return path
 
 
 def _read_textfile(reader: _Reader) -> str | None:
@@ -4701,8 +4714,12 @@ NFT_ADDRESS: Final = {4: "ip", 6: "ip6"}
 NFNLGRP_NFTABLES: Final = 7
 
 
-def render_nft(config: Config, steering: Steering | None = None) -> str:
+def render_nft(config: Config, steering: Steering | None = None, labels: bool = True) -> str:
     """The whole table, as one transaction that replaces whatever version is live.
+
+    `labels`: label connections from the internet (bit INBOUND_LABEL) so release_flows keeps
+    them; a kernel without conntrack labels gets the table without (release_flows then knows
+    them by their DNAT and by the router's own addresses only).
 
     Only the `mark_mask` bits of the packet and connection marks are ever
     changed: each uplink's chains `to_<uplink>` (packet) and `ct_<uplink>`
@@ -4760,7 +4777,8 @@ def render_nft(config: Config, steering: Steering | None = None) -> str:
             "\t}",
             # Came in from the internet: its uplink's, and labelled so release_flows keeps it.
             f"\tchain in_{uplink.name} {{",
-            f"\t\tct mark set ct mark and {keep} or {uplink.mark:#x} ct label set {INBOUND_LABEL}",
+            f"\t\tct mark set ct mark and {keep} or {uplink.mark:#x}"
+            + (f" ct label set {INBOUND_LABEL}" if labels else ""),
             "\t}",
         ]
     out += [
@@ -4913,12 +4931,21 @@ async def nft_run(*args: str, script: str | None = None, timeout_s: float = NFT_
             proc.communicate(script.encode() if script is not None else None), timeout_s
         )
     except (asyncio.TimeoutError, TimeoutError):
-        _kill_group(proc)
+        await _reap(proc)
         return NFT_TIMED_OUT, f"nft did not answer within {format_duration(timeout_s)} and was killed"
     except BaseException:  # cancelled (shutdown): leave no nft behind
         _kill_group(proc)
         raise
     return proc.returncode or 0, stderr.decode(errors="replace").strip()
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Kill a process that outlived its timeout, and wait (boundedly) for it to be gone."""
+    _kill_group(proc)
+    try:
+        await wait_within(proc.wait(), 2.0)
+    except TimeoutError:
+        pass
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
@@ -4985,6 +5012,8 @@ class NftEdge:
         self._live_steering: Steering | None = None
         #: The config of the last install attempt, and whether our table was found gone.
         self._tried_config: Config | None = None
+        #: Whether the kernel takes conntrack labels (until a table with them is refused).
+        self._labels = True
         self._gone = False
         #: Another program changed nftables (or it is time to look): is our table still there?
         self._check = False
@@ -5085,7 +5114,23 @@ class NftEdge:
             why = "config changed"
         else:
             why = "retry"
-        code, error = await self._nft("-f", "-", script=render_nft(wanted.config, wanted.steering))
+        code, error = await self._nft(
+            "-f", "-", script=render_nft(wanted.config, wanted.steering, self._labels)
+        )
+        if code not in (0, NFT_TIMED_OUT, NFT_MISSING) and self._labels and "label" in error:
+            # A kernel without conntrack labels (nf_conntrack_labels): the table without them.
+            unlabelled = render_nft(wanted.config, wanted.steering, labels=False)
+            code, plain_error = await self._nft("-f", "-", script=unlabelled)
+            if code == 0:
+                self._labels = False
+                log.warning(
+                    "nft: conntrack labels are not available here (%s); the table is installed without "
+                    "them: release_flows knows connections from the internet by their DNAT and by the "
+                    "router's own addresses only",
+                    error.splitlines()[0] if error else "refused",
+                )
+            else:
+                error = plain_error
         tried, self._tried_config = self._tried_config, wanted.config
         if code == 0:
             log.info("nft: installed table %s (%s)", NFT_TABLE, why)
@@ -5239,6 +5284,17 @@ def status_document(
         "route_failures": [f"{what}: {error}" for what, error in sorted(state.route_failures)],
         "uplinks": uplinks,
     }
+
+
+def track_value(state: AgentState) -> int:
+    """keepalived's track_file value: how many configured families no uplink carries now
+    (0 while all is well). Multiplied by the track_file's `weight` in keepalived.conf."""
+    return sum(1 for f in state.config.families if state.decisions.get(f, Decision(None, "", True)).stranded)
+
+
+def write_track_file(path: str, value: int) -> None:
+    """Atomically, never deleted: keepalived takes a missing file for healthy."""
+    _write_atomically(Path(path), f"{value}\n")
 
 
 def primary_family(config: Config) -> int:
@@ -6000,7 +6056,7 @@ class Notifications:
                 proc.communicate(json.dumps(record).encode() + b"\n"), hook.timeout_s
             )
         except TimeoutError:
-            _kill_group(proc)
+            await _reap(proc)
             log.warning(
                 "hook=%s event=%s killed: still running after its %s timeout",
                 name,
@@ -6732,6 +6788,8 @@ class Pump:
         self.state = state
         self._history = history
         self._metrics = metrics
+        #: What the keepalived track file says, as last written: (path, value).
+        self._tracked: tuple[str, int] = ("", -1)
         #: Switches whose route work is not yet in the kernel: (its generation, the switch).
         self._switches: list[tuple[int, SelectionChanged]] = []
         self._drains_path = drains_path
@@ -6771,6 +6829,7 @@ class Pump:
         """Carry out the intent of start_agent."""
         self._probers.sync(self.state.config)
         self._carry_out(intent)
+        self._track(self.state)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -6846,6 +6905,7 @@ class Pump:
         if state.drained is not self._drained:
             self._drained = state.drained
             self._save_drains(state.drained)
+        self._track(state)
 
     def _carry_out(self, intent: Intent) -> None:
         self._wake_at = intent.wake_at
@@ -6881,6 +6941,23 @@ class Pump:
             _, switch = entry
             detection = None if switch.evidence_at is None else done_at - switch.evidence_at
             self._metrics.on_switch_done(switch.family, detection, max(done_at - switch.at, 0.0))
+
+    def _track(self, state: AgentState) -> None:
+        path = state.config.agent.keepalived_track_file
+        if path is None or self._dry_run:
+            return
+        value = track_value(state)
+        if (path, value) == self._tracked:
+            return
+        try:
+            write_track_file(path, value)
+        except OSError as err:
+            if self._tracked[0] != "failed":
+                log.error("cannot write keepalived's track file %s: %s", path, err)
+            self._tracked = ("failed", -1)
+            return
+        log.info("keepalived track file %s = %d (families without an uplink)", path, value)
+        self._tracked = (path, value)
 
     def _save_drains(self, drained: Mapping[str, Drain]) -> None:
         try:
@@ -7394,6 +7471,18 @@ async def run_daemon(
                 log.info("stopping: routes and rules stay in place so the router keeps working")
             status_writer.write(running=False)
             history.save()
+            track = pump.state.config.agent.keepalived_track_file
+            if track is not None and not options.dry_run:
+                # Stopped: keepalived must never read "healthy" from an agent that is not there.
+                try:
+                    write_track_file(track, max(len(pump.state.config.families), 1))
+                    log.info(
+                        "keepalived track file %s = %d: the agent stops",
+                        track,
+                        len(pump.state.config.families),
+                    )
+                except OSError as err:
+                    log.error("cannot write keepalived's track file %s: %s", track, err)
             conntrack_edge.close()
         worker.close()
         os.close(lock)
@@ -7520,6 +7609,11 @@ def describe_plan(config: Config) -> str:
         lines.append(f"  metrics: http://{f'[{host}]' if ':' in host else host}:{port}/metrics")
     if agent.metrics_textfile is not None:
         lines.append(f"  metrics textfile: {agent.metrics_textfile}")
+    if agent.keepalived_track_file is not None:
+        lines.append(
+            f"  keepalived track file {agent.keepalived_track_file}: families without an uplink "
+            f"(0 to {len(config.families)}; {len(config.families)} when the agent stops)"
+        )
     for hook in config.hooks:
         lines.append(
             f"  hook {' '.join(hook.exec)} on {', '.join(sorted(hook.events))} "

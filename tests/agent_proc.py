@@ -78,6 +78,7 @@ class AgentProcess:
         name: str = "agent",
         env: dict[str, str] | None = None,
         program: Sequence[str] = (),
+        role: str = "router",
     ) -> None:
         """`program` replaces `python multiwan_agent.py` (e.g. a wrapper that injects a fault);
         `env` replaces the environment (e.g. a PATH with a fake `nft` first)."""
@@ -89,7 +90,7 @@ class AgentProcess:
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "a")
         self.proc = lab.popen(
-            "router",
+            role,
             [*(program or (sys.executable, str(AGENT))), "run", "-c", str(self.config_path), "-v", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
