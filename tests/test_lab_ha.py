@@ -21,10 +21,11 @@ INTERVAL_S, FALL = 0.2, 3
 class RouterAgent(AgentProcess):
     """The agent in router `role` of the HA lab."""
 
-    def __init__(self, lab: HaLab, workdir: Path, role: str, track: Path) -> None:
+    def __init__(self, lab: HaLab, workdir: Path, role: str, track: Path, interval: str = "200ms") -> None:
         config = (
             f'[agent]\nstate_dir = "{workdir / role}"\nhysteresis = "1s"\nkeepalived_track_file = "{track}"\n'
-            '[check]\ntargets = ["198.18.1.1", "198.18.1.2"]\ninterval = "200ms"\ntimeout = "200ms"\n'
+            '[check]\ntargets = ["198.18.1.1", "198.18.1.2"]\n'
+            f'interval = "{interval}"\ntimeout = "{interval}"\n'
             f"fall = {FALL}\nrise = 3\n"
             '[[uplink]]\nname = "isp"\ninterface = "wan0"\n'
         )
@@ -38,11 +39,11 @@ def ha_lab(lab: object) -> Iterator[HaLab]:  # `lab` only for its skip/require l
         yield built
 
 
-def start_pair(lab: HaLab, tmp_path: Path, preempt: bool) -> dict[str, RouterAgent]:
+def start_pair(lab: HaLab, tmp_path: Path, preempt: bool, interval: str = "200ms") -> dict[str, RouterAgent]:
     agents = {}
     for role, priority in (("ra", 150), ("rb", 100)):
         track = tmp_path / f"{role}.track"
-        agents[role] = RouterAgent(lab, tmp_path, role, track)
+        agents[role] = RouterAgent(lab, tmp_path, role, track, interval)
         agents[role].wait_selected("isp", timeout=10)
         lab.start_keepalived(role, tmp_path, priority, track, preempt)
     lab.wait_vip("ra", timeout_s=15)
