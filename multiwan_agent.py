@@ -194,6 +194,8 @@ WEBHOOK_QUEUE: Final = 100
 WEBHOOK_ATTEMPTS: Final = 8
 WEBHOOK_RETRY_S: Final = 1.0
 WEBHOOK_RETRY_MAX_S: Final = 60.0
+#: The last bytes of a hook's stderr kept, to log its last line when it fails.
+HOOK_STDERR_KEPT: Final = 4096
 #: A dropped notification is logged at most this often.
 NOTIFY_DROP_LOG_S: Final = 10.0
 #: The metrics textfile is rewritten this often.
@@ -280,6 +282,8 @@ NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 #: Interface names as the agent accepts them: what nft takes unquoted-safe in a string.
 IFNAME_RE: Final = re.compile(rf"^[A-Za-z0-9_.@-]{{1,{IFNAME_MAX}}}$")
 IFNAME_EXPECTED: Final = f"an interface name (letters, digits, '_', '.', '@', '-'; at most {IFNAME_MAX})"
+#: An HTTP status line's code (ASCII digits only: str.isdigit takes "²" too).
+HTTP_STATUS_RE: Final = re.compile(rb"^HTTP/1\.[01] ([0-9]{3})[ \r\n]")
 #: A group name, as [agent] control_group takes it.
 GROUP_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,31}\Z")
 #: An HTTP header name (RFC 9110 token).
@@ -1030,8 +1034,18 @@ def _read_webhooks(root: _Reader) -> tuple[WebhookConfig, ...]:
         except ValueError:
             valid = False
         if not valid or any(c in url for c in "\r\n\0 "):
-            raise reader.error(
-                "url", 'an http:// or https:// URL such as "https://hooks.example/multiwan"', url
+            # The URL is not shown: it may hold a secret (a token in its query).
+            raise ConfigError(
+                reader.source,
+                reader.key("url"),
+                'expected an http:// or https:// URL such as "https://hooks.example/multiwan"',
+            )
+        if "@" in parts.netloc:
+            raise ConfigError(
+                reader.source,
+                reader.key("url"),
+                "expected no user:password@ in the URL (it would not be sent); "
+                "use bearer_token_file or headers",
             )
         headers: list[tuple[str, str]] = []
         table = reader.sub("headers")
@@ -2971,7 +2985,7 @@ def on_reload(
         owed_releases={
             n: owed
             for n, owed in state.owed_releases.items()
-            if f"on_{owed.kind}" in release_flows.get(n, ())
+            if f"on_{owed.kind}" in release_flows.get(n, ()) or (owed.kind == "drain" and n in release_flows)
         },
         managed_tables=state.managed_tables | new.tables,
         drained={n: d for n, d in state.drained.items() if n in release_flows},
@@ -3019,13 +3033,18 @@ def on_command(state: AgentState, command: Command, now: float, wall_now: float)
         was = state.drained.get(name)
         if was is not None and (was.release or not command.release):
             return _finish(state, Intent(reply=Reply(True, f"{name} is already drained")))
-        stranded = tuple(
-            f
-            for f in uplink.families
-            if state.healths[name].state is not State.DOWN
-            and not any(
-                u.name != name and state.healths[u.name].state is not State.DOWN
-                for u in _candidates(state, f)
+        # Already drained (now with --release too): the traffic has left it, nothing to refuse.
+        stranded = (
+            ()
+            if was is not None
+            else tuple(
+                f
+                for f in uplink.families
+                if state.healths[name].state is not State.DOWN
+                and not any(
+                    u.name != name and state.healths[u.name].state is not State.DOWN
+                    for u in _candidates(state, f)
+                )
             )
         )
         if stranded and not command.force:
@@ -3050,9 +3069,15 @@ def on_command(state: AgentState, command: Command, now: float, wall_now: float)
             )
             state = dataclasses.replace(state, owed_releases=owed)
         events = (Drained(name, command.release, stranded, now),)
-        message = f"{name} is drained: new traffic leaves through other uplinks; its probes go on" + (
-            "; its tracked flows are released" if command.release else "; its established flows stay"
-        )
+        if stranded:
+            which = "/".join(FAMILY_TITLE[f] for f in stranded)
+            message = (
+                f"{name} is drained (forced): no other uplink is up for {which}, so its route stays "
+                "until one is; its probes go on"
+            )
+        else:
+            message = f"{name} is drained: new traffic leaves through other uplinks; its probes go on"
+        message += "; its tracked flows are released" if command.release else "; its established flows stay"
     state, decided = _decide(state, now)
     state, work = _route_work(state)
     intent = Intent(
@@ -3219,7 +3244,11 @@ def _selection_events(
 ) -> list[Event]:
     if decision.selected != previous.selected:
         old = healths.get(previous.selected) if previous.selected is not None else None
-        evidence = old.failing_since if old is not None and old.state is not State.UP else None
+        # A failover: the old uplink failed in this very step (not a recovery after an outage).
+        failed_now = (
+            old is not None and old.state is not State.UP and old.since == now and not previous.stranded
+        )
+        evidence = old.failing_since if failed_now and old is not None else None
         return [
             SelectionChanged(family, previous.selected, decision.selected, decision.reason, now, evidence)
         ]
@@ -3324,7 +3353,7 @@ def _start_releases(state: AgentState, now: float) -> tuple[AgentState, tuple[Fl
     mask = state.config.agent.mark_mask
     for name, due in sorted(state.owed_releases.items()):
         uplink = _uplink(state.config, name)
-        if uplink is None or not uplink.release_flows:  # removed, or no longer asked for
+        if uplink is None or (due.kind != "drain" and not uplink.release_flows):  # removed, or not asked for
             del owed[name]
             continue
         if name in releasing or due.after > state.routes_done:
@@ -5729,15 +5758,18 @@ class History:
         return [e for e in self._events if e["time"] >= wall_s]
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(HISTORY_WRITE_PERIOD_S)
             if self._dirty:
-                self.save()
+                # Encoding 1,000 events takes milliseconds: a thread, off the pump's loop.
+                await loop.run_in_executor(None, self.save)
 
     def save(self) -> None:
         self._dirty = False
+        events = list(self._events)  # a snapshot: the ring goes on while this writes
         try:
-            write_json_atomically(self.path, {"version": HISTORY_VERSION, "events": list(self._events)})
+            _write_atomically(self.path, json.dumps({"version": HISTORY_VERSION, "events": events}) + "\n")
         except OSError as err:
             if not self._failing:
                 log.warning("cannot write %s: %s; history is kept in memory until it can be", self.path, err)
@@ -5849,9 +5881,9 @@ class ControlServer:
             await asyncio.Event().wait()
             return
         try:
+            os.chmod(self.path, 0o660)
             gid = grp.getgrnam(self._group).gr_gid if self._group != "root" else 0
             os.chown(self.path, -1, gid)
-            os.chmod(self.path, 0o660)
         except (KeyError, OSError) as err:
             log.error("control socket %s: cannot give it to group %s: %s", self.path, self._group, err)
         try:
@@ -5866,10 +5898,12 @@ class ControlServer:
             await _close(writer)
             return
         self._clients += 1
+        # One deadline for the whole connection: a slow client cannot hold its slot for long.
+        deadline = time.monotonic() + CONTROL_TIMEOUT_S
         try:
             for _ in range(CONTROL_MAX_REQUESTS):
                 try:
-                    line = await wait_within(reader.readline(), CONTROL_TIMEOUT_S)
+                    line = await wait_within(reader.readline(), max(deadline - time.monotonic(), 0.0))
                 except TimeoutError:
                     break
                 except (ValueError, asyncio.LimitOverrunError):  # longer than the limit
@@ -5883,7 +5917,7 @@ class ControlServer:
                     break  # EOF, or a half-closed client's last words
                 reply = await self._request(line)
                 writer.write(_reply_line(reply))
-                await wait_within(writer.drain(), CONTROL_TIMEOUT_S)
+                await wait_within(writer.drain(), max(deadline - time.monotonic(), 0.0))
         except (TimeoutError, OSError):
             pass  # a slow or gone client: its loss
         finally:
@@ -5978,7 +6012,10 @@ class Notifications:
     def configure(self, config: Config) -> None:
         """At start and on reload: the hooks and webhooks of this config (a kept webhook keeps its queue)."""
         self._hooks = config.hooks
-        self._senders = {w: self._senders.get(w) or WebhookSender(w, self._drop) for w in config.webhooks}
+        kept = {w: s for w, s in self._senders.items() if w in config.webhooks}
+        for sender in kept.values():
+            sender.reread_token()
+        self._senders = {w: kept.get(w) or WebhookSender(w, self._drop) for w in config.webhooks}
         self._wake.set()
 
     def submit(self, record: Mapping[str, Any]) -> None:
@@ -6011,14 +6048,15 @@ class Notifications:
                 for sender in [s for s in senders if s not in self._senders.values()]:
                     senders.pop(sender).cancel()
                 for sender in self._senders.values():
-                    if sender not in senders or senders[sender].done():
-                        if (
-                            sender in senders
-                            and not senders[sender].cancelled()
-                            and senders[sender].exception()
-                        ):
-                            raise senders[sender].exception()  # type: ignore[misc]
+                    task = senders.get(sender)
+                    if task is not None and task.done() and not task.cancelled() and task.exception():
+                        error = task.exception()
+                        log.error(
+                            "webhook=%s: sender died; restarting it", sender.webhook.shown, exc_info=error
+                        )
+                    if task is None or task.done():
                         senders[sender] = asyncio.ensure_future(sender.run())
+                        senders[sender].add_done_callback(lambda _done: self._wake.set())
                 while self._hook_queue and len(running) < HOOK_CONCURRENCY:
                     hook, record = self._hook_queue.popleft()
                     task = asyncio.ensure_future(self._run_hook(hook, record))
@@ -6051,10 +6089,23 @@ class Notifications:
         except OSError as err:
             log.warning("hook=%s event=%s cannot run: %s", name, event, err.strerror or err)
             return
+
+        async def exchange() -> bytes:
+            assert proc.stdin is not None and proc.stderr is not None
+            try:
+                proc.stdin.write(json.dumps(record).encode() + b"\n")
+                await proc.stdin.drain()
+                proc.stdin.close()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it did not read its stdin: its business
+            tail = b""
+            while chunk := await proc.stderr.read(4096):
+                tail = (tail + chunk)[-HOOK_STDERR_KEPT:]  # a chatty hook costs no memory
+            await proc.wait()
+            return tail
+
         try:
-            _, stderr = await wait_within(
-                proc.communicate(json.dumps(record).encode() + b"\n"), hook.timeout_s
-            )
+            stderr = await wait_within(exchange(), hook.timeout_s)
         except TimeoutError:
             await _reap(proc)
             log.warning(
@@ -6082,6 +6133,11 @@ class WebhookSender:
         self._queue: collections.deque[Mapping[str, Any]] = collections.deque()
         self._wake = asyncio.Event()
         self._token = _read_token(webhook.bearer_token_file)
+        self._tls: Any = None
+
+    def reread_token(self) -> None:
+        """On reload: the token file may have been rotated."""
+        self._token = _read_token(self.webhook.bearer_token_file)
 
     def submit(self, record: Mapping[str, Any]) -> None:
         if record.get("event") not in self.webhook.events:
@@ -6100,7 +6156,13 @@ class WebhookSender:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            outcome = await self._post(self._queue[0])
+            try:
+                outcome = await self._post(self._queue[0])
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # the attempt's boundary: a bug here drops no event
+                log.exception("webhook=%s: an attempt failed", self.webhook.shown)
+                outcome = f"{type(err).__name__}: {err}"
             if outcome is None:
                 self._queue.popleft()
                 delay_s, attempts = 0.0, 0
@@ -6125,12 +6187,11 @@ class WebhookSender:
         body = json.dumps(record).encode()
         context: Any = None
         if url.scheme == "https":
-            import ssl
-
-            context = ssl.create_default_context()
-            if not webhook.tls_verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
+            if self._tls is None:  # it reads the whole CA bundle: tens of ms, once, in a thread
+                self._tls = await asyncio.get_running_loop().run_in_executor(
+                    None, _webhook_tls, webhook.tls_verify
+                )
+            context = self._tls
         host = url.hostname or ""
         port = url.port or (443 if url.scheme == "https" else 80)
         path = (url.path or "/") + (f"?{url.query}" if url.query else "")
@@ -6155,15 +6216,15 @@ class WebhookSender:
                 )
                 writer.write(("\r\n".join(headers) + "\r\n\r\n").encode() + body)
                 await writer.drain()
-                parts = (await reader.readline()).decode("latin-1").split()
-                if len(parts) < 2 or not parts[1].isdigit():
+                found = HTTP_STATUS_RE.match(await reader.readline())
+                if found is None:
                     raise ProbeFailure("not an HTTP response")
-                return int(parts[1])
+                return int(found[1])
 
             code = await wait_within(exchange(), webhook.timeout_s)
         except TimeoutError:
             return f"no answer within {format_duration(webhook.timeout_s)}"
-        except (OSError, ProbeFailure) as err:  # ssl.SSLError is an OSError
+        except (OSError, ProbeFailure, ValueError) as err:  # ssl.SSLError is an OSError; a too long line
             return f"{type(err).__name__}: {getattr(err, 'strerror', None) or err}"
         finally:
             if writer is not None:
@@ -6173,6 +6234,16 @@ class WebhookSender:
         if 400 <= code < 500 and code not in (408, 429):
             return f"refused with HTTP {code}"
         return f"HTTP {code}"
+
+
+def _webhook_tls(verify: bool) -> Any:
+    import ssl
+
+    context = ssl.create_default_context()
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _read_token(path: str | None) -> str:
@@ -6318,10 +6389,20 @@ class Metrics:
 
         def sample(name: str, labels: Labels, value: float) -> None:
             text = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels)
-            out.append(f"{name}{{{text}}} {value:g}" if text else f"{name} {value:g}")
+            # Exact: %g would turn 1234567 into 1.23457e+06, and counters would stop growing.
+            number = str(value) if isinstance(value, int) else repr(float(value))
+            out.append(f"{name}{{{text}}} {number}" if text else f"{name} {number}")
+
+        current = {u.name for u in state.config.uplinks}
+
+        def now_configured(labels: Labels) -> bool:
+            # Series of uplinks a reload removed are left out (they would grow with every reload).
+            return all(v in current for k, v in labels if k == "uplink")
 
         def histograms(name: str, series: Mapping[Labels, Histogram]) -> None:
             for labels, histogram in sorted(series.items()):
+                if not now_configured(labels):
+                    continue
                 cumulative = 0
                 for bound, count in zip(histogram.buckets, histogram.counts, strict=True):
                     cumulative = count
@@ -6368,10 +6449,12 @@ class Metrics:
                 sample("multiwan_probe_loss_ratio", (("uplink", u.name),), round(loss / 100, 4))
         family("multiwan_probe_requests_total", "counter", "Probes sent and judged.")
         for labels, count in sorted(self.requests.items()):
-            sample("multiwan_probe_requests_total", labels, count)
+            if now_configured(labels):
+                sample("multiwan_probe_requests_total", labels, count)
         family("multiwan_probe_failures_total", "counter", "Probes that failed, by reason.")
         for labels, count in sorted(self.failures.items()):
-            sample("multiwan_probe_failures_total", labels, count)
+            if now_configured(labels):
+                sample("multiwan_probe_failures_total", labels, count)
         family("multiwan_switches_total", "counter", "Changes of the selected uplink, per family.")
         for f in config.families:
             key = (("family", FAMILY_NAME[f]),)
@@ -6428,6 +6511,7 @@ class MetricsServer:
 
     async def run(self) -> None:
         server = None
+        failing = False
         if self.listen is not None:
             host, port = self.listen
             try:
@@ -6439,8 +6523,11 @@ class MetricsServer:
                 if self.textfile is not None:
                     try:
                         _write_atomically(Path(self.textfile), self._render())
+                        failing = False
                     except OSError as err:
-                        log.warning("metrics: cannot write %s: %s", self.textfile, err)
+                        if not failing:
+                            log.warning("metrics: cannot write %s: %s (said once)", self.textfile, err)
+                        failing = True
                 await asyncio.sleep(METRICS_TEXTFILE_PERIOD_S)
         finally:
             if server is not None:
@@ -7615,8 +7702,10 @@ def describe_plan(config: Config) -> str:
             f"(0 to {len(config.families)}; {len(config.families)} when the agent stops)"
         )
     for hook in config.hooks:
+        # Only the program: its arguments may hold a token.
+        arguments = f" (+{len(hook.exec) - 1} arguments)" if len(hook.exec) > 1 else ""
         lines.append(
-            f"  hook {' '.join(hook.exec)} on {', '.join(sorted(hook.events))} "
+            f"  hook {hook.exec[0]}{arguments} on {', '.join(sorted(hook.events))} "
             f"(timeout {format_duration(hook.timeout_s)})"
         )
     for webhook in config.webhooks:
@@ -7924,6 +8013,8 @@ class HostFacts:
     sysctl: Mapping[str, str] = dataclasses.field(default_factory=dict)
     #: Why `nft -c` refuses the agent's table ("" when it takes it).
     nft_problem: str = ""
+    #: The kernel takes the table only without conntrack labels (as OpenWrt's).
+    labels_missing: bool = False
     #: Groups and files the config names that do not exist or cannot be read.
     missing_groups: tuple[str, ...] = ()
     unreadable_files: tuple[str, ...] = ()
@@ -7994,6 +8085,11 @@ def check_warnings(config: Config, facts: HostFacts) -> list[str]:
                 f"answers (often to a few a second), which looks like loss; probe it at most "
                 f"{PROBE_RATE_WARN_PER_S:g} times a second in all"
             )
+    if facts.labels_missing:
+        warnings.append(
+            "this kernel has no conntrack labels: the agent's table goes without them, and release_flows "
+            "knows connections from the internet by their DNAT and the router's own addresses only"
+        )
     for group in facts.missing_groups:
         warnings.append(
             f"agent.control_group: no group {group!r} on this host: the control socket stays root's"
@@ -8029,22 +8125,28 @@ def gather_host_facts(config: Config) -> HostFacts:
             sysctl[key] = Path("/proc/sys", *key.split(".")).read_text().strip()
         except OSError:
             pass
-    try:
-        proc = subprocess.run(
-            ["nft", "-c", "-f", "-"],
-            input=render_nft(config, steering_when_all_up(config)),
-            capture_output=True,
-            text=True,
-            timeout=NFT_TIMEOUT_S,
+    labels_missing = False
+
+    def nft_check(labels: bool) -> subprocess.CompletedProcess[str]:
+        script = render_nft(config, steering_when_all_up(config), labels)
+        return subprocess.run(
+            ["nft", "-c", "-f", "-"], input=script, capture_output=True, text=True, timeout=NFT_TIMEOUT_S
         )
+
+    try:
+        proc = nft_check(labels=True)
         nft_problem = (
             "" if proc.returncode == 0 else f"nft -c refuses the agent's table: {proc.stderr.strip()}"
         )
+        if proc.returncode != 0 and "label" in proc.stderr and nft_check(labels=False).returncode == 0:
+            # As the agent does (OpenWrt's kernels have no conntrack labels): a lesser table, not none.
+            nft_problem = ""
+            labels_missing = True
     except FileNotFoundError:
         nft_problem = "nft is not installed"
     except subprocess.TimeoutExpired:
         nft_problem = f"nft did not answer within {format_duration(NFT_TIMEOUT_S)}"
-    missing = []
+    missing: list[str] = []
     if config.agent.control_group != "root":
         try:
             grp.getgrnam(config.agent.control_group)
@@ -8054,7 +8156,15 @@ def gather_host_facts(config: Config) -> HostFacts:
     for webhook in config.webhooks:
         if webhook.bearer_token_file and not os.access(webhook.bearer_token_file, os.R_OK):
             unreadable.append(webhook.bearer_token_file)
-    return HostFacts(interfaces, error, sysctl, nft_problem, tuple(missing), tuple(unreadable))
+    return HostFacts(
+        interfaces,
+        error,
+        sysctl,
+        nft_problem,
+        labels_missing=labels_missing,
+        missing_groups=tuple(missing),
+        unreadable_files=tuple(unreadable),
+    )
 
 
 #: Route protocols a DHCP or RA client leaves (gateway = "auto" follows them).
@@ -8233,8 +8343,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         document, stale = reply["status"], None
         if not isinstance(document, dict):
             raise ConnectionError("not a status")
-    except (OSError, ValueError, KeyError, RecursionError):
-        # Not answering: what status.json says, judged and marked stale.
+    except (OSError, ValueError, KeyError, RecursionError) as err:
+        # Not answering: what status.json says, judged (and marked stale if the agent is gone).
+        denied = isinstance(err, PermissionError)
+        if denied:
+            print(
+                f"note: no permission on {state_dir}/{CONTROL_SOCKET} (run as root or as a member of "
+                "[agent] control_group); this is status.json",
+                file=sys.stderr,
+            )
         locked, holder = agent_running(state_dir)
         try:
             document = read_status(Path(state_dir) / "status.json")
@@ -8242,7 +8359,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             running = f"an agent (pid {holder}) runs, but " if locked else "the agent is not running; "
             print(f"error: {running}its status cannot be read: {err}", file=sys.stderr)
             return EXIT_NOT_RUNNING
-        stale = status_liveness(document, locked, holder) or "it does not answer on its control socket"
+        stale = status_liveness(document, locked, holder)
+        if stale is None and not denied:
+            stale = "it does not answer on its control socket"
     if args.json:
         print(json.dumps({**document, "stale": stale}, indent=2, sort_keys=True))
     else:
@@ -8299,6 +8418,13 @@ def cmd_operate(args: argparse.Namespace) -> int:
         request |= {"release": args.release, "force": args.force}
     try:
         reply = control_request(state_dir, request)
+    except PermissionError:
+        print(
+            f"error: no permission on {state_dir}/{CONTROL_SOCKET}: run as root or as a member of "
+            "[agent] control_group",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED_COMMAND
     except (OSError, ValueError, RecursionError) as err:
         print(
             f"error: the agent is not running (cannot reach {state_dir}/{CONTROL_SOCKET}: {err})",

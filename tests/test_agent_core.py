@@ -542,3 +542,92 @@ def test_probers_keep_their_rounds_unless_what_they_probe_changed() -> None:
         )
     )
     assert "prober lte" in cancelled
+
+
+# operator drains --------------------------------------------------------------------------
+
+
+def command(clock: Clock, cmd: mwa.Command) -> mwa.Intent:
+    intent = clock.apply(mwa.on_command(clock.state, cmd, clock.now, 1_800_000_000.0))
+    if intent.routes is not None:
+        clock.reconcile()
+    return intent
+
+
+def test_a_drain_moves_new_traffic_and_an_undrain_of_an_uplink_that_stayed_up_owes_no_hysteresis() -> None:
+    clock = up_and_running(config())
+    drained = command(clock, mwa.DrainCommand("fibre"))
+    assert drained.reply == mwa.Reply(
+        True,
+        "fibre is drained: new traffic leaves through other uplinks; its probes go on; "
+        "its established flows stay",
+    )
+    assert clock.selected() == "lte" and clock.state.drained["fibre"] == mwa.Drain(1_800_000_000.0)
+    (switch,) = [e for e in drained.events if isinstance(e, mwa.SelectionChanged)]
+    assert (
+        switch.reason == "fibre is drained by the operator; lte is the best uplink up"
+        and switch.evidence_at is None
+    )
+    assert clock.releases() == []  # without --release its flows stay
+    clock.rounds("fibre", True, 5)  # probes go on, it stays up
+    assert clock.selected() == "lte"
+    back = command(clock, mwa.UndrainCommand("fibre"))
+    assert back.reply.ok and clock.selected() == "fibre"  # at once: it never failed
+
+
+def test_drain_release_releases_its_flows_without_release_flows_configured() -> None:
+    clock = up_and_running(config())
+    command(clock, mwa.DrainCommand("fibre", release=True))
+    (release,) = clock.releases()
+    assert release.uplink == "fibre" and release.families == frozenset({4})
+    assert clock.state.releasing["fibre"].kind == "drain"
+    # undrained while it runs: cancelled
+    undrain = clock.apply(mwa.on_command(clock.state, mwa.UndrainCommand("fibre"), clock.now, 0.0))
+    assert undrain.cancel_releases == ("fibre",)
+
+
+def test_draining_the_last_uplink_up_is_refused_unless_forced() -> None:
+    clock = up_and_running(config())
+    clock.rounds("lte", False, 3)
+    refused = command(clock, mwa.DrainCommand("fibre"))
+    assert not refused.reply.ok and refused.reply.message.startswith(
+        "refused: fibre is the last uplink up for IPv4"
+    )
+    assert clock.state.drained == {} and refused.routes is None
+    forced = command(clock, mwa.DrainCommand("fibre", force=True))
+    assert (
+        forced.reply.ok
+        and "(forced): no other uplink is up for IPv4, so its route stays" in forced.reply.message
+    )
+    assert clock.selected() == "fibre" and clock.state.decisions[4].stranded  # the route is kept, as said
+    # already drained: adding --release is no new refusal
+    again = command(clock, mwa.DrainCommand("fibre", release=True))
+    assert again.reply.ok and clock.state.drained["fibre"].release
+    unknown = command(clock, mwa.DrainCommand("dsl"))
+    assert unknown.reply == mwa.Reply(False, "no uplink named 'dsl' (uplinks: fibre, lte)")
+
+
+def test_drains_survive_a_reload_and_a_restart() -> None:
+    clock = up_and_running(config())
+    command(clock, mwa.DrainCommand("lte", release=True))
+    clock.apply(mwa.on_reload(clock.state, config(extra_fibre="weight = 2"), [], [], "", clock.now))
+    assert "lte" in clock.state.drained
+    restarted = Clock(config(), routes=[SELECTION_ROUTE])
+    state, _ = mwa.start_agent(config(), INTERFACES, [], None, "b1", 0.0, dict(clock.state.drained))
+    assert state.drained == clock.state.drained and restarted.state.drained == {}
+
+
+def test_a_recovery_after_an_outage_is_no_detection() -> None:
+    clock = up_and_running(config())
+    clock.rounds("lte", False, 3)
+    fibre_down = clock.rounds("fibre", False, 3)
+    assert not [
+        e for i in fibre_down for e in i.events if isinstance(e, mwa.SelectionChanged)
+    ]  # stranded, kept
+    clock.rounds("lte", True, 3)  # lte recovers: fibre (down for a while) is left, but that is no failover
+    (switch,) = [e for e in clock.intents[-8:] for e in e.events if isinstance(e, mwa.SelectionChanged)]
+    assert switch.new == "lte" and switch.evidence_at is None
+    clock2 = up_and_running(config())
+    failover = clock2.rounds("fibre", False, 3)
+    (switch,) = [e for i in failover for e in i.events if isinstance(e, mwa.SelectionChanged)]
+    assert switch.evidence_at == 104.0  # the first failed round

@@ -95,7 +95,7 @@ def agent_imports() -> set[str]:
 
 def test_depends_are_exactly_the_python_packages_the_module_imports() -> None:
     makefile = (PACKAGE / "Makefile").read_text()
-    depends = re.search(r"DEPENDS:=((?:.*\\\n)*.*)", makefile)
+    depends = re.search(r"^\s+DEPENDS:=((?:.*\\\n)*.*)", makefile, re.MULTILINE)
     assert depends is not None
     declared = set(re.findall(r"\+([\w.-]+)", depends.group(1)))
     wanted = {"python3-light"}
@@ -111,7 +111,10 @@ def test_depends_are_exactly_the_python_packages_the_module_imports() -> None:
     wanted.add("python3-logging")
     assert {d for d in declared if d.startswith("python3-")} == wanted
     assert {"nftables", "kmod-nft-core", "kmod-nft-nat", "kmod-nf-conntrack-netlink"} <= declared
-    assert "include $(TOPDIR)/feeds/packages/lang/python/python3-package.mk" in makefile
+    include = "include $(TOPDIR)/feeds/packages/lang/python/python3-package.mk"
+    assert include in makefile
+    # python3-package.mk picks its recipes by PYTHON3_PKG_BUILD when it is read: set it before
+    assert makefile.index("PYTHON3_PKG_BUILD:=0") < makefile.index(include)
     assert "$(eval $(call Py3Package,multiwan-agent))" in makefile
     assert "/etc/multiwan-agent/multiwan.toml" in makefile.split("conffiles")[1]
 

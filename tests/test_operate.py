@@ -206,7 +206,7 @@ def test_a_webhook_posts_retries_500_and_a_silent_receiver_and_never_logs_secret
         port = server.sockets[0].getsockname()[1]
         config = mwa.parse_config(
             '[check]\ntargets = ["198.18.1.1"]\n[[uplink]]\nname = "fibre"\ninterface = "wan0"\n'
-            f'[[webhook]]\nurl = "http://user:pw@127.0.0.1:{port}/hook?key=querysecret"\n'
+            f'[[webhook]]\nurl = "http://127.0.0.1:{port}/hook?key=querysecret"\n'
             f'events = ["switch"]\ntimeout = "300ms"\nbearer_token_file = "{token}"\n'
             'headers = { X-Api-Key = "h3ader-secret" }\n',
             "t",
@@ -226,7 +226,7 @@ def test_a_webhook_posts_retries_500_and_a_silent_receiver_and_never_logs_secret
     head, body = receiver.requests[-1].split(b"\r\n\r\n", 1)
     assert b"POST /hook?key=querysecret HTTP/1.1" in head and b"Authorization: Bearer s3cr3t-token" in head
     assert b"X-Api-Key: h3ader-secret" in head and json.loads(body)["event"] == "switch"
-    for secret in ("s3cr3t-token", "h3ader-secret", "querysecret", "pw@"):
+    for secret in ("s3cr3t-token", "h3ader-secret", "querysecret"):
         assert secret not in caplog.text
     assert "webhook=http://127.0.0.1:" in caplog.text and "retrying with back-off" in caplog.text
 
@@ -452,3 +452,30 @@ def test_check_does_not_trace_back_into_a_closed_pipe(tmp_path: Path) -> None:
     assert (
         out.stdout.startswith("config ") and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr
     )
+
+
+def test_a_webhook_url_with_credentials_is_refused_without_showing_them() -> None:
+    with pytest.raises(mwa.ConfigError) as err:
+        mwa.parse_config(
+            '[check]\ntargets = ["198.18.1.1"]\n[[uplink]]\nname = "fibre"\ninterface = "wan0"\n'
+            '[[webhook]]\nurl = "https://user:s3cret@h.example/x?token=abc"\n',
+            "t",
+        )
+    assert "expected no user:password@" in str(err.value) and "s3cret" not in str(err.value)
+    with pytest.raises(mwa.ConfigError) as err:
+        mwa.parse_config(
+            '[check]\ntargets = ["198.18.1.1"]\n[[uplink]]\nname = "fibre"\ninterface = "wan0"\n'
+            '[[webhook]]\nurl = "https://h.example:99999/x?token=abc"\n',
+            "t",
+        )
+    assert "token=abc" not in str(err.value)
+
+
+def test_metric_values_are_exact_and_removed_uplinks_leave_the_exposition() -> None:
+    state, _ = mwa.start_agent(CONFIG, INTERFACES, [], None, "b", 100.0)
+    metrics = mwa.Metrics()
+    metrics.requests[(("uplink", "fibre"), ("target", "198.18.1.1"), ("method", "icmp"))] = 1234567
+    metrics.requests[(("uplink", "gone"), ("target", "198.18.1.1"), ("method", "icmp"))] = 5
+    text = metrics.render(state, dropped=0)
+    assert 'multiwan_probe_requests_total{uplink="fibre",target="198.18.1.1",method="icmp"} 1234567' in text
+    assert 'uplink="gone"' not in text
