@@ -34,12 +34,20 @@ _EARLY_SIGNALS: list[int] = []
 #: The installed command, `multiwan-agent run`, imports this module before it calls main().
 _INSTALLED_RUN = sys.argv[0].rsplit("/", 1)[-1] == "multiwan-agent" and sys.argv[1:2] == ["run"]
 
+#: Set by SCRIPT_LOADER in the globals it runs this module in (see run_without_the_parse_tree).
+_FROM_SCRIPT_LOADER: bool = globals().get("_FROM_SCRIPT_LOADER", False)
+
+_EARLY_SIGNALS_SET = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 if __name__ == "__main__" or _INSTALLED_RUN:
     # Run as a script, or imported by the installed `multiwan-agent run`: before the
     # imports below (a tenth of a second), SIGHUP's default action would kill an agent
     # that a reload request reaches while it starts.
-    for _signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for _signum in _EARLY_SIGNALS_SET:
         signal.signal(_signum, lambda signum, _frame: _EARLY_SIGNALS.append(signum))
+    # Re-executed by run_without_the_parse_tree, which blocked them across the exec:
+    # whatever arrived meanwhile is delivered now, to the handlers just set.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _EARLY_SIGNALS_SET)
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
@@ -49,6 +57,7 @@ import dataclasses  # noqa: E402
 import errno  # noqa: E402
 import fcntl  # noqa: E402
 import functools  # noqa: E402
+import gc  # noqa: E402
 import grp  # noqa: E402
 import ipaddress  # noqa: E402
 import itertools  # noqa: E402
@@ -3973,6 +3982,33 @@ def _probe_detail(probe: ProbeResult) -> str:
 # from what the kernel says.
 
 
+def pyroute2_iproute() -> Any:
+    """pyroute2's IPRoute class, without the rest of pyroute2.
+
+    `import pyroute2` runs a package __init__ that imports every protocol the library
+    speaks (NDB with sqlite3, ipset, IPVS, nl80211, WireGuard, plan9, ...: some 170
+    modules and 10 MiB of a router's RAM); the agent speaks rtnetlink only. So the
+    package is registered without running its __init__, and only pyroute2.iproute.linux
+    and what it imports are loaded. Should a pyroute2 need its __init__ after all, the
+    whole package is imported as usual."""
+    if "pyroute2" not in sys.modules:
+        import importlib.util
+
+        spec = importlib.util.find_spec("pyroute2")
+        if spec is not None and spec.submodule_search_locations is not None:
+            sys.modules["pyroute2"] = importlib.util.module_from_spec(spec)
+            try:
+                from pyroute2.iproute.linux import IPRoute
+
+                return IPRoute
+            except ImportError:
+                for name in [m for m in sys.modules if m == "pyroute2" or m.startswith("pyroute2.")]:
+                    del sys.modules[name]
+    from pyroute2 import IPRoute
+
+    return IPRoute
+
+
 class NetlinkWorker:
     def __init__(self) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netlink")
@@ -3981,9 +4017,7 @@ class NetlinkWorker:
     def _ipr(self) -> Any:
         ipr = getattr(self._local, "ipr", None)
         if ipr is None:
-            from pyroute2 import IPRoute
-
-            ipr = IPRoute()
+            ipr = pyroute2_iproute()()
             self._local.ipr = ipr
         return ipr
 
@@ -7519,6 +7553,7 @@ async def run_daemon(
             supervisor.start("metrics", exposition.run)
         started = True
         pump.begin(intent)
+        return_startup_memory()
         stopped = asyncio.ensure_future(stop.wait())
         ready = asyncio.ensure_future(pump.ready.wait())
         await asyncio.wait({stopped, ready}, return_when=asyncio.FIRST_COMPLETED)
@@ -7579,10 +7614,79 @@ async def run_daemon(
     return 0
 
 
+#: What the re-executed interpreter runs (`python3 -c SCRIPT_LOADER PATH ARGS...`): the module
+#: compiled by compile(), whose parse tree is freed as soon as it returns, then run as __main__.
+#: sys.path[0] is the script's directory, as for a script, not the working directory -c gives.
+SCRIPT_LOADER: Final = (
+    "import os, sys; sys.argv.pop(0); _FROM_SCRIPT_LOADER = True; __file__ = sys.argv[0]\n"
+    "if sys.path and sys.path[0] == '': sys.path[0] = os.path.dirname(__file__)\n"
+    "exec(compile(open(__file__, 'rb').read(), __file__, 'exec'))"
+)
+
+
+def run_without_the_parse_tree(argv: Sequence[str]) -> None:
+    """Replace this process by one that runs the module compiled, not parsed as a script.
+
+    CPython keeps a script's whole parse tree alive until the script's last line has run,
+    and for a daemon that is its whole life: run as a file (`python3 multiwan_agent.py
+    run`, Debian's single-file install) the agent held some 18 MiB more than imported, a
+    seventh of a small router's RAM. The same PID goes on (systemd and the parent see no
+    change); the daemon's signals are blocked across the exec and delivered once the new
+    interpreter has its handlers, so a SIGHUP in between cannot kill it. Returns only when
+    there is nothing to gain or the exec failed (then the agent runs on as it is)."""
+    if __name__ != "__main__" or __spec__ is not None or _FROM_SCRIPT_LOADER or not sys.executable:
+        return  # imported (-m, the installed command: compiled by importlib) or already done
+    path = os.path.abspath(sys.argv[0])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.pthread_sigmask(signal.SIG_BLOCK, _EARLY_SIGNALS_SET)
+    # What arrived until now is raised again: pending, it outlives the exec (execve(2)).
+    for signum in set(_EARLY_SIGNALS):
+        os.kill(os.getpid(), signum)
+    _EARLY_SIGNALS.clear()
+    try:
+        # The interpreter's own options (-I, -E, -X ..., as multiprocessing passes them on).
+        flags: list[str] = getattr(subprocess, "_args_from_interpreter_flags", list)()
+        os.execv(sys.executable, [sys.executable, *flags, "-c", SCRIPT_LOADER, path, *argv])
+    except OSError as err:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _EARLY_SIGNALS_SET)  # delivered to _remember_signal
+        print(f"note: could not re-execute {sys.executable} ({err}); running on as a script", file=sys.stderr)
+
+
+#: The daemon's process name (/proc/PID/comm, what `ps -e`, `top` and `pgrep` show and
+#: keepalived's `vrrp_track_process` matches without parameters), however it was started:
+#: the single file, `python3 -m`, the installed command. The CLI's commands keep theirs.
+DAEMON_PROCESS_NAME: Final = "multiwan-agentd"
+
+
+def name_this_process(name: str) -> None:
+    """Set the process's name (at most 15 bytes: the kernel's TASK_COMM_LEN), before the
+    daemon starts its threads, which inherit it. Writing comm needs no privilege."""
+    try:
+        Path("/proc/self/comm").write_text(name[:15], encoding="ascii")
+    except OSError as err:
+        log.debug("cannot name the process %s: %s", name, err)
+
+
+def return_startup_memory() -> None:
+    """Hand back to the system the heap that starting left free (the compiler's work when
+    the module was not loaded from bytecode: some 14 MiB). glibc keeps freed memory until
+    asked; musl (OpenWrt) returns it by itself and has no malloc_trim."""
+    gc.collect()
+    try:
+        import ctypes  # optional: OpenWrt ships it apart (python3-ctypes) and needs none of this
+
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+    except (ImportError, OSError):
+        pass
+
+
 def catch_early_signals() -> None:
     """Until the daemon's own handlers are in place, remember SIGTERM/SIGINT/SIGHUP
     instead of dying of them (SIGHUP's default action kills a starting agent)."""
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in _EARLY_SIGNALS_SET:
         if signal.getsignal(signum) is not _remember_signal:
             signal.signal(signum, _remember_signal)
 
@@ -7989,6 +8093,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("refusing to start, nothing was changed: missing %s", " and ".join(missing))
         return EXIT_REFUSED
     options = DaemonOptions(dry_run=args.dry_run, cleanup=args.cleanup, verbose=args.verbose)
+    name_this_process(DAEMON_PROCESS_NAME)
     try:
         return asyncio.run(run_agent(config, options))
     except StartupRefused as err:
@@ -8104,9 +8209,7 @@ def gather_host_facts(config: Config) -> HostFacts:
     interfaces: dict[str, tuple[str, ...]] | None = None
     error = ""
     try:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
+        with pyroute2_iproute()() as ipr:
             names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in ipr.get_links()}
             found: dict[str, list[str]] = {name: [] for name in names.values()}
             for msg in ipr.get_addr():
@@ -8264,9 +8367,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"error: {out} exists; add --force to overwrite it", file=sys.stderr)
         return EXIT_REFUSED_COMMAND
     try:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
+        with pyroute2_iproute()() as ipr:
             uplinks = host_uplinks(ipr)
     except Exception as err:  # no pyroute2, no netlink
         print(f"error: cannot read this host's routes: {type(err).__name__}: {err}", file=sys.stderr)
@@ -8442,6 +8543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         catch_early_signals()
+        run_without_the_parse_tree(sys.argv[1:] if argv is None else argv)
     commands = {
         "run": cmd_run,
         "check": cmd_check,

@@ -8,11 +8,16 @@ interface, which the lab tests (test_lab_daemon.py) exercise for real.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 import multiwan_agent as mwa
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Sent:
@@ -96,3 +101,19 @@ def test_a_release_that_raises_is_reported_and_the_edge_goes_on(
     (finished,) = [p for p in posted if isinstance(p, mwa.ReleaseFinished)]
     assert finished.uplink == "a" and finished.released.error == "ValueError: odd-length address attribute"
     assert "uplink=a release of its connections failed" in caplog.text and "Traceback" in caplog.text
+
+
+def test_only_the_rtnetlink_part_of_pyroute2_is_imported() -> None:
+    """pyroute2's package __init__ imports every protocol it has (10 MiB); the agent loads
+    IPRoute alone. A fresh interpreter, as the agent is; reading links changes nothing."""
+    program = (
+        "import sys, multiwan_agent as m; ipr = m.pyroute2_iproute(); "
+        "assert ipr.__name__ == 'IPRoute', ipr; "
+        "assert 'pyroute2.ndb' not in sys.modules and 'pyroute2.ipset' not in sys.modules; "
+        "h = ipr(); print(len(h.get_links())); h.close()"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) >= 1

@@ -4,6 +4,7 @@ foreign rule at runtime, a SIGHUP storm and corrupt state files."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_proc import AgentProcess, fake_tool_dir, lab_config, ruleset_snapshot, status_command
+from agent_proc import AGENT, AgentProcess, fake_tool_dir, lab_config, ruleset_snapshot, status_command
 from lab import Lab
 
 pytestmark = pytest.mark.lab
@@ -275,6 +276,33 @@ def test_signals_while_the_agent_starts_neither_kill_it_nor_get_lost(lab: Lab, t
     early.signal(signal.SIGTERM)
     assert early.proc.wait(timeout=10) == 0  # a clean stop, before it changed anything
     assert ruleset_snapshot(lab) == before
+
+
+def test_run_as_a_script_it_goes_on_compiled_with_its_pid_and_its_arguments(lab: Lab, tmp_path: Path) -> None:
+    """The single file re-executes itself once, so that CPython does not keep the script's
+    parse tree for the daemon's whole life (run_without_the_parse_tree): under the same PID
+    (systemd's and procd's), with the loader and then the same arguments (for ps, pgrep and
+    keepalived's track_process); named multiwan-agentd, as the daemon is however started."""
+    agent = AgentProcess(lab, tmp_path, lab_config(tmp_path / "state"))
+    agent.wait_selected("fibre", timeout=10)
+    argv = Path(f"/proc/{agent.proc.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    assert argv[0] == sys.executable.encode() and b"-c" in argv
+    assert argv[-5:] == [str(AGENT).encode(), b"run", b"-c", str(agent.config_path).encode(), b"-v"]
+    assert Path(f"/proc/{agent.proc.pid}/comm").read_text() == "multiwan-agentd\n"
+    assert agent.stop() == 0
+    module = AgentProcess(
+        lab,
+        tmp_path,
+        lab_config(tmp_path / "state"),
+        name="module",
+        program=(sys.executable, "-m", "multiwan_agent"),
+        env={**os.environ, "PYTHONPATH": str(AGENT.parent)},
+    )
+    module.wait_selected("fibre", timeout=10)
+    argv = Path(f"/proc/{module.proc.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    assert argv[1:3] == [b"-m", b"multiwan_agent"]  # imported, compiled by importlib: no re-exec
+    assert Path(f"/proc/{module.proc.pid}/comm").read_text() == "multiwan-agentd\n"
+    assert module.stop() == 0
 
 
 CORRUPT = {
