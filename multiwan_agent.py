@@ -3991,6 +3991,9 @@ def pyroute2_iproute() -> Any:
     package is registered without running its __init__, and only pyroute2.iproute.linux
     and what it imports are loaded. Should a pyroute2 need its __init__ after all, the
     whole package is imported as usual."""
+    loaded = sys.modules.get("pyroute2.iproute.linux")
+    if loaded is not None:
+        return loaded.IPRoute
     if "pyroute2" not in sys.modules:
         import importlib.util
 
@@ -4001,7 +4004,7 @@ def pyroute2_iproute() -> Any:
                 from pyroute2.iproute.linux import IPRoute
 
                 return IPRoute
-            except ImportError:
+            except Exception:  # whatever a pyroute2 without its __init__ raises: import it whole
                 for name in [m for m in sys.modules if m == "pyroute2" or m.startswith("pyroute2.")]:
                     del sys.modules[name]
     from pyroute2 import IPRoute
@@ -7451,6 +7454,9 @@ async def run_daemon(
     loop = asyncio.get_running_loop()
     notifier = notifier or Notifier()
     lock = lock_state_dir(config.agent.state_dir)
+    if not options.dry_run:
+        # Only the agent that holds the lock, before its threads: keepalived counts it as running.
+        name_this_process(DAEMON_PROCESS_NAME)
     worker = NetlinkWorker()
     failure: list[str] = []
     started = False
@@ -7616,11 +7622,12 @@ async def run_daemon(
 
 #: What the re-executed interpreter runs (`python3 -c SCRIPT_LOADER PATH ARGS...`): the module
 #: compiled by compile(), whose parse tree is freed as soon as it returns, then run as __main__.
-#: sys.path[0] is the script's directory, as for a script, not the working directory -c gives.
+#: sys.path[0] is the script's real directory, as for a script, not the working directory -c gives.
 SCRIPT_LOADER: Final = (
     "import os, sys; sys.argv.pop(0); _FROM_SCRIPT_LOADER = True; __file__ = sys.argv[0]\n"
-    "if sys.path and sys.path[0] == '': sys.path[0] = os.path.dirname(__file__)\n"
-    "exec(compile(open(__file__, 'rb').read(), __file__, 'exec'))"
+    "if sys.path and sys.path[0] == '': sys.path[0] = os.path.dirname(os.path.realpath(__file__))\n"
+    "with open(__file__, 'rb') as f: code = compile(f.read(), __file__, 'exec')\n"
+    "del f; exec(code)"
 )
 
 
@@ -7637,6 +7644,15 @@ def run_without_the_parse_tree(argv: Sequence[str]) -> None:
     if __name__ != "__main__" or __spec__ is not None or _FROM_SCRIPT_LOADER or not sys.executable:
         return  # imported (-m, the installed command: compiled by importlib) or already done
     path = os.path.abspath(sys.argv[0])
+    try:
+        with open(path, "rb") as script:
+            head = script.read(4)
+    except OSError:
+        return  # no file to load again (`python3 - run < file`, `python3 -c "..." run`)
+    import importlib.util
+
+    if head == importlib.util.MAGIC_NUMBER:
+        return  # `python3 multiwan_agent.pyc run`: run from bytecode, there is no parse tree
     sys.stdout.flush()
     sys.stderr.flush()
     signal.pthread_sigmask(signal.SIG_BLOCK, _EARLY_SIGNALS_SET)
@@ -7655,15 +7671,29 @@ def run_without_the_parse_tree(argv: Sequence[str]) -> None:
 
 #: The daemon's process name (/proc/PID/comm, what `ps -e`, `top` and `pgrep` show and
 #: keepalived's `vrrp_track_process` matches without parameters), however it was started:
-#: the single file, `python3 -m`, the installed command. The CLI's commands keep theirs.
+#: the single file, `python3 -m`, the installed command. The CLI's commands, `run --dry-run`
+#: and a `run` refused at start keep theirs.
 DAEMON_PROCESS_NAME: Final = "multiwan-agentd"
+
+
+PR_SET_NAME: Final = 15  # <linux/prctl.h>
 
 
 def name_this_process(name: str) -> None:
     """Set the process's name (at most 15 bytes: the kernel's TASK_COMM_LEN), before the
-    daemon starts its threads, which inherit it. Writing comm needs no privilege."""
+    daemon starts its threads, which inherit it. prctl(PR_SET_NAME) where ctypes is there:
+    the kernel tells it to the proc connector (how a running keepalived learns of it) on
+    every kernel, a write of /proc/self/comm only since 5.15 (and 5.10 stable)."""
+    encoded = name.encode("ascii")[:15]
     try:
-        Path("/proc/self/comm").write_text(name[:15], encoding="ascii")
+        import ctypes  # optional: OpenWrt ships it apart (python3-ctypes)
+
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, encoded, 0, 0, 0) == 0:
+            return
+    except (ImportError, OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/comm").write_bytes(encoded)
     except OSError as err:
         log.debug("cannot name the process %s: %s", name, err)
 
@@ -8093,7 +8123,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("refusing to start, nothing was changed: missing %s", " and ".join(missing))
         return EXIT_REFUSED
     options = DaemonOptions(dry_run=args.dry_run, cleanup=args.cleanup, verbose=args.verbose)
-    name_this_process(DAEMON_PROCESS_NAME)
     try:
         return asyncio.run(run_agent(config, options))
     except StartupRefused as err:

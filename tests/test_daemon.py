@@ -8,6 +8,7 @@ interface, which the lab tests (test_lab_daemon.py) exercise for real.
 from __future__ import annotations
 
 import asyncio
+import py_compile
 import subprocess
 import sys
 import threading
@@ -110,6 +111,7 @@ def test_only_the_rtnetlink_part_of_pyroute2_is_imported() -> None:
         "import sys, multiwan_agent as m; ipr = m.pyroute2_iproute(); "
         "assert ipr.__name__ == 'IPRoute', ipr; "
         "assert 'pyroute2.ndb' not in sys.modules and 'pyroute2.ipset' not in sys.modules; "
+        "assert m.pyroute2_iproute() is ipr; "  # a second call finds the loaded module
         "h = ipr(); print(len(h.get_links())); h.close()"
     )
     out = subprocess.run(
@@ -117,3 +119,23 @@ def test_only_the_rtnetlink_part_of_pyroute2_is_imported() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) >= 1
+
+
+@pytest.mark.parametrize("form", ["pyc", "stdin"])
+def test_run_without_a_source_file_to_load_again_runs_on_as_it_is(form: str, tmp_path: Path) -> None:
+    """The single file's re-exec loads the script again: from bytecode or from stdin there is
+    nothing to load (and no parse tree to shed), so `run` goes on where it is. A bad config
+    shows it got as far as reading the config, with exit 2, before any side effect."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[agent\n")
+    if form == "pyc":
+        pyc = tmp_path / "multiwan_agent.pyc"
+        py_compile.compile(str(ROOT / "multiwan_agent.py"), cfile=str(pyc), doraise=True)
+        argv, stdin = [sys.executable, str(pyc)], None
+    else:
+        argv, stdin = [sys.executable, "-"], (ROOT / "multiwan_agent.py").read_text()
+    out = subprocess.run(
+        [*argv, "run", "-c", str(bad)], input=stdin, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2, out.stderr
+    assert "invalid TOML" in out.stderr and "Traceback" not in out.stderr

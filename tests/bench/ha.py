@@ -57,7 +57,13 @@ def main() -> int:
         print(
             f"{mode}: fault -> VIP on B median {statistics.median(vip):.2f} s (max {max(vip):.2f}); "
             f"-> LAN connection via B median {statistics.median(lan):.2f} s (max {max(lan):.2f}); "
-            f"bound: the agent's {BOUND_S:g} s + keepalived's advert (1 s) + one connection attempt; "
+            f"bound: the agent's {BOUND_S:g} s + "
+            + (
+                "B's master-down timer (3 adverts + skew, about 3.6 s: A goes on advertising, 100 lower)"
+                if preempt
+                else "B's skew (under 1 s: A's FAULT sends priority 0, and B takes over at once)"
+            )
+            + " + one connection attempt; "
             f"{len(vip)} runs"
             + (f"; A recovered -> VIP back on A median {statistics.median(back):.2f} s" if back else "")
         )
