@@ -4005,6 +4005,7 @@ def pyroute2_iproute() -> Any:
 
                 return IPRoute
             except Exception:  # whatever a pyroute2 without its __init__ raises: import it whole
+                log.debug("pyroute2.iproute.linux alone failed; importing all of pyroute2", exc_info=True)
                 for name in [m for m in sys.modules if m == "pyroute2" or m.startswith("pyroute2.")]:
                     del sys.modules[name]
     from pyroute2 import IPRoute
@@ -7685,13 +7686,9 @@ def name_this_process(name: str) -> None:
     the kernel tells it to the proc connector (how a running keepalived learns of it) on
     every kernel, a write of /proc/self/comm only since 5.15 (and 5.10 stable)."""
     encoded = name.encode("ascii")[:15]
-    try:
-        import ctypes  # optional: OpenWrt ships it apart (python3-ctypes)
-
-        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, encoded, 0, 0, 0) == 0:
-            return
-    except (ImportError, OSError, AttributeError):
-        pass
+    prctl = libc_function("prctl")
+    if prctl is not None and prctl(PR_SET_NAME, encoded, 0, 0, 0) == 0:
+        return
     try:
         Path("/proc/self/comm").write_bytes(encoded)
     except OSError as err:
@@ -7703,14 +7700,21 @@ def return_startup_memory() -> None:
     the module was not loaded from bytecode: some 14 MiB). glibc keeps freed memory until
     asked; musl (OpenWrt) returns it by itself and has no malloc_trim."""
     gc.collect()
-    try:
-        import ctypes  # optional: OpenWrt ships it apart (python3-ctypes) and needs none of this
+    trim = libc_function("malloc_trim")
+    if trim is not None:
+        trim(0)
 
-        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-        if trim is not None:
-            trim(0)
-    except (ImportError, OSError):
-        pass
+
+def libc_function(name: str) -> Any:
+    """A function of the C library, or None without it: ctypes is optional (OpenWrt ships
+    it apart, python3-ctypes), and musl lacks some of glibc's (malloc_trim)."""
+    try:
+        import ctypes
+
+        return getattr(ctypes.CDLL(None), name, None)
+    except (ImportError, OSError) as err:
+        log.debug("no C library function %s: %s", name, err)
+        return None
 
 
 def catch_early_signals() -> None:

@@ -104,23 +104,6 @@ def test_a_release_that_raises_is_reported_and_the_edge_goes_on(
     assert "uplink=a release of its connections failed" in caplog.text and "Traceback" in caplog.text
 
 
-def test_only_the_rtnetlink_part_of_pyroute2_is_imported() -> None:
-    """pyroute2's package __init__ imports every protocol it has (10 MiB); the agent loads
-    IPRoute alone. A fresh interpreter, as the agent is; reading links changes nothing."""
-    program = (
-        "import sys, multiwan_agent as m; ipr = m.pyroute2_iproute(); "
-        "assert ipr.__name__ == 'IPRoute', ipr; "
-        "assert 'pyroute2.ndb' not in sys.modules and 'pyroute2.ipset' not in sys.modules; "
-        "assert m.pyroute2_iproute() is ipr; "  # a second call finds the loaded module
-        "h = ipr(); print(len(h.get_links())); h.close()"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    assert int(out.stdout) >= 1
-
-
 @pytest.mark.parametrize("form", ["pyc", "stdin"])
 def test_run_without_a_source_file_to_load_again_runs_on_as_it_is(form: str, tmp_path: Path) -> None:
     """The single file's re-exec loads the script again: from bytecode or from stdin there is

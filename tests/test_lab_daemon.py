@@ -305,6 +305,22 @@ def test_run_as_a_script_it_goes_on_compiled_with_its_pid_and_its_arguments(lab:
     assert module.stop() == 0
 
 
+def test_only_the_rtnetlink_part_of_pyroute2_is_imported(lab: Lab) -> None:
+    """pyroute2's package __init__ imports every protocol it has (10 MiB); the agent loads
+    IPRoute alone, and finds it again on a second call. A fresh interpreter in the router
+    namespace, as the agent is; reading its links changes nothing."""
+    program = (
+        f"import sys; sys.path.insert(0, {str(AGENT.parent)!r}); import multiwan_agent as m; "
+        "ipr = m.pyroute2_iproute(); assert ipr.__name__ == 'IPRoute', ipr; "
+        "assert 'pyroute2.ndb' not in sys.modules and 'pyroute2.ipset' not in sys.modules; "
+        "assert m.pyroute2_iproute() is ipr; "
+        "h = ipr(); print(sorted(msg.get_attr('IFLA_IFNAME') for msg in h.get_links())); h.close()"
+    )
+    out = lab.run("router", sys.executable, "-c", program, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "wan0" in out.stdout and "wan1" in out.stdout
+
+
 CORRUPT = {
     "deep": "[" * 100_000,
     "array": "[]",
