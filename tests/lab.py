@@ -1072,8 +1072,8 @@ class Lab:
         Returns (interface, router address, gateway) per uplink. isp1's BCP38 rule matches
         only its `cpe` link, so these are not filtered.
         """
-        if not 1 <= count <= 60:
-            raise LabError(f"extra uplinks: 1 to 60, got {count}")
+        if not 1 <= count <= 254:
+            raise LabError(f"extra uplinks: 1 to 254, got {count}")
         made: list[tuple[str, str, str]] = []
         router_lines: list[str] = []
         isp_lines: list[str] = []
