@@ -133,6 +133,32 @@ RULE_DEFAULT_OFFSET: Final = 99
 #: Per-group slots between the offsets above bound the number of uplinks.
 MAX_UPLINKS: Final = 29
 
+#: The adaptive timeout's floor on RFC 6298's RTT variation: on a very stable path it goes
+#: to zero and SRTT + 4 x RTTVAR would call the first slightly slow reply lost.
+RTTVAR_FLOOR_MS: Final = 5.0
+#: A burst round costs a token; the bucket refills by one per this many intervals.
+BURST_REFILL_ROUNDS: Final = 10
+#: A burst probe whose timeout fired this much (or half its timeout) late was not judged:
+#: the agent itself was late (event-loop lag, a starved machine), not the path.
+AGENT_LATE_S: Final = 0.05
+#: Passive health: the window its shares are judged over; the least unanswered share, and
+#: the rise over the uplink's long-run share, that make it suspect; the connections that
+#: long-run share is averaged over; the time after a suspicion before another one; how
+#: long status shows "suspect"; the connections tracked per uplink at most.
+PASSIVE_WINDOW_S: Final = 2.0
+PASSIVE_SHARE: Final = 0.5
+PASSIVE_RISE: Final = 0.3
+PASSIVE_BASELINE_CONNECTIONS: Final = 50
+PASSIVE_HOLDOFF_S: Final = 10.0
+PASSIVE_SUSPECT_SHOWN_S: Final = 2.0
+PASSIVE_PENDING_MAX: Final = 4096
+#: The newest connections with a known fate that a suspicion is judged on: at least this
+#: many, and twice passive_destinations.
+PASSIVE_RECENT_MIN: Final = 6
+#: How often passive health is judged while connections wait for replies, and when idle.
+PASSIVE_TICK_S: Final = 0.05
+PASSIVE_IDLE_TICK_S: Final = 0.5
+
 #: Status metrics (rtt, loss) are rewritten at most this often; transitions at once.
 STATUS_METRICS_PERIOD_S: Final = 1.0
 #: How often status counts the tracked connections marked for each uplink (a conntrack dump).
@@ -260,6 +286,16 @@ CTA_LABELS: Final = 22
 CTA_TUPLE_IP: Final = 1
 CTA_IP_V4_DST: Final = 2
 CTA_IP_V6_DST: Final = 4
+CTA_TUPLE_PROTO: Final = 2
+CTA_PROTO_NUM: Final = 1
+CTA_PROTO_DST_PORT: Final = 3
+#: ctnetlink's event message (IPCTNL_MSG_CT_NEW: new connections and updates alike), the
+#: flag a new one carries, and the groups we listen to: NFNLGRP_CONNTRACK_NEW and _UPDATE.
+CT_NEW_EVENT: Final = 1 << 8
+NLM_F_CREATE: Final = 0x400
+CT_EVENT_GROUPS: Final = 0x1 | 0x2
+#: Conntrack status bit of a connection that has seen a reply.
+IPS_SEEN_REPLY: Final = 1 << 1
 #: Deletes sent in one datagram (their acks fit the receive buffer many times over).
 CT_DELETE_BATCH: Final = 256
 
@@ -321,6 +357,7 @@ HOOK_EVENTS: Final = (
     "health_unjudged",
     "health_judged",
     "prober_died",
+    "suspect",
 )
 #: A port or a port range, as a policy takes them ("443", "10000-20000").
 PORT_RE: Final = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
@@ -377,7 +414,21 @@ class CheckConfig:
     query_name: str | None = None
     query_type: str = "A"
     interval_s: float = 1.0
+    #: The ceiling of a probe's wait: a reply later than this is lost (see adaptive_timeout).
     timeout_s: float = 1.0
+    #: ICMP probes wait an RFC 6298 timeout (smoothed RTT + 4 x its variation), never
+    #: less than timeout_min nor more than timeout; a reply between the two is late, not lost.
+    adaptive_timeout: bool = True
+    timeout_min_s: float = 0.2
+    #: After a round that changes the verdict (a failure while answering, an answer while
+    #: failing), confirm it with rounds this far apart instead of waiting intervals.
+    burst: bool = True
+    burst_spacing_s: float = 0.1
+    #: Passive health: new forwarded connections of this uplink that get no reply within
+    #: passive_timeout, to at least passive_destinations destinations, make it suspect.
+    passive: bool = True
+    passive_timeout_s: float = 0.3
+    passive_destinations: int = 3
     fall: int = 3
     rise: int = 3
     reliability: int = 1
@@ -746,6 +797,18 @@ def _read_check(reader: _Reader | None, base: CheckConfig) -> CheckConfig:
         values["query_type"] = query_type
     values["interval_s"] = reader.duration("interval", base.interval_s, minimum_s=0.05)
     values["timeout_s"] = reader.duration("timeout", base.timeout_s, minimum_s=0.01)
+    if reader.has("adaptive_timeout"):
+        values["adaptive_timeout"] = reader.boolean("adaptive_timeout")
+    # A floor above the ceiling is no error: the ceiling wins (a [check] floor must not
+    # refuse an uplink that sets a short timeout of its own).
+    values["timeout_min_s"] = reader.duration("timeout_min", base.timeout_min_s, minimum_s=0.01)
+    if reader.has("burst"):
+        values["burst"] = reader.boolean("burst")
+    values["burst_spacing_s"] = reader.duration("burst_spacing", base.burst_spacing_s, minimum_s=0.01)
+    if reader.has("passive"):
+        values["passive"] = reader.boolean("passive")
+    values["passive_timeout_s"] = reader.duration("passive_timeout", base.passive_timeout_s, minimum_s=0.05)
+    values["passive_destinations"] = reader.integer("passive_destinations", base.passive_destinations, 1, 100)
     values["fall"] = reader.integer("fall", base.fall, 1, 1000)
     values["rise"] = reader.integer("rise", base.rise, 1, 1000)
     values["reliability"] = reader.integer("reliability", base.reliability, 1, 64)
@@ -1269,6 +1332,13 @@ class RoundResult:
     #: The uplink's gateway, if it was pinged this round, and whether it answered.
     gateway: str | None = None
     gateway_ok: bool | None = None
+    #: Why this round was sent early (a confirmation burst's trigger), or None for a round
+    #: of the regular interval.
+    burst_trigger: str | None = None
+    #: The burst the prober runs after this round ("fall after passive suspicion"), if any.
+    burst_state: str | None = None
+    #: Per probed target, the timeout its probe waited (ms): the adaptive one or the ceiling.
+    timeouts_ms: tuple[tuple[str, float], ...] = ()
 
     @property
     def judged(self) -> tuple[ProbeResult, ...]:
@@ -1347,6 +1417,10 @@ class RoundSample:
     sent: int
     answered: int
     rtts_ms: tuple[float, ...]
+    #: The round's sequence number (a late reply finds its round by it), and its replies
+    #: that came after the adaptive timeout but before the ceiling: late, not lost.
+    seq: int = -1
+    late: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -1427,6 +1501,13 @@ class Health:
     #: When the current run of failed rounds began (the first bad evidence), or the link was
     #: lost; None while it answers. A failover's detection time is measured from here.
     failing_since: float | None = None
+    #: What the prober reported with its newest round: per target the timeout its probes
+    #: wait (ms), and the confirmation burst it runs, if any.
+    timeouts_ms: tuple[tuple[str, float], ...] = ()
+    burst: str | None = None
+    #: Passive health: the newest suspicion's evidence and when it was raised.
+    suspicion: str | None = None
+    suspected_at: float | None = None
 
     @property
     def quality(self) -> Quality | None:
@@ -1473,6 +1554,7 @@ def observe_round(
         len(counted),
         result.answered,
         tuple(p.rtt_ms for p in counted if p.ok and p.rtt_ms is not None),
+        seq=result.seq,
     )
     # While down, the window only keeps the run of good rounds that may bring
     # it back: the failure that took it down says nothing about it once up.
@@ -1518,13 +1600,16 @@ def observe_round(
         failure=failure,
         last_round_at=last_round_at,
         failing_since=failing_since,
+        timeouts_ms=result.timeouts_ms or health.timeouts_ms,
+        burst=result.burst_state,
     )
     state = health.state
     if state is not State.DOWN and bad >= check.fall:
-        reason = f"{bad} consecutive failed rounds: {result.where} ({result.reason})"
+        evidence = _evidence(result, health, bad, check.fall, "failed rounds")
+        reason = f"{evidence}: {result.where} ({result.reason})"
         return _transition(updated, State.DOWN, reason, now)
     if state is State.DOWN and good >= check.rise:
-        reason = f"{good} consecutive good rounds"
+        reason = _evidence(result, health, good, check.rise, "good rounds")
         return _transition(updated, State.UP, reason, now, recovered=health.has_failed)
     if state is State.UP and problem and bad_q >= check.fall:
         return _transition(updated, State.DEGRADED, problem, now)
@@ -1534,6 +1619,29 @@ def observe_round(
         reason = f"quality back within the thresholds (loss {quality.loss_pct:.0f}%) for {good_q} rounds"
         return _transition(updated, State.UP, reason, now, recovered=True)
     return updated, []
+
+
+def _evidence(result: RoundResult, health: Health, count: int, needed: int, what: str) -> str:
+    """Which evidence decided, for the transition's reason (and so the log line)."""
+    if result.burst_trigger is None:
+        return f"{count} consecutive {what}"
+    trigger = result.burst_trigger
+    if "passive" in trigger and health.suspicion is not None:
+        trigger = f"{trigger} ({health.suspicion})"
+    return f"burst confirmed {min(count, needed)}/{needed} {trigger}"
+
+
+def observe_late(health: Health, seq: int, rtt_ms: float) -> Health:
+    """A reply that came after its probe's adaptive timeout, before the ceiling: for the
+    quality window it is late, not lost (reachability was judged at the timeout)."""
+    for index, sample in enumerate(health.samples):
+        if sample.seq == seq and sample.answered < sample.sent:
+            late = dataclasses.replace(
+                sample, answered=sample.answered + 1, rtts_ms=(*sample.rtts_ms, rtt_ms), late=sample.late + 1
+            )
+            samples = (*health.samples[:index], late, *health.samples[index + 1 :])
+            return dataclasses.replace(health, samples=samples)
+    return health
 
 
 def observe_link(health: Health, link: LinkObservation, now: float) -> tuple[Health, list[Transition]]:
@@ -1596,6 +1704,352 @@ def remap_health(health: Health, check: CheckConfig) -> Health:
         bad_quality=min(health.bad_quality, max(check.fall - 1, 0)),
         samples=health.samples[-check.window :],
     )
+
+
+# Core: probe timing ##########################################################
+#
+# Owns when a prober sends and how long each probe waits: an RFC 6298 timeout
+# per target, and the confirmation bursts that judge a changed verdict in a few
+# hundred milliseconds instead of `fall` intervals. Pure: the prober holds a
+# ProbePlan and RttEstimates, and tells them the time.
+
+
+@dataclass(frozen=True, slots=True)
+class RttEstimate:
+    """RFC 6298's smoothed RTT and RTT variation for one (uplink, target), in ms."""
+
+    srtt_ms: float | None = None
+    rttvar_ms: float = 0.0
+
+
+def rtt_sample(estimate: RttEstimate, rtt_ms: float, check: CheckConfig) -> RttEstimate:
+    """Fold one measured RTT in (RFC 6298 2.2-2.3: the variation first, with the old SRTT).
+
+    Samples that cannot be true (not positive, not finite, beyond the ceiling: a reply
+    matched to the wrong probe) are discarded rather than allowed to stretch the timeout.
+    """
+    if not math.isfinite(rtt_ms) or rtt_ms <= 0 or rtt_ms > check.timeout_s * 1000.0:
+        return estimate
+    if estimate.srtt_ms is None:
+        return RttEstimate(rtt_ms, rtt_ms / 2)
+    variation = 0.75 * estimate.rttvar_ms + 0.25 * abs(estimate.srtt_ms - rtt_ms)
+    return RttEstimate(0.875 * estimate.srtt_ms + 0.125 * rtt_ms, variation)
+
+
+def probe_timeout_s(estimate: RttEstimate, check: CheckConfig) -> float:
+    """How long a probe waits before it counts as lost for reachability.
+
+    On a very stable path the variation goes to zero and SRTT + 4 x RTTVAR would fire on
+    the first slow reply: the variation has a floor (RTTVAR_FLOOR_MS), the timeout one
+    more (timeout_min), and the configured timeout stays the ceiling."""
+    if not check.adaptive_timeout or estimate.srtt_ms is None:
+        return check.timeout_s
+    rto_s = (estimate.srtt_ms + 4.0 * max(estimate.rttvar_ms, RTTVAR_FLOOR_MS)) / 1000.0
+    return min(check.timeout_s, max(check.timeout_min_s, rto_s))
+
+
+class BurstKind(str, Enum):
+    #: Confirming a failure of an uplink that answered: `fall` failed rounds make it down.
+    FALL = "fall"
+    #: Confirming answers of an uplink that failed: `rise` good rounds make it up.
+    RISE = "rise"
+
+
+@dataclass(frozen=True, slots=True)
+class Burst:
+    kind: BurstKind
+    #: What started it, for the log: "after a failed round", "after passive suspicion".
+    trigger: str
+    #: Conclusive rounds of its kind still needed; rounds sent and not yet back.
+    needed: int
+    in_flight: int = 0
+    next_at: float = 0.0
+
+    def describe(self) -> str:
+        return f"{self.kind.value} {self.trigger}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbePlan:
+    """One uplink's probe schedule: the regular grid, a running burst, and its budget."""
+
+    #: When the next regular round is due.
+    grid_at: float
+    #: The outcome of the newest conclusive round (None before the first).
+    last_ok: bool | None = None
+    burst: Burst | None = None
+    #: Burst rounds the uplink may still spend (a token bucket), and when it was last filled.
+    tokens: float = 0.0
+    tokens_at: float = 0.0
+
+
+def burst_tokens(check: CheckConfig) -> float:
+    """The bucket: two full confirmations; it refills by one round per BURST_REFILL_ROUNDS
+    intervals, so bursts add at most 1/BURST_REFILL_ROUNDS to the probe rate in the long run."""
+    return float(2 * (check.fall + check.rise))
+
+
+def plan_start(check: CheckConfig, now: float) -> ProbePlan:
+    return ProbePlan(grid_at=now, tokens=burst_tokens(check), tokens_at=now)
+
+
+def plan_due(plan: ProbePlan) -> float:
+    """When the next round is to be sent (a running burst replaces the grid)."""
+    burst = plan.burst
+    if burst is None:
+        return plan.grid_at
+    if burst.in_flight < burst.needed:
+        return burst.next_at
+    return math.inf  # every round the burst needs is out: its results decide what is next
+
+
+def plan_sent(plan: ProbePlan, check: CheckConfig, now: float) -> tuple[ProbePlan, Burst | None]:
+    """A round is sent now: (the plan after it, the burst it belongs to or None)."""
+    burst = plan.burst
+    if burst is not None and burst.in_flight < burst.needed:
+        spacing = min(check.burst_spacing_s, check.interval_s)
+        sent = dataclasses.replace(burst, in_flight=burst.in_flight + 1, next_at=now + spacing)
+        return dataclasses.replace(plan, burst=sent, tokens=plan.tokens - 1.0), burst
+    # The grid: a late wake-up skips slots, never bunches them.
+    grid_at = plan.grid_at + check.interval_s
+    if grid_at <= now:
+        grid_at = now + check.interval_s - ((now - grid_at) % check.interval_s)
+    return dataclasses.replace(plan, grid_at=grid_at), None
+
+
+def plan_result(
+    plan: ProbePlan, ok: bool | None, in_burst: bool, check: CheckConfig, now: float
+) -> ProbePlan:
+    """A round came back: ok True/False, or None when nothing in it could be judged or it
+    was stale. Starts a burst when the verdict changes, ends one when it is confirmed or
+    contradicted; a burst's inconclusive round is simply not counted."""
+    cap = burst_tokens(check)
+    refill = (now - plan.tokens_at) / (check.interval_s * BURST_REFILL_ROUNDS)
+    plan = dataclasses.replace(plan, tokens=min(cap, plan.tokens + max(refill, 0.0)), tokens_at=now)
+    burst = plan.burst
+    if burst is not None and in_burst:
+        burst = dataclasses.replace(burst, in_flight=max(burst.in_flight - 1, 0))
+    if ok is None:
+        return dataclasses.replace(plan, burst=burst)
+    if burst is not None:
+        confirms = ok is (burst.kind is BurstKind.RISE)
+        if confirms and burst.needed > 1:
+            return dataclasses.replace(
+                plan, burst=dataclasses.replace(burst, needed=burst.needed - 1), last_ok=ok
+            )
+        # Confirmed, or contradicted: the normal interval again, from now.
+        return dataclasses.replace(plan, burst=None, last_ok=ok, grid_at=now + check.interval_s)
+    changed = plan.last_ok is not None and ok is not plan.last_ok
+    plan = dataclasses.replace(plan, last_ok=ok)
+    if not (changed and check.burst):
+        return plan
+    kind, more = (BurstKind.RISE, check.rise - 1) if ok else (BurstKind.FALL, check.fall - 1)
+    trigger = "after a good round" if ok else "after a failed round"
+    return _start_burst(plan, kind, trigger, more, now)
+
+
+def plan_suspect(plan: ProbePlan, check: CheckConfig, now: float, trigger: str) -> ProbePlan:
+    """Passive suspicion: confirm at once with `fall` burst rounds (it never counts itself)."""
+    if not check.burst or plan.burst is not None or plan.last_ok is False:
+        return plan
+    return _start_burst(plan, BurstKind.FALL, trigger, check.fall, now)
+
+
+def _start_burst(plan: ProbePlan, kind: BurstKind, trigger: str, needed: int, now: float) -> ProbePlan:
+    if needed < 1 or plan.tokens < 1.0:
+        return plan  # nothing to confirm, or the budget is spent: the grid counts rounds as ever
+    return dataclasses.replace(plan, burst=Burst(kind, trigger, needed, next_at=now))
+
+
+# Core: passive health ########################################################
+#
+# Owns what live traffic says about an uplink: new connections marked for it
+# (conntrack events, read-only) that get no reply within passive_timeout. A
+# sharp rise, over several destinations, while other uplinks' connections are
+# answered, makes the uplink suspect: a confirmation burst starts at once. It
+# never takes an uplink down by itself. Not a frozen dataclass: it takes every
+# new connection of a busy router; but it does no I/O and is told the time.
+
+
+@dataclass(frozen=True, slots=True)
+class PassiveView:
+    """What status and metrics show of an uplink's passive signal (over PASSIVE_WINDOW_S)."""
+
+    #: "idle" (no new connections), "answered", "unanswered" (a share past the threshold,
+    #: not enough destinations or vetoed) or "suspect" (a burst was asked for).
+    state: str = "idle"
+    resolved: int = 0
+    unanswered: int = 0
+    destinations: int = 0
+    baseline_pct: float = 0.0
+    suspicions: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Suspicion:
+    uplink: str
+    evidence: str
+    at: float
+
+
+@dataclass
+class _PassiveUplink:
+    timeout_s: float
+    destinations: int
+    #: Connections waiting for their first reply: id -> (seen at, destination), oldest first.
+    pending: dict[int, tuple[float, str]] = dataclasses.field(default_factory=dict)
+    #: Connections whose fate is known, started within the window: (started at, answered,
+    #: destination), in the order their fate became known.
+    resolved: collections.deque[tuple[float, bool, str]] = dataclasses.field(
+        default_factory=collections.deque
+    )
+    #: The long-run share of unanswered connections (0..1), so a LAN that always has some
+    #: (one-way UDP, dead servers) needs a sharp rise above it.
+    baseline: float = 0.0
+    holdoff_until: float = -math.inf
+    suspect_until: float = -math.inf
+    suspicions: int = 0
+
+
+class PassiveHealth:
+    def __init__(self) -> None:
+        self._uplinks: dict[str, _PassiveUplink] = {}
+        #: Which uplink a pending connection belongs to.
+        self._owner: dict[int, str] = {}
+
+    def configure(self, uplinks: Sequence[UplinkConfig]) -> None:
+        wanted = {u.name: u for u in uplinks if u.check.passive}
+        for name in [n for n in self._uplinks if n not in wanted]:
+            for conn in self._uplinks.pop(name).pending:
+                self._owner.pop(conn, None)
+        for name, uplink in wanted.items():
+            entry = self._uplinks.get(name)
+            if entry is None:
+                self._uplinks[name] = _PassiveUplink(
+                    uplink.check.passive_timeout_s, uplink.check.passive_destinations
+                )
+            else:
+                entry.timeout_s = uplink.check.passive_timeout_s
+                entry.destinations = uplink.check.passive_destinations
+
+    @property
+    def busy(self) -> bool:
+        """Connections wait for replies, or some were judged recently."""
+        return any(e.pending or e.resolved for e in self._uplinks.values())
+
+    def connection_new(self, conn: int, uplink: str, destination: str, now: float) -> None:
+        entry = self._uplinks.get(uplink)
+        if entry is None or conn in self._owner:
+            return
+        if len(entry.pending) >= PASSIVE_PENDING_MAX:
+            oldest = next(iter(entry.pending))
+            del entry.pending[oldest]
+            self._owner.pop(oldest, None)
+        entry.pending[conn] = (now, destination)
+        self._owner[conn] = uplink
+
+    def connection_answered(self, conn: int, now: float) -> None:
+        uplink = self._owner.pop(conn, None)
+        if uplink is None:
+            return
+        entry = self._uplinks[uplink]
+        seen = entry.pending.pop(conn, None)
+        if seen is not None:
+            self._resolve(entry, seen[0], True, seen[1])
+
+    def forget(self) -> None:
+        """Events were lost (the socket overflowed): what is pending can no longer be judged."""
+        for entry in self._uplinks.values():
+            entry.pending.clear()
+        self._owner.clear()
+
+    def judge(self, now: float) -> list[Suspicion]:
+        """Expire what waited too long, then say which uplinks turned suspect now."""
+        for entry in self._uplinks.values():
+            expired = []
+            for conn, (seen_at, destination) in entry.pending.items():
+                if now - seen_at < entry.timeout_s:
+                    break  # oldest first: the rest are younger
+                expired.append((conn, seen_at, destination))
+            for conn, seen_at, destination in expired:
+                del entry.pending[conn]
+                self._owner.pop(conn, None)
+                self._resolve(entry, seen_at, False, destination)
+            while entry.resolved and entry.resolved[0][0] < now - PASSIVE_WINDOW_S:
+                entry.resolved.popleft()
+        found: list[Suspicion] = []
+        for name, entry in self._uplinks.items():
+            if now < entry.holdoff_until:
+                continue
+            evidence = self._evidence(name, entry)
+            if evidence is None:
+                continue
+            entry.holdoff_until = now + PASSIVE_HOLDOFF_S
+            entry.suspect_until = now + PASSIVE_SUSPECT_SHOWN_S
+            entry.suspicions += 1
+            entry.resolved.clear()
+            found.append(Suspicion(name, evidence, now))
+        return found
+
+    def view(self, uplink: str, now: float) -> PassiveView | None:
+        entry = self._uplinks.get(uplink)
+        if entry is None:
+            return None
+        unanswered = [r for r in entry.resolved if not r[1]]
+        share = len(unanswered) / len(entry.resolved) if entry.resolved else 0.0
+        if now < entry.suspect_until:
+            state = "suspect"
+        elif not entry.resolved:
+            state = "idle"
+        elif share >= self._threshold(entry):
+            state = "unanswered"
+        else:
+            state = "answered"
+        return PassiveView(
+            state,
+            len(entry.resolved),
+            len(unanswered),
+            len({r[2] for r in unanswered}),
+            round(entry.baseline * 100.0, 1),
+            entry.suspicions,
+        )
+
+    @staticmethod
+    def _threshold(entry: _PassiveUplink) -> float:
+        return max(PASSIVE_SHARE, entry.baseline + PASSIVE_RISE)
+
+    def _resolve(self, entry: _PassiveUplink, started_at: float, answered: bool, destination: str) -> None:
+        entry.resolved.append((started_at, answered, destination))
+        if len(entry.resolved) > PASSIVE_PENDING_MAX:
+            entry.resolved.popleft()
+        entry.baseline += (float(not answered) - entry.baseline) / PASSIVE_BASELINE_CONNECTIONS
+
+    @staticmethod
+    def _recent(entry: _PassiveUplink) -> list[tuple[float, bool, str]]:
+        """The newest connections whose fate is known, by when they started: a path that
+        died shows as its newest connections unanswered, however many were answered before."""
+        count = max(2 * entry.destinations, PASSIVE_RECENT_MIN)
+        return sorted(entry.resolved)[-count:]
+
+    def _evidence(self, name: str, entry: _PassiveUplink) -> str | None:
+        recent = self._recent(entry)
+        unanswered = [r for r in recent if not r[1]]
+        destinations = {r[2] for r in unanswered}
+        # One dead server, or one host scanning one address, is not a dead uplink.
+        if len(destinations) < entry.destinations:
+            return None
+        if len(unanswered) / len(recent) < self._threshold(entry):
+            return None
+        for other_name, other in self._uplinks.items():
+            # Other uplinks' new connections failing as much: the LAN side, not this path.
+            if other_name != name and len(other.resolved) >= other.destinations:
+                others = self._recent(other)
+                if sum(1 for r in others if not r[1]) / len(others) >= PASSIVE_SHARE:
+                    return None
+        return (
+            f"{len(unanswered)} of the last {len(recent)} new connections, to {len(destinations)} "
+            f"destinations, unanswered within {format_duration(entry.timeout_s)}"
+        )
 
 
 # Core: selection #############################################################
@@ -2493,8 +2947,18 @@ class ReloadRejected:
     at: float
 
 
+@dataclass(frozen=True, slots=True)
+class Suspected:
+    """Passive health found an up uplink's new connections unanswered: a burst confirms."""
+
+    uplink: str
+    evidence: str
+    at: float
+
+
 Event = (
     Transition
+    | Suspected
     | SelectionChanged
     | NoUplinkUp
     | FailbackWaiting
@@ -2601,6 +3065,8 @@ class Intent:
     wake_at: float = float("inf")
     #: The answer to an operator's command (on_command), for the one who asked.
     reply: Reply | None = None
+    #: Uplinks whose probers are to confirm a suspicion now: (uplink, trigger).
+    bursts: tuple[tuple[str, str], ...] = ()
 
 
 # The state.
@@ -2694,6 +3160,8 @@ class AgentState:
     #: The newest route work handed out, and the newest one reconciled.
     routes_planned: int = 0
     routes_done: int = 0
+    #: Passive health per uplink, as the conntrack events last showed it.
+    passive: Mapping[str, PassiveView] = dataclasses.field(default_factory=dict)
 
     def selected(self, family: int) -> str | None:
         decision = self.decisions.get(family)
@@ -2801,6 +3269,32 @@ def on_round(state: AgentState, result: RoundResult, now: float) -> tuple[AgentS
         (*transitions, *unjudged, *events), routes=work, nft=_steering_wanted(state), status=StatusWrite.NOW
     )
     return _finish(state, intent)
+
+
+def on_late(state: AgentState, uplink: str, seq: int, rtt_ms: float, now: float) -> tuple[AgentState, Intent]:
+    """A reply came after its probe's adaptive timeout: late, not lost, in the quality window."""
+    health = state.healths.get(uplink)
+    if health is None:
+        return state, Intent(wake_at=next_wake(state))
+    updated = observe_late(health, seq, rtt_ms)
+    state = dataclasses.replace(state, healths={**state.healths, uplink: updated})
+    return state, Intent(status=StatusWrite.SOON, wake_at=next_wake(state))
+
+
+def on_suspect(state: AgentState, suspicion: Suspicion, now: float) -> tuple[AgentState, Intent]:
+    """Passive health suspects an uplink: confirm with a burst, if it is up and probed.
+    Suspicion alone never changes a state or a selection."""
+    health = state.healths.get(suspicion.uplink)
+    if health is None or health.state is State.DOWN or not health.link_usable:
+        return state, Intent(wake_at=next_wake(state))
+    updated = dataclasses.replace(health, suspicion=suspicion.evidence, suspected_at=now)
+    state = dataclasses.replace(state, healths={**state.healths, suspicion.uplink: updated})
+    return state, Intent(
+        (Suspected(suspicion.uplink, suspicion.evidence, now),),
+        bursts=((suspicion.uplink, "after passive suspicion"),),
+        status=StatusWrite.NOW,
+        wake_at=next_wake(state),
+    )
 
 
 def on_links(state: AgentState, interfaces: Mapping[str, Interface], now: float) -> tuple[AgentState, Intent]:
@@ -3442,21 +3936,55 @@ def _parse_icmp6(packet: bytes, sender: str) -> tuple[int, str, int, int] | None
     return None
 
 
+class _Echo:
+    """One echo request waiting for its reply (mutable: it lives a few hundred ms)."""
+
+    __slots__ = ("sent_at", "future", "deadline", "timer", "judge_lateness", "on_late")
+
+    def __init__(
+        self,
+        sent_at: float,
+        future: asyncio.Future[ProbeResult],
+        deadline: float,
+        judge_lateness: bool,
+        on_late: Callable[[str, int, float], None] | None,
+    ) -> None:
+        self.sent_at = sent_at
+        self.future = future
+        self.deadline = deadline
+        self.timer: asyncio.TimerHandle | None = None
+        self.judge_lateness = judge_lateness
+        self.on_late = on_late
+
+
+def icmp_checksum(data: bytes) -> int:
+    """RFC 1071's ones' complement sum (an echo request is a few dozen bytes)."""
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+#: The payload of our echo requests (24 bytes, as icmplib's default size was).
+ECHO_PAYLOAD: Final = b"multiwan-agent probe\0\0\0\0"
+
+
 class IcmpEcho:
     """ICMP/ICMPv6 echo through one interface: the one place that knows icmplib.
 
-    icmplib 2.1 (Debian, Ubuntu) has no asyncio API and 3.0's AsyncSocket lets
-    one waiter swallow another's reply, so we use icmplib to open the
-    privileged socket, build and send the echo request, and read replies
-    ourselves from the event loop, matching them by (target, id, sequence).
-    Both versions keep the raw socket in `_sock`. RTTs use the monotonic
-    loop clock, not icmplib's wall-clock times.
+    icmplib opens the privileged raw socket (and says why it cannot); we build the
+    echo requests (an ICMPv6 socket's checksum is the kernel's, an ICMPv4 one's ours),
+    send them and read the replies from the event loop, matching them by (target, id,
+    sequence). A probe is a future with a timer, not a task: at 64 uplinks x 3 targets
+    every 500 ms the per-probe cost is what the agent's CPU is made of. RTTs use the
+    monotonic loop clock, not icmplib's wall-clock times.
     """
 
     def __init__(self, interface: str, source: str, ident: int, ifindex: int = 0) -> None:
         import icmplib  # imported here so `check` and `status` work without it
 
-        self._icmplib = icmplib
         self.interface = interface
         self.source = source
         self.ifindex = ifindex
@@ -3476,7 +4004,9 @@ class IcmpEcho:
             raise
         self._raw = raw
         self._loop = asyncio.get_running_loop()
-        self._waiting: dict[tuple[str, int], tuple[float, asyncio.Future[ProbeResult]]] = {}
+        self._waiting: dict[tuple[str, int], _Echo] = {}
+        #: Probes past their adaptive timeout whose reply may still come before the ceiling.
+        self._late: dict[tuple[str, int], _Echo] = {}
         self._loop.add_reader(raw.fileno(), self._on_readable)
 
     @property
@@ -3486,31 +4016,80 @@ class IcmpEcho:
 
     def close(self) -> None:
         self._loop.remove_reader(self._raw.fileno())
-        for _, waiter in self._waiting.values():
-            if not waiter.done():
-                waiter.cancel()
+        for echo in [*self._waiting.values(), *self._late.values()]:
+            if echo.timer is not None:
+                echo.timer.cancel()
+            if not echo.future.done():
+                echo.future.cancel()
         self._waiting.clear()
+        self._late.clear()
         self._socket.close()
 
-    async def ping(self, target: str, seq: int, timeout_s: float) -> ProbeResult:
-        """Echo `target` ("fe80::1%wan0" for a link-local one); answers come back by (target, seq)."""
+    def _request(self, seq: int) -> bytes:
+        kind = 8 if self.family == 4 else 128
+        header = struct.pack("!BBHHH", kind, 0, 0, self.ident, seq)
+        if self.family == 6:
+            return header + ECHO_PAYLOAD  # the kernel fills in an ICMPv6 checksum
+        checksum = icmp_checksum(header + ECHO_PAYLOAD)
+        return struct.pack("!BBHHH", kind, 0, checksum, self.ident, seq) + ECHO_PAYLOAD
+
+    def _address(self, target: str) -> tuple[Any, ...]:
+        if self.family == 4:
+            return (target, 0)
+        address, _, scope = target.partition("%")
+        return (address, 0, 0, (self.ifindex or socket.if_nametoindex(scope)) if scope else 0)
+
+    def ping(
+        self,
+        target: str,
+        seq: int,
+        timeout_s: float,
+        *,
+        ceiling_s: float | None = None,
+        on_late: Callable[[str, int, float], None] | None = None,
+        judge_lateness: bool = False,
+    ) -> asyncio.Future[ProbeResult]:
+        """Echo `target` ("fe80::1%wan0" for a link-local one); answers come back by (target, seq).
+
+        The probe is lost for reachability at `timeout_s`; a reply before `ceiling_s` is then
+        handed to `on_late(target, seq, rtt_ms)`. With `judge_lateness`, a timeout that fired
+        well after its time (the agent was late, not the path) is inconclusive."""
         seq &= 0xFFFF
-        waiter: asyncio.Future[ProbeResult] = self._loop.create_future()
-        request = self._icmplib.ICMPRequest(destination=target, id=self.ident, sequence=seq, payload_size=24)
+        future: asyncio.Future[ProbeResult] = self._loop.create_future()
+        plain = target.split("%", 1)[0]
+        key = (plain, seq)
         sent_at = self._loop.time()
-        target = target.split("%", 1)[0]
-        self._waiting[(target, seq)] = (sent_at, waiter)
         try:
-            try:
-                self._socket.send(request)
-            except self._icmplib.ICMPLibError as err:
-                return ProbeResult(target, False, reason=f"error: {err}")
-            try:
-                return await asyncio.wait_for(waiter, timeout_s)
-            except asyncio.TimeoutError:
-                return ProbeResult(target, False, reason="timeout")
-        finally:
-            self._waiting.pop((target, seq), None)
+            self._raw.sendto(self._request(seq), self._address(target))
+        except OSError as err:
+            future.set_result(ProbeResult(plain, False, reason=f"error: {err.strerror or err}"))
+            return future
+        previous = self._waiting.pop(key, None) or self._late.pop(key, None)
+        if previous is not None and previous.timer is not None:  # the sequence wrapped onto an old probe
+            previous.timer.cancel()
+        deadline = sent_at + timeout_s
+        echo = _Echo(sent_at, future, deadline, judge_lateness, on_late)
+        echo.timer = self._loop.call_at(deadline, self._expire, key, echo, ceiling_s)
+        self._waiting[key] = echo
+        return future
+
+    def _expire(self, key: tuple[str, int], echo: _Echo, ceiling_s: float | None) -> None:
+        self._on_readable()  # a reply the loop has not read yet is not lost
+        if self._waiting.get(key) is not echo:
+            return
+        del self._waiting[key]
+        lag_s = self._loop.time() - echo.deadline
+        if echo.judge_lateness and lag_s > max(AGENT_LATE_S, (echo.deadline - echo.sent_at) / 2):
+            result = ProbeResult(
+                key[0], False, reason=f"agent late by {lag_s * 1000:.0f}ms", inconclusive=True
+            )
+        else:
+            result = ProbeResult(key[0], False, reason="timeout")
+        if echo.on_late is not None and ceiling_s is not None and echo.sent_at + ceiling_s > echo.deadline:
+            echo.timer = self._loop.call_at(echo.sent_at + ceiling_s, self._late.pop, key, None)
+            self._late[key] = echo
+        if not echo.future.done():
+            echo.future.set_result(result)
 
     def _on_readable(self) -> None:
         for _ in range(64):  # bounded: the rest waits for the next wake-up
@@ -3528,15 +4107,24 @@ class IcmpEcho:
             icmp_type, target, ident, seq = parsed
             if ident != self.ident:
                 continue
-            entry = self._waiting.get((target, seq))
-            if entry is None or entry[1].done():
+            key = (target, seq)
+            echo = self._waiting.pop(key, None)
+            if echo is None:
+                late = self._late.pop(key, None)
+                if late is not None and icmp_type == 0 and late.on_late is not None:
+                    if late.timer is not None:
+                        late.timer.cancel()
+                    late.on_late(target, seq, (now - late.sent_at) * 1000.0)
                 continue
-            sent_at, waiter = entry
+            if echo.timer is not None:
+                echo.timer.cancel()
+            if echo.future.done():
+                continue
             if icmp_type == 0:
-                waiter.set_result(ProbeResult(target, True, rtt_ms=(now - sent_at) * 1000.0))
+                echo.future.set_result(ProbeResult(target, True, rtt_ms=(now - echo.sent_at) * 1000.0))
             else:
                 kind = "unreachable" if icmp_type == 3 else "ttl exceeded"
-                waiter.set_result(ProbeResult(target, False, reason=f"{kind} (from {sender})"))
+                echo.future.set_result(ProbeResult(target, False, reason=f"{kind} (from {sender})"))
 
 
 def _bound_socket(interface: str, source: str, target: str, kind: socket.SocketKind) -> socket.socket:
@@ -3731,9 +4319,11 @@ class ProbeSource:
 
 
 class UplinkProber:
-    """Sends one round of probes per interval for one uplink, while it is usable, and
-    hands each round's result to `deliver`. Every round delivers a result, also one
-    whose own code raised (as inconclusive): an uplink's health never freezes silently."""
+    """Sends the rounds of one uplink's probes, while it is usable, and hands each round's
+    result to `deliver`: on the regular interval, and in confirmation bursts when a round
+    changes the verdict or passive health suspects the path (see ProbePlan). Every round
+    delivers a result, also one whose own code raised (as inconclusive): an uplink's
+    health never freezes silently."""
 
     def __init__(
         self,
@@ -3742,11 +4332,13 @@ class UplinkProber:
         source: Callable[[], ProbeSource | None],
         deliver: Callable[[RoundResult], None],
         verbose: bool = False,
+        late: Callable[[str, int, float], None] | None = None,
     ) -> None:
         self.uplink = uplink
         self.ident = ident
         self._source = source
         self._deliver = deliver
+        self._deliver_late = late
         self._verbose = verbose
         self._echo: dict[int, IcmpEcho] = {}
         #: Sockets of an old address or ifindex, closed once no probe waits on them.
@@ -3758,27 +4350,52 @@ class UplinkProber:
         self._gateway_answered: set[str] = set()
         #: Bugs already logged with their traceback: (method, exception type).
         self._reported: set[tuple[str, str]] = set()
+        self.plan = plan_start(uplink.check, 0.0)
+        #: RFC 6298 state per ICMP target (gateways included).
+        self.estimates: dict[str, RttEstimate] = {}
+        #: Start time of the newest round whose result came back (older ones are stale).
+        self._newest_started = -math.inf
+        self._wakeup: asyncio.Future[None] | None = None
+
+    def suspect(self, trigger: str) -> None:
+        """Passive health suspects the path: confirm at once (a burst), if the plan allows."""
+        loop = asyncio.get_running_loop()
+        self.plan = plan_suspect(self.plan, self.uplink.check, loop.time(), trigger)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        interval = self.uplink.check.interval_s
-        next_at = loop.time()
+        check = self.uplink.check
+        self.plan = plan_start(check, loop.time())
         try:
             while True:
-                source = self._source()
-                if source is not None:
-                    self._seq += 1
-                    task = asyncio.ensure_future(self._round(self._seq, source))
-                    self._rounds.add(task)
-                    task.add_done_callback(self._rounds.discard)
-                else:
-                    self._retire_echo()
-                # Rounds start on a fixed schedule; a late wake-up skips slots, never bunches.
-                next_at += interval
                 now = loop.time()
-                if next_at < now:
-                    next_at = now + interval - ((now - next_at) % interval)
-                await asyncio.sleep(next_at - now)
+                due = plan_due(self.plan)
+                if due <= now:
+                    self.plan, burst = plan_sent(self.plan, check, now)
+                    source = self._source()
+                    if source is not None:
+                        self._seq += 1
+                        task = asyncio.ensure_future(self._round(self._seq, source, burst))
+                        self._rounds.add(task)
+                        task.add_done_callback(self._rounds.discard)
+                    else:
+                        # Nothing to probe through: no burst either, the grid waits for the link.
+                        self.plan = dataclasses.replace(self.plan, burst=None)
+                        self._retire_echo()
+                    continue
+                self._wakeup = loop.create_future()
+                timer = loop.call_at(due, self._wake) if math.isfinite(due) else None
+                try:
+                    await self._wakeup
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+                    self._wakeup = None
         finally:
             for task in list(self._rounds):
                 task.cancel()
@@ -3801,11 +4418,11 @@ class UplinkProber:
             echo.close()
             self._retired.remove(echo)
 
-    async def _round(self, seq: int, source: ProbeSource) -> None:
+    async def _round(self, seq: int, source: ProbeSource, burst: Burst | None) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            result = await self._probe_round(seq, source, started)
+            result = await self._probe_round(seq, source, started, burst)
         except asyncio.CancelledError:
             raise
         except Exception as err:  # the round's boundary: a bug here must not freeze the uplink
@@ -3817,37 +4434,56 @@ class UplinkProber:
                 (ProbeResult("", False, reason=f"agent error: {type(err).__name__}", inconclusive=True),),
             )
         self._close_idle()
+        check = self.uplink.check
+        stale = result.started_at <= self._newest_started
+        self._newest_started = max(self._newest_started, result.started_at)
+        outcome = None if stale or result.inconclusive else result.ok
+        self.plan = plan_result(self.plan, outcome, burst is not None, check, loop.time())
+        self._wake()
+        result = dataclasses.replace(
+            result,
+            burst_trigger=burst.trigger if burst is not None else None,
+            burst_state=self.plan.burst.describe() if self.plan.burst is not None else None,
+        )
         if self._verbose:
             detail = " ".join(f"{p.target}={_probe_detail(p)}" for p in result.probes)
-            outcome = "inconclusive" if result.inconclusive else "ok" if result.ok else "failed"
+            verdict = "inconclusive" if result.inconclusive else "ok" if result.ok else "failed"
             log.debug(
-                "uplink=%s round=%d %s %d/%d %s",
+                "uplink=%s round=%d%s %s %d/%d %s",
                 result.uplink,
                 result.seq,
-                outcome,
+                f" burst({burst.describe()})" if burst is not None else "",
+                verdict,
                 result.answered,
                 len(result.judged),
                 detail,
             )
         self._deliver(result)
 
-    async def _probe_round(self, seq: int, source: ProbeSource, started: float) -> RoundResult:
+    async def _probe_round(
+        self, seq: int, source: ProbeSource, started: float, burst: Burst | None
+    ) -> RoundResult:
         check = self.uplink.check
         # Only targets of a family the uplink can route now: an IPv4-only LTE
         # stick in a dual-stack config is judged on its IPv4 answers.
         targets = [t for t in check.targets if source.for_target(t) is not None]
-        jobs = [self._probe(m, t, seq, source) for m in check.methods for t in targets]
+        jobs = [self._probe(m, t, seq, source, burst) for m in check.methods for t in targets]
         names = [(t, m) for m in check.methods for t in targets]
         gateways = self._gateways(source) if check.gateway_check else []
         # A gateway that is also a target is answered by that probe (one ICMP id/seq slot each).
         pinged = [g for g in gateways if not (Method.ICMP in check.methods and g in targets)]
-        jobs += [self._ping_gateway(g, seq, source) for g in pinged]
+        jobs += [self._ping_gateway(g, seq, source, burst) for g in pinged]
         names += [(g, Method.ICMP) for g in pinged]
+        timeouts = tuple(
+            (t, round(self.timeout_for(t) * 1000.0, 1)) for t in targets if Method.ICMP in check.methods
+        )
         outcomes = await asyncio.gather(*jobs, return_exceptions=True)
         results: list[ProbeResult] = []
         for outcome, (name, method) in zip(outcomes, names, strict=True):
             if isinstance(outcome, ProbeResult):
                 results.append(outcome)
+                if outcome.ok and method is Method.ICMP and outcome.rtt_ms is not None:
+                    self._learn(outcome.target, outcome.rtt_ms)
                 continue
             if isinstance(outcome, Exception):
                 self._report_bug(method.value, outcome)
@@ -3875,7 +4511,22 @@ class UplinkProber:
             check.reliability,
             gateway=", ".join(gateways) or None,
             gateway_ok=any(judged) if judged else None,
+            timeouts_ms=timeouts,
         )
+
+    def timeout_for(self, target: str) -> float:
+        return probe_timeout_s(self.estimates.get(target, RttEstimate()), self.uplink.check)
+
+    def _learn(self, target: str, rtt_ms: float) -> None:
+        self.estimates[target] = rtt_sample(
+            self.estimates.get(target, RttEstimate()), rtt_ms, self.uplink.check
+        )
+
+    def _on_late(self, target: str, seq: int, rtt_ms: float) -> None:
+        # Karn's problem does not arise: the sequence number says which request was answered.
+        self._learn(target, rtt_ms)
+        if self._deliver_late is not None and target in self.uplink.check.targets:
+            self._deliver_late(target, seq, rtt_ms)
 
     async def _tls_context(self) -> Any:
         """Built once, in a thread (it reads the CA bundle), shared by the round's https probes.
@@ -3915,16 +4566,31 @@ class UplinkProber:
                 found.append(gateway)
         return found
 
-    async def _ping_gateway(self, gateway: str, seq: int, source: ProbeSource) -> ProbeResult:
+    def _echo_ping(
+        self, echo: IcmpEcho, target: str, seq: int, key: str, burst: Burst | None
+    ) -> asyncio.Future[ProbeResult]:
+        check = self.uplink.check
+        return echo.ping(
+            target,
+            seq,
+            self.timeout_for(key),
+            ceiling_s=check.timeout_s,
+            on_late=self._on_late,
+            judge_lateness=burst is not None,
+        )
+
+    def _ping_gateway(
+        self, gateway: str, seq: int, source: ProbeSource, burst: Burst | None
+    ) -> Awaitable[ProbeResult]:
         # A link-local IPv6 gateway needs its interface as scope.
         target = f"{gateway}%{self.uplink.interface}" if gateway.lower().startswith("fe80:") else gateway
         try:
             echo = self._echo_for(ipaddress.ip_address(gateway).version, source)
         except OSError as err:  # the raw socket cannot be opened or bound (interface gone meanwhile)
-            return ProbeResult(gateway, False, reason=f"error: {err.strerror or err}")
+            return _done(ProbeResult(gateway, False, reason=f"error: {err.strerror or err}"))
         if echo is None:
-            return ProbeResult(gateway, False, reason="no source address")
-        return await echo.ping(target, seq, self.uplink.check.timeout_s)
+            return _done(ProbeResult(gateway, False, reason="no source address"))
+        return self._echo_ping(echo, target, seq, gateway, burst)
 
     def _echo_for(self, family: int, source: ProbeSource) -> IcmpEcho | None:
         # SO_BINDTODEVICE binds to an ifindex: a re-created interface (new
@@ -3939,27 +4605,41 @@ class UplinkProber:
             echo = self._echo[family] = IcmpEcho(self.uplink.interface, address, self.ident, source.ifindex)
         return echo
 
-    async def _probe(self, method: Method, target: str, seq: int, source: ProbeSource) -> ProbeResult:
+    def _probe(
+        self, method: Method, target: str, seq: int, source: ProbeSource, burst: Burst | None
+    ) -> Awaitable[ProbeResult]:
         check = self.uplink.check
         address = source.for_target(target)
         family = ipaddress.ip_address(target).version
         if address is None:
-            return ProbeResult(target, False, reason=f"no {FAMILY_TITLE[family]} address", method=method)
+            return _done(
+                ProbeResult(target, False, reason=f"no {FAMILY_TITLE[family]} address", method=method)
+            )
         interface = self.uplink.interface
         if method is Method.TCP:
             assert check.port is not None
-            return await tcp_probe(interface, address, target, check.port, check.timeout_s)
+            return tcp_probe(interface, address, target, check.port, check.timeout_s)
         if method in (Method.HTTP, Method.HTTPS):
-            context = await self._tls_context() if method is Method.HTTPS else None
-            return await http_probe(interface, address, target, check, method, context)
+            return self._http(method, interface, address, target)
         if method is Method.DNS:
-            return await dns_probe(interface, address, target, check)
+            return dns_probe(interface, address, target, check)
         try:
             echo = self._echo_for(family, source)
         except OSError as err:  # the raw socket cannot be opened or bound (interface gone meanwhile)
-            return ProbeResult(target, False, reason=f"error: {err.strerror or err}")
+            return _done(ProbeResult(target, False, reason=f"error: {err.strerror or err}"))
         assert echo is not None
-        return await echo.ping(target, seq, check.timeout_s)
+        return self._echo_ping(echo, target, seq, target, burst)
+
+    async def _http(self, method: Method, interface: str, address: str, target: str) -> ProbeResult:
+        context = await self._tls_context() if method is Method.HTTPS else None
+        return await http_probe(interface, address, target, self.uplink.check, method, context)
+
+
+def _done(result: ProbeResult) -> asyncio.Future[ProbeResult]:
+    """A probe that ended before it began (no address, no socket), as an awaitable."""
+    future: asyncio.Future[ProbeResult] = asyncio.get_running_loop().create_future()
+    future.set_result(result)
+    return future
 
 
 def _probe_detail(probe: ProbeResult) -> str:
@@ -4757,6 +5437,158 @@ class ConntrackEdge:
         return counts, cpu_s
 
 
+# Passive health, from conntrack events --------------------------------------------
+#
+# The kernel multicasts a message for every new connection and every status change
+# (ctnetlink's NEW and UPDATE groups); we only listen. A new TCP connection, or a
+# DNS query, marked for an uplink is pending until its first reply (IPS_SEEN_REPLY).
+# Connections from the internet (labelled inbound, or DNATed) say nothing of the path.
+
+
+class PassiveEdge:
+    """Feeds PassiveHealth from conntrack events and posts its suspicions and views."""
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        post: Callable[[Observation], None],
+        health: PassiveHealth | None = None,
+    ) -> None:
+        self._config = config
+        self._post = post
+        self.health = health or PassiveHealth()
+        self._configured: Config | None = None
+        self._by_mark: dict[int, str] = {}
+        self._mask = 0
+        self._judged_at = -math.inf
+        self._views: dict[str, PassiveView] = {}
+        self._overflow_logged = False
+        self.events = 0
+
+    def _sync(self) -> None:
+        config = self._config()
+        if config is self._configured:
+            return
+        self._configured = config
+        self.health.configure(config.uplinks)
+        self._by_mark = {u.mark: u.name for u in config.uplinks if u.check.passive}
+        self._mask = config.agent.mark_mask
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sync()
+        sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
+        )
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sock.bind((0, CT_EVENT_GROUPS))
+        except OSError as err:
+            sock.close()
+            log.warning("passive health is off: conntrack events cannot be read: %s", err.strerror or err)
+            await asyncio.Event().wait()  # nothing to do, and no reason to be restarted
+            return
+        loop.add_reader(sock.fileno(), self._readable, sock)
+        try:
+            while True:
+                self._sync()
+                await asyncio.sleep(PASSIVE_TICK_S if self.health.busy else PASSIVE_IDLE_TICK_S)
+                self._judge(loop.time())
+        finally:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+
+    def _readable(self, sock: socket.socket) -> None:
+        now = asyncio.get_running_loop().time()
+        for _ in range(64):  # bounded: the rest waits for the next wake-up
+            try:
+                data = sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as err:
+                if err.errno != errno.ENOBUFS:
+                    raise
+                # The kernel dropped events: pending connections can no longer be judged.
+                self.health.forget()
+                if not self._overflow_logged:
+                    log.warning(
+                        "passive health lost conntrack events (receive buffer full); it starts afresh"
+                    )
+                    self._overflow_logged = True
+                continue
+            for msg_type, _seq, flags, payload in _nl_event_messages(data):
+                if msg_type == CT_NEW_EVENT:
+                    self._event(payload, bool(flags & NLM_F_CREATE), now)
+        if now - self._judged_at >= PASSIVE_TICK_S:
+            self._judge(now)
+
+    def _event(self, payload: bytes, created: bool, now: float) -> None:
+        self.events += 1
+        status = mark = conn = proto = port = 0
+        destination = ""
+        inbound = False
+        for kind, start, end in _nla_walk(payload, 4, len(payload)):  # after nfgenmsg
+            if kind == CTA_ID:
+                (conn,) = struct.unpack_from("!I", payload, start)
+            elif kind == CTA_STATUS:
+                (status,) = struct.unpack_from("!I", payload, start)
+            elif kind == CTA_MARK:
+                (mark,) = struct.unpack_from("!I", payload, start)
+            elif kind == CTA_LABELS:
+                inbound = _label_set(payload[start:end], INBOUND_LABEL)
+            elif kind == CTA_TUPLE_ORIG and created:
+                destination, proto, port = _tuple_destination(payload, start, end)
+        if not created:
+            if status & IPS_SEEN_REPLY:
+                self.health.connection_answered(conn, now)
+            return
+        uplink = self._by_mark.get(mark & self._mask)
+        if uplink is None or inbound or status & IPS_DST_NAT or not destination:
+            return
+        # TCP handshakes and DNS queries expect an answer; other UDP (and ICMP, our probes) may not.
+        if proto == socket.IPPROTO_TCP or (proto == socket.IPPROTO_UDP and port == 53):
+            if status & IPS_SEEN_REPLY:
+                return
+            self.health.connection_new(conn, uplink, destination, now)
+
+    def _judge(self, now: float) -> None:
+        self._judged_at = now
+        for suspicion in self.health.judge(now):
+            self._post(SuspicionObserved(suspicion))
+        views = {name: view for name in self._by_mark.values() if (view := self.health.view(name, now))}
+        if views != self._views:
+            self._views = views
+            self._post(PassiveObserved(views))
+
+
+def _nl_event_messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+    """(type, seq, flags, payload) of each netlink message in one datagram."""
+    offset = 0
+    while offset + NLMSG_HEADER.size <= len(data):
+        length, msg_type, flags, msg_seq, _ = NLMSG_HEADER.unpack_from(data, offset)
+        if length < NLMSG_HEADER.size:
+            return
+        yield msg_type, msg_seq, flags, data[offset + NLMSG_HEADER.size : offset + length]
+        offset += (length + 3) & ~3
+
+
+def _tuple_destination(payload: bytes, start: int, end: int) -> tuple[str, int, int]:
+    """(destination address, protocol, destination port) of a CTA_TUPLE_ORIG."""
+    destination, proto, port = "", 0, 0
+    for kind, k_start, k_end in _nla_walk(payload, start, end):
+        if kind == CTA_TUPLE_IP:
+            for addr_kind, a_start, a_end in _nla_walk(payload, k_start, k_end):
+                if addr_kind in (CTA_IP_V4_DST, CTA_IP_V6_DST):
+                    destination = str(ipaddress.ip_address(payload[a_start:a_end]))
+        elif kind == CTA_TUPLE_PROTO:
+            for proto_kind, p_start, _p_end in _nla_walk(payload, k_start, k_end):
+                if proto_kind == CTA_PROTO_NUM:
+                    proto = payload[p_start]
+                elif proto_kind == CTA_PROTO_DST_PORT:
+                    (port,) = struct.unpack_from("!H", payload, p_start)
+    return destination, proto, port
+
+
 # nftables ####################################################################
 #
 # Owns the table `inet multiwan`: rendering it, running nft (always with a
@@ -5301,6 +6133,15 @@ def status_document(
             "unjudged_rounds": state.unjudged.get(uplink.name, 0),
             # taken out of selection, balance and policies by an operator (its probes go on)
             "drained": uplink.name in state.drained,
+            # per ICMP target, how long its probes wait now (the adaptive timeout, or the ceiling)
+            "timeouts_ms": dict(health.timeouts_ms),
+            # the confirmation burst running ("fall after a failed round"), or null
+            "burst": health.burst,
+            # replies in the quality window that came after their adaptive timeout (not lost)
+            "late_replies": sum(sample.late for sample in health.samples),
+            # passive health from its forwarded connections (null: off); the last suspicion
+            "passive": _passive_status(state.passive.get(uplink.name)),
+            "suspicion": health.suspicion,
         }
     primary_decision = state.decisions.get(primary, Decision(None, "starting"))
     return {
@@ -5350,6 +6191,19 @@ def status_document(
         # route changes that fail and are being retried
         "route_failures": [f"{what}: {error}" for what, error in sorted(state.route_failures)],
         "uplinks": uplinks,
+    }
+
+
+def _passive_status(view: PassiveView | None) -> dict[str, Any] | None:
+    if view is None:
+        return None
+    return {
+        "state": view.state,
+        "connections": view.resolved,
+        "unanswered": view.unanswered,
+        "destinations": view.destinations,
+        "baseline_pct": view.baseline_pct,
+        "suspicions": view.suspicions,
     }
 
 
@@ -5422,6 +6276,9 @@ _UPLINK_FIELDS: Final[Mapping[str, tuple[type, ...]]] = {
     "priority": (int,),
     "weight": (int,),
     "probe_errors": (int,),
+    "timeouts_ms": (dict,),
+    "burst": (str, type(None)),
+    "passive": (dict, type(None)),
 }
 _TOP_FIELDS: Final[Mapping[str, tuple[type, ...]]] = {
     "version": (int,),
@@ -5754,6 +6611,8 @@ def event_record(event: Event, wall_now: float, mono_now: float) -> dict[str, An
             record |= {"event": "reload", "config": source, "uplinks": uplinks, "reason": reason}
         case ReloadRejected(reason, _at):
             record |= {"event": "reload_rejected", "reason": reason}
+        case Suspected(uplink, evidence, _at):
+            record |= {"event": "suspect", "uplink": uplink, "reason": evidence}
     return record
 
 
@@ -6385,8 +7244,12 @@ class Metrics:
         self.detection: dict[Labels, Histogram] = {}
         self.route_change = Histogram(ROUTE_CHANGE_BUCKETS)
         self.reload_ok = 1
+        self.burst_rounds: dict[Labels, int] = {}
 
     def on_round(self, result: RoundResult) -> None:
+        if result.burst_trigger is not None:
+            key = (("uplink", result.uplink),)
+            self.burst_rounds[key] = self.burst_rounds.get(key, 0) + 1
         for probe in result.judged:
             labels = (("uplink", result.uplink), ("target", probe.target), ("method", probe.method.value))
             self.requests[labels] = self.requests.get(labels, 0) + 1
@@ -6485,6 +7348,32 @@ class Metrics:
             loss = state.healths[u.name].loss_pct
             if loss is not None:
                 sample("multiwan_probe_loss_ratio", (("uplink", u.name),), round(loss / 100, 4))
+        family("multiwan_probe_timeout_seconds", "gauge", "How long an ICMP probe waits now (adaptive).")
+        for u in config.uplinks:
+            for target, timeout_ms in state.healths[u.name].timeouts_ms:
+                sample(
+                    "multiwan_probe_timeout_seconds",
+                    (("uplink", u.name), ("target", target)),
+                    timeout_ms / 1000,
+                )
+        family("multiwan_uplink_burst", "gauge", "1 while a confirmation burst probes the uplink.")
+        for u in config.uplinks:
+            sample(
+                "multiwan_uplink_burst", (("uplink", u.name),), int(state.healths[u.name].burst is not None)
+            )
+        family("multiwan_burst_rounds_total", "counter", "Probe rounds sent early, to confirm a change.")
+        for u in config.uplinks:
+            key = (("uplink", u.name),)
+            sample("multiwan_burst_rounds_total", key, self.burst_rounds.get(key, 0))
+        family("multiwan_passive_suspicions_total", "counter", "Times passive health suspected the uplink.")
+        family("multiwan_passive_unanswered_ratio", "gauge", "Share of new connections left unanswered.")
+        for u in config.uplinks:
+            view = state.passive.get(u.name)
+            if view is not None:
+                key = (("uplink", u.name),)
+                sample("multiwan_passive_suspicions_total", key, view.suspicions)
+                ratio = view.unanswered / view.resolved if view.resolved else 0.0
+                sample("multiwan_passive_unanswered_ratio", key, round(ratio, 4))
         family("multiwan_probe_requests_total", "counter", "Probes sent and judged.")
         for labels, count in sorted(self.requests.items()):
             if now_configured(labels):
@@ -6747,6 +7636,25 @@ class TaskDied:
 
 
 @dataclass(frozen=True, slots=True)
+class LateReplyObserved:
+    """A probe's reply came after its adaptive timeout, before the ceiling."""
+
+    uplink: str
+    seq: int
+    rtt_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class SuspicionObserved:
+    suspicion: Suspicion
+
+
+@dataclass(frozen=True, slots=True)
+class PassiveObserved:
+    views: Mapping[str, PassiveView]
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     pass
 
@@ -6763,6 +7671,9 @@ Observation = (
     | NftReported
     | CommandReceived
     | TaskDied
+    | LateReplyObserved
+    | SuspicionObserved
+    | PassiveObserved
     | Tick
 )
 
@@ -6858,6 +7769,15 @@ class ProberSet:
         self._running: dict[str, UplinkConfig] = {}
         #: ICMP ids tell our echoes apart from other pingers' and each uplink's; stable per name.
         self._idents: dict[str, int] = {}
+        #: The probers running now (a restarted task makes a new one).
+        self.probers: dict[str, UplinkProber] = {}
+        #: Where late replies go: (uplink, seq, rtt_ms); set by the daemon.
+        self.late: Callable[[str, int, float], None] | None = None
+
+    def suspect(self, name: str, trigger: str) -> None:
+        prober = self.probers.get(name)
+        if prober is not None:
+            prober.suspect(trigger)
 
     def sync(self, config: Config) -> None:
         wanted = {u.name: u for u in config.uplinks}
@@ -6878,10 +7798,26 @@ class ProberSet:
 
     async def _run(self, uplink: UplinkConfig, ident: int) -> None:
         # It probes as `uplink` says; the source (address, gateways) comes from the state.
+        late = self.late
+
+        def deliver_late(_target: str, seq: int, rtt_ms: float) -> None:
+            if late is not None:
+                late(uplink.name, seq, rtt_ms)
+
         prober = UplinkProber(
-            uplink, ident, lambda: self._source(uplink.name), self._deliver, verbose=self._verbose
+            uplink,
+            ident,
+            lambda: self._source(uplink.name),
+            self._deliver,
+            verbose=self._verbose,
+            late=deliver_late,
         )
-        await prober.run()
+        self.probers[uplink.name] = prober
+        try:
+            await prober.run()
+        finally:
+            if self.probers.get(uplink.name) is prober:
+                del self.probers[uplink.name]
 
 
 def _probed_as(uplink: UplinkConfig) -> tuple[object, ...]:
@@ -7003,6 +7939,13 @@ class Pump:
                 state, intent = on_nft(state, report, now)
             case TaskDied(task, error):
                 state, intent = on_task_died(state, task, error, now)
+            case LateReplyObserved(uplink, seq, rtt_ms):
+                state, intent = on_late(state, uplink, seq, rtt_ms, now)
+            case SuspicionObserved(suspicion):
+                state, intent = on_suspect(state, suspicion, now)
+            case PassiveObserved(views):
+                state = dataclasses.replace(state, passive=views)
+                intent = Intent(status=StatusWrite.SOON, wake_at=next_wake(state))
             case Tick():
                 state, intent = on_tick(state, now)
         self.state = state
@@ -7053,6 +7996,8 @@ class Pump:
             self._conntrack.release(release)
         for uplink in intent.cancel_releases:
             self._conntrack.cancel(uplink)
+        for uplink, trigger in intent.bursts:
+            self._probers.suspect(uplink, trigger)
         if intent.routes is not None:
             if self._routes_given is None:
                 self._routes_given_at = time.monotonic()
@@ -7395,6 +8340,8 @@ def log_event(event: Event) -> None:
             )
         case ReloadRejected(reason, _at):
             log.error("reload rejected, keeping the running config: %s", reason)
+        case Suspected(uplink, evidence, _at):
+            log.warning("uplink=%s suspect: %s; confirming with a burst of probes", uplink, evidence)
 
 
 def log_effective_config(config: Config, dry_run: bool) -> None:
@@ -7414,7 +8361,7 @@ def log_effective_config(config: Config, dry_run: bool) -> None:
         check = uplink.check
         log.info(
             "uplink=%s interface=%s gateway=%s priority=%d table=%d mark=%#x check=%s%s targets=%s "
-            "interval=%s timeout=%s fall=%d rise=%d reliability=%d",
+            "interval=%s timeout=%s fall=%d rise=%d reliability=%d adaptive=%s burst=%s passive=%s",
             uplink.name,
             uplink.interface,
             uplink.gateway,
@@ -7429,6 +8376,13 @@ def log_effective_config(config: Config, dry_run: bool) -> None:
             check.fall,
             check.rise,
             check.reliability,
+            f"{format_duration(check.timeout_min_s)}-{format_duration(check.timeout_s)}"
+            if check.adaptive_timeout
+            else "off",
+            f"every {format_duration(check.burst_spacing_s)}" if check.burst else "off",
+            f"{format_duration(check.passive_timeout_s)}/{check.passive_destinations} destinations"
+            if check.passive
+            else "off",
         )
 
 
@@ -7525,6 +8479,8 @@ async def run_daemon(
             lambda result: pump.post(RoundObserved(result)),
             options.verbose,
         )
+        probers.late = lambda name, seq, rtt_ms: pump.post(LateReplyObserved(name, seq, rtt_ms))
+        passive = PassiveEdge(lambda: pump.state.config, lambda o: pump.post(o))
         pump = Pump(
             state,
             routes=route_edge,
@@ -7551,6 +8507,7 @@ async def run_daemon(
         supervisor.start("history", history.run)
         supervisor.start("control", control.run)
         supervisor.start("notify", notifications.run)
+        supervisor.start("passive", passive.run)  # it follows reloads that turn it on or off
         if config.agent.metrics_listen or config.agent.metrics_textfile:
             exposition = MetricsServer(
                 lambda: metrics.render(pump.state, notifications.dropped),
@@ -7894,7 +8851,21 @@ def render_status(document: Mapping[str, Any], *, stale: str | None = None) -> s
     if stale is not None:
         lines.insert(0, f"[NOT RUNNING: {stale}; last known state]")
     rows = [
-        ["UPLINK", "IFACE", "STATE", "SINCE", "RTT", "LOSS", "PRIO", "WEIGHT", "CONNS", "SELECTED", "REASON"]
+        [
+            "UPLINK",
+            "IFACE",
+            "STATE",
+            "SINCE",
+            "RTT",
+            "LOSS",
+            "TIMEOUT",
+            "PASSIVE",
+            "PRIO",
+            "WEIGHT",
+            "CONNS",
+            "SELECTED",
+            "REASON",
+        ]
     ]
     for name, u in document.get("uplinks", {}).items():
         state = str(u.get("state", "?")) + (", drained" if u.get("drained") else "")
@@ -7902,6 +8873,9 @@ def render_status(document: Mapping[str, Any], *, stale: str | None = None) -> s
         loss = "-" if u.get("loss_pct") is None else f"{u['loss_pct']:.0f}%"
         conns = "-" if u.get("connections") is None else str(u["connections"])
         selected = ",".join(u.get("selected_for") or []) or ("yes" if u.get("selected") else "-")
+        timeouts = [t for t in (u.get("timeouts_ms") or {}).values() if isinstance(t, (int, float))]
+        timeout = "-" if not timeouts else f"{max(timeouts):.0f}ms"
+        passive = u.get("passive") if isinstance(u.get("passive"), dict) else None
         rows.append(
             [
                 name,
@@ -7910,6 +8884,8 @@ def render_status(document: Mapping[str, Any], *, stale: str | None = None) -> s
                 _age(now - float(u.get("since", now))),
                 rtt,
                 loss,
+                timeout,
+                "off" if passive is None else str(passive.get("state", "?")),
                 str(u.get("priority", "")),
                 str(u.get("weight", "")),
                 conns,
@@ -7931,6 +8907,9 @@ def render_status(document: Mapping[str, Any], *, stale: str | None = None) -> s
             if isinstance(about, dict):
                 where = about.get("uplink") or f"none: {policy.get('fallback')}"
                 lines.append(f"policy {name} {family}: {where}  ({about.get('reason', '')})")
+    for name, u in document.get("uplinks", {}).items():
+        if u.get("burst"):
+            lines.append(f"confirming {name}: burst {u['burst']}")
     for foreign in document.get("foreign", []):
         lines.append(f"WARNING foreign {foreign['object']}: {foreign['defeats']}")
     nft = document.get("nft") or {}

@@ -962,8 +962,18 @@ class Lab:
         self._stoppables.append(monitor)
         return monitor
 
+    def add_servers(self, hosts: Sequence[str]) -> None:
+        """More echo servers in `inet` (each a destination of its own, e.g. 198.18.1.21)."""
+        self._ip_batch("inet", [f"addr add {host}/32 dev lo" for host in hosts])
+        self._start_echo_server("inet", tuple(hosts))
+
     def start_connector(
-        self, duration_s: float, period_ms: int = 10, timeout_ms: int = 100, family: int = 4
+        self,
+        duration_s: float,
+        period_ms: int = 10,
+        timeout_ms: int = 100,
+        family: int = 4,
+        hosts: Sequence[str] = (),
     ) -> Connector:
         """Start connector.py in `lan` against the echo server; returns once it runs.
 
@@ -974,7 +984,7 @@ class Lab:
             "lan",
             [
                 sys.executable, str(CONNECTOR),
-                "--host", server_ip(family), "--port", str(SERVER_PORT),
+                "--host", ",".join(hosts) or server_ip(family), "--port", str(SERVER_PORT),
                 "--period-ms", str(period_ms), "--timeout-ms", str(timeout_ms),
                 "--duration-s", str(duration_s),
             ],

@@ -68,7 +68,7 @@ def test_http_check_fails_on_a_captive_portal_while_icmp_works(lab: Lab, tmp_pat
     status = agent.wait_state("fibre", "down", timeout=5)
     assert (
         status["uplinks"]["fibre"]["reason"]
-        == "3 consecutive failed rounds: upstream unreachable (status 302)"
+        == "burst confirmed 3/3 after a failed round: upstream unreachable (status 302)"
     )
     agent.wait_selected("lte", timeout=2)
     ping = lab.run("router", "ping", "-c1", "-W1", "-I", "wan0", "198.18.1.1", check=False)
@@ -115,7 +115,9 @@ def test_gateway_check_tells_a_local_failure_from_an_upstream_one(lab: Lab, tmp_
     status = agent.wait_state("fibre", "down", timeout=5)
     fibre = status["uplinks"]["fibre"]
     assert fibre["failure"] == "gateway"
-    assert fibre["reason"] == "3 consecutive failed rounds: gateway 203.0.113.1 unreachable (timeout)"
+    assert fibre["reason"] == (
+        "burst confirmed 3/3 after a failed round: gateway 203.0.113.1 unreachable (timeout)"
+    )
     lab.gateway_dead("isp1", False)
     agent.wait_state("fibre", "up", timeout=5)
     lab.silent_drop("isp1", True)

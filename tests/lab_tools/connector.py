@@ -107,7 +107,8 @@ def run(
         if _stop_requested:
             break
         started = time.monotonic()
-        ok, detail = attempt(host, port, timeout_s, source)
+        hosts = host.split(",")  # several servers: one after the other, a new destination each time
+        ok, detail = attempt(hosts[attempts % len(hosts)], port, timeout_s, source)
         print(f"{started:.6f} {'ok' if ok else 'fail'} {detail}", flush=True)
         attempts += 1
         # Next slot strictly after now: missed slots are skipped.
@@ -117,7 +118,9 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", required=True, help="the server's IPv4 or IPv6 address")
+    parser.add_argument(
+        "--host", required=True, help="the server's IPv4 or IPv6 address (several: comma-separated)"
+    )
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--period-ms", type=float, default=10.0)
     parser.add_argument("--timeout-ms", type=float, default=100.0)
@@ -128,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.port < 65536:
         parser.error(f"--port must be 1..65535, got {args.port}")
     try:
-        address_family(args.host)
+        for host in args.host.split(","):
+            address_family(host)
     except ValueError:
         parser.error(f"--host must be an IPv4 or IPv6 address, got {args.host!r}")
     if not 1 <= args.period_ms <= 60_000:
