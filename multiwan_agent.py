@@ -136,8 +136,12 @@ MAX_UPLINKS: Final = 29
 #: The adaptive timeout's floor on RFC 6298's RTT variation: on a very stable path it goes
 #: to zero and SRTT + 4 x RTTVAR would call the first slightly slow reply lost.
 RTTVAR_FLOOR_MS: Final = 5.0
-#: A burst round costs a token; the bucket refills by one per this many intervals.
-BURST_REFILL_ROUNDS: Final = 10
+#: A burst round costs a token; the bucket holds BURST_BUCKET confirmations (fall + rise
+#: rounds each) and refills by one round per BURST_REFILL_ROUNDS intervals: a link that
+#: flaps for long adds at most a fifth to its probe rate, one that flaps a few times
+#: (five faults and recoveries) is confirmed at burst speed every time.
+BURST_BUCKET: Final = 5
+BURST_REFILL_ROUNDS: Final = 5
 #: A burst probe whose timeout fired this much (or half its timeout) late was not judged:
 #: the agent itself was late (event-loop lag, a starved machine), not the path.
 AGENT_LATE_S: Final = 0.05
@@ -1501,6 +1505,9 @@ class Health:
     #: When the current run of failed rounds began (the first bad evidence), or the link was
     #: lost; None while it answers. A failover's detection time is measured from here.
     failing_since: float | None = None
+    #: The sequence number of that run's first failed round (a late reply to it, or to a
+    #: later one, proves the path slow, not dead).
+    failing_seq: int | None = None
     #: What the prober reported with its newest round: per target the timeout its probes
     #: wait (ms), and the confirmation burst it runs, if any.
     timeouts_ms: tuple[tuple[str, float], ...] = ()
@@ -1577,11 +1584,12 @@ def observe_round(
         good, bad = (health.good_rounds + 1, 0) if result.ok else (0, health.bad_rounds + 1)
         rtt = result.rtt_ms  # None when nothing answered: a down uplink shows no stale RTT
         last_round_at = result.started_at
-    failing_since = health.failing_since
+    failing_since, failing_seq = health.failing_since, health.failing_seq
     if not stale:
-        failing_since = (
-            None if result.ok else failing_since if failing_since is not None else result.started_at
-        )
+        if result.ok:
+            failing_since = failing_seq = None
+        elif failing_since is None:
+            failing_since, failing_seq = result.started_at, result.seq
     judged, problem = quality_problem(samples, check)
     good_q, bad_q = health.good_quality, health.bad_quality
     if judged:
@@ -1600,6 +1608,7 @@ def observe_round(
         failure=failure,
         last_round_at=last_round_at,
         failing_since=failing_since,
+        failing_seq=failing_seq,
         timeouts_ms=result.timeouts_ms or health.timeouts_ms,
         burst=result.burst_state,
     )
@@ -1633,14 +1642,19 @@ def _evidence(result: RoundResult, health: Health, count: int, needed: int, what
 
 def observe_late(health: Health, seq: int, rtt_ms: float) -> Health:
     """A reply that came after its probe's adaptive timeout, before the ceiling: for the
-    quality window it is late, not lost (reachability was judged at the timeout)."""
+    quality window it is late, not lost. And a reply to a probe of the current run of
+    failed rounds proves the path slow, not silent: that run ends (an RTT that jumped
+    past the adaptive timeout must not take an answering uplink down)."""
     for index, sample in enumerate(health.samples):
         if sample.seq == seq and sample.answered < sample.sent:
             late = dataclasses.replace(
                 sample, answered=sample.answered + 1, rtts_ms=(*sample.rtts_ms, rtt_ms), late=sample.late + 1
             )
             samples = (*health.samples[:index], late, *health.samples[index + 1 :])
-            return dataclasses.replace(health, samples=samples)
+            health = dataclasses.replace(health, samples=samples)
+            break
+    if health.state is not State.DOWN and health.failing_seq is not None and seq >= health.failing_seq:
+        health = dataclasses.replace(health, bad_rounds=0, failing_since=None, failing_seq=None)
     return health
 
 
@@ -1784,9 +1798,10 @@ class ProbePlan:
 
 
 def burst_tokens(check: CheckConfig) -> float:
-    """The bucket: two full confirmations; it refills by one round per BURST_REFILL_ROUNDS
-    intervals, so bursts add at most 1/BURST_REFILL_ROUNDS to the probe rate in the long run."""
-    return float(2 * (check.fall + check.rise))
+    """The bucket: BURST_BUCKET fault-and-recovery confirmations; it refills by one round per
+    BURST_REFILL_ROUNDS intervals, so bursts add at most 1/BURST_REFILL_ROUNDS to the probe
+    rate in the long run."""
+    return float(BURST_BUCKET * (check.fall + check.rise))
 
 
 def plan_start(check: CheckConfig, now: float) -> ProbePlan:
@@ -1846,6 +1861,14 @@ def plan_result(
     kind, more = (BurstKind.RISE, check.rise - 1) if ok else (BurstKind.FALL, check.fall - 1)
     trigger = "after a good round" if ok else "after a failed round"
     return _start_burst(plan, kind, trigger, more, now)
+
+
+def plan_late(plan: ProbePlan, check: CheckConfig, now: float) -> ProbePlan:
+    """A late reply: the path answers, slowly. A fall burst is contradicted (and the
+    timeout has just learned the longer RTT)."""
+    if plan.burst is None or plan.burst.kind is not BurstKind.FALL:
+        return plan
+    return dataclasses.replace(plan, burst=None, last_ok=True, grid_at=now + check.interval_s)
 
 
 def plan_suspect(plan: ProbePlan, check: CheckConfig, now: float, trigger: str) -> ProbePlan:
@@ -4525,6 +4548,7 @@ class UplinkProber:
     def _on_late(self, target: str, seq: int, rtt_ms: float) -> None:
         # Karn's problem does not arise: the sequence number says which request was answered.
         self._learn(target, rtt_ms)
+        self.plan = plan_late(self.plan, self.uplink.check, asyncio.get_running_loop().time())
         if self._deliver_late is not None and target in self.uplink.check.targets:
             self._deliver_late(target, seq, rtt_ms)
 

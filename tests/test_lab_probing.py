@@ -5,6 +5,7 @@ tests/bench/probing.py; here the bounds are loose enough for a loaded 2-core mac
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.lab
 
 FIBRE_IP = "203.0.113.2"
 LTE_IP = "203.0.113.6"
+SLOW_ECHO = Path(__file__).resolve().parent / "lab_tools" / "slow_echo.py"
 #: Destinations of the LAN traffic (echo servers in inet), one per new connection in turn.
 SERVERS = ("198.18.1.21", "198.18.1.22", "198.18.1.23", "198.18.1.24")
 
@@ -151,3 +153,40 @@ def test_five_percent_loss_for_a_minute_no_switch_no_sustained_burst_steady_rate
     # One probe per round to each target: the regular rounds are within 5 % of 4 a second.
     regular_rate = (sent - burst_rounds) / elapsed
     assert abs(regular_rate - 4.0) <= 0.2, (sent, burst_rounds, elapsed)
+
+
+def test_an_rtt_that_jumps_past_the_adaptive_timeout_is_late_not_lost(lab: Lab, tmp_path: Path) -> None:
+    delay = tmp_path / "delay_ms"
+    delay.write_text("0")
+    # The targets answer from slow_echo.py instead of the kernel: the lab's way to add latency.
+    lab.run("inet", "sysctl", "-q", "-w", "net.ipv4.icmp_echo_ignore_all=1")
+    responder = lab.popen(
+        "inet",
+        [
+            sys.executable, str(SLOW_ECHO), "--address", "198.18.1.1", "--address", "198.18.1.2",
+            "--delay-file", str(delay), "--duration-s", "120",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert responder.stdout is not None and responder.stdout.readline().strip() == "ready"
+    agent = AgentProcess(lab, tmp_path, production_config(tmp_path / "state", interval="500ms"))
+    agent.wait_both_up(timeout=15)
+    agent.wait_for(
+        lambda s: set(s["uplinks"]["fibre"]["timeouts_ms"].values()) == {200.0}, 10, "adaptive timeouts"
+    )
+    delay.write_text("400")  # 1 ms -> 400 ms at once: past the 200 ms timeout, inside the 1 s ceiling
+    status = agent.wait_for(
+        lambda s: min(s["uplinks"]["fibre"]["timeouts_ms"].values()) > 400, 15, "the timeout learned"
+    )
+    fibre = status["uplinks"]["fibre"]
+    assert fibre["late_replies"] >= 1, fibre
+    assert fibre["loss_pct"] == 0.0, fibre  # late, not lost
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # bounded: 5 s more at 400 ms
+        status = agent.status()
+        assert status is not None and status["uplinks"]["fibre"]["state"] == "up", status
+        time.sleep(0.2)
+    assert status["selected"] == "fibre"
+    log = agent.log()
+    assert "uplink=fibre down" not in log and "uplink=lte down" not in log

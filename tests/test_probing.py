@@ -340,3 +340,21 @@ def test_lost_events_forget_what_was_pending() -> None:
     connections(health, "fibre", [f"198.51.100.{i}" for i in range(5)], 0.0, False, 1)
     health.forget()
     assert judge_until(health, 0.0, 2.0) == []
+
+
+def test_a_late_reply_to_a_failing_run_ends_it_the_path_is_slow_not_silent() -> None:
+    health = mwa.Health("fibre", mwa.State.UP)
+    lost = (mwa.ProbeResult("198.18.1.1", False, reason="timeout"),)
+    for seq in (7, 8):
+        health, _ = mwa.observe_round(health, mwa.RoundResult("fibre", seq, float(seq), lost), CHECK, seq)
+    assert (health.bad_rounds, health.failing_seq) == (2, 7)
+    health = mwa.observe_late(health, 7, 420.0)
+    assert (health.bad_rounds, health.failing_since, health.failing_seq) == (0, None, None)
+    # A reply to a probe from before the run proves nothing about it.
+    for seq in (9, 10):
+        health, _ = mwa.observe_round(health, mwa.RoundResult("fibre", seq, float(seq), lost), CHECK, seq)
+    assert mwa.observe_late(health, 6, 420.0).bad_rounds == 2
+    plan = mwa.ProbePlan(
+        grid_at=0.0, last_ok=False, burst=mwa.Burst(mwa.BurstKind.FALL, "after a failed round", 2)
+    )
+    assert mwa.plan_late(plan, CHECK, 5.0) == mwa.ProbePlan(grid_at=6.0, last_ok=True)

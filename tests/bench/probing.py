@@ -55,6 +55,9 @@ def measure(mode: str, runs: int, args: argparse.Namespace) -> tuple[list[float]
         lab.add_servers(SERVERS)
         lab.run("lan", "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1")  # see failover.py
         lab.run("router", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_timeout_syn_sent=5")
+        # A closed connection's entry lives on in TIME_WAIT, with its uplink's mark, and a new
+        # connection on the same ports (tw_reuse) takes it over: sticky to lte after a failback.
+        lab.run("router", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1")
         config = lab_config(
             Path(tmp) / "state",
             hysteresis="2s",
@@ -68,7 +71,8 @@ def measure(mode: str, runs: int, args: argparse.Namespace) -> tuple[list[float]
         agent.wait_state("lte", "up", timeout=20)
         for run in range(runs):
             connector = lab.start_connector(duration_s=60, period_ms=2, timeout_ms=10, hosts=SERVERS)
-            time.sleep(1.0 + (run * 0.37) % 1.0)  # the fault at a different point of the interval
+            first_ok_via(connector, FIBRE_IP, time.monotonic(), 10)  # traffic is on fibre
+            time.sleep(0.5 + (run * 0.37) % 1.0)  # the fault at a different point of the interval
             fault_at = time.monotonic()
             lab.silent_drop("isp1", True)
             via_lte = first_ok_via(connector, LTE_IP, fault_at, 15)
