@@ -190,3 +190,27 @@ def test_an_rtt_that_jumps_past_the_adaptive_timeout_is_late_not_lost(lab: Lab, 
     assert status["selected"] == "fibre"
     log = agent.log()
     assert "uplink=fibre down" not in log and "uplink=lte down" not in log
+
+
+def test_64_uplinks_start_probe_and_fail_over(lab: Lab, tmp_path: Path) -> None:
+    extra = lab.add_extra_uplinks(62)  # wan2..wan63 through isp1, like fibre
+    config = production_config(tmp_path / "state", interval="500ms")
+    config += "".join(
+        f'\n[[uplink]]\nname = "x{n}"\ninterface = "{dev}"\ngateway = "{gateway}"\npriority = {n + 1}\n'
+        for n, (dev, _address, gateway) in enumerate(extra, start=2)
+    )
+    agent = AgentProcess(lab, tmp_path, config)
+    status = agent.wait_for(
+        lambda s: sum(u["state"] == "up" for u in s["uplinks"].values()) == 64, 30, "64 uplinks up"
+    )
+    assert status["selected"] == "fibre"
+    fault_at = time.monotonic()
+    lab.silent_drop("isp1", True)  # fibre and the 62 others: only lte (isp2) is left
+    moved_at = wait_default_via(lab, "wan1", timeout=10)
+    assert moved_at - fault_at < 3.0, moved_at - fault_at
+    agent.wait_for(
+        lambda s: sum(u["state"] == "down" for u in s["uplinks"].values()) == 63, 10, "63 uplinks down"
+    )
+    assert lab.connect_once() == LTE_IP
+    lab.silent_drop("isp1", False)
+    agent.wait_selected("fibre", timeout=15)
