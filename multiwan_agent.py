@@ -122,16 +122,21 @@ IFNAME_MAX: Final = 15
 RESERVED_TABLES: Final = frozenset({0, 252, 253, 254, 255})
 #: Route protocol ids 0-4 belong to the kernel (unspec, redirect, kernel, boot, static).
 FIRST_FREE_PROTOCOL: Final = 5
-#: The rule priority block the agent owns starts at `rule_priority` and is this long.
-RULE_BLOCK: Final = 100
-#: Offsets inside that block (see plan_network for why this order).
+#: The rule priority block the agent owns: `rule_priority` to `rule_priority + RULE_BLOCK - 1`.
+RULE_BLOCK: Final = 1024
+#: Offsets inside that block (see plan_network for why this order), 256 slots per kind:
+#: oif 100-355, source 356-611, fwmark 612-867, 868-1022 free. Agents before it owned a
+#: 100-long block (oif 10, source 40, fwmark 70, selection 99) that the new one covers and
+#: shares only main's rule with: a restart over an old agent's rules adds the new ones
+#: beside them, then deletes the old ones, highest first (see diff_network).
 RULE_MAIN_OFFSET: Final = 0
-RULE_OIF_OFFSET: Final = 10
-RULE_SOURCE_OFFSET: Final = 40
-RULE_MARK_OFFSET: Final = 70
-RULE_DEFAULT_OFFSET: Final = 99
-#: Per-group slots between the offsets above bound the number of uplinks.
-MAX_UPLINKS: Final = 29
+RULE_OIF_OFFSET: Final = 100
+RULE_SOURCE_OFFSET: Final = 356
+RULE_MARK_OFFSET: Final = 612
+RULE_DEFAULT_OFFSET: Final = 1023
+#: One rule slot per uplink and kind bounds the number of uplinks (mark_mask may bound it lower:
+#: the default 0xff00 has room for 255 marks).
+MAX_UPLINKS: Final = 256
 
 #: Status metrics (rtt, loss) are rewritten at most this often; transitions at once.
 STATUS_METRICS_PERIOD_S: Final = 1.0
@@ -823,7 +828,8 @@ def parse_config(text: str, source: str) -> Config:
         state_dir=state_dir,
         hysteresis_s=agent_reader.duration("hysteresis", defaults.hysteresis_s),
         default_table=agent_reader.integer("default_table", defaults.default_table, 1, 2**31 - 1),
-        rule_priority=agent_reader.integer("rule_priority", defaults.rule_priority, 1, 32765 - RULE_BLOCK),
+        # The whole block below the kernel's main rule (32766).
+        rule_priority=agent_reader.integer("rule_priority", defaults.rule_priority, 1, 32766 - RULE_BLOCK),
         route_protocol=agent_reader.integer(
             "route_protocol", defaults.route_protocol, FIRST_FREE_PROTOCOL, 255
         ),
@@ -849,8 +855,12 @@ def parse_config(text: str, source: str) -> Config:
     if not isinstance(raw_uplinks, list) or not raw_uplinks:
         raise ConfigError(source, "uplink", "expected at least one [[uplink]] table")
     if len(raw_uplinks) > MAX_UPLINKS:
-        raise ConfigError(source, "uplink", f"expected at most {MAX_UPLINKS} uplinks")
-
+        raise ConfigError(
+            source,
+            "uplink",
+            f"expected at most {MAX_UPLINKS} uplinks (the agent's rule block has a slot per uplink "
+            f"for each kind of rule), got {len(raw_uplinks)}",
+        )
     mark_shift = (agent.mark_mask & -agent.mark_mask).bit_length() - 1
     uplinks: list[UplinkConfig] = []
     seen: dict[str, dict[object, int]] = {"name": {}, "interface": {}, "table": {}, "mark": {}}
@@ -1955,14 +1965,14 @@ def plan_network(
     """The desired routes and rules for these interfaces and this selection.
 
     Per address family the uplinks are checked for, rule order inside our
-    block, lowest priority first:
-    - `lookup main suppress_prefixlength 0`: main's specific routes (LANs,
+    block (offsets from rule_priority; uplink i takes slot i of each kind):
+    - 0 `lookup main suppress_prefixlength 0`: main's specific routes (LANs,
       connected nets, VPNs, static routes) keep winning, while main's default
       routes (the DHCP/RA client's, whatever their metric) never do;
-    - `oif X lookup T`: sockets bound to an uplink (our probes) use its table;
-    - `from ADDR lookup T`: traffic sourced from an uplink's address leaves by it;
-    - `fwmark M/MASK lookup T`: marked traffic (policy, stickiness) uses it;
-    - `lookup <default_table>`: everything else takes the selected uplink.
+    - 100+i `oif X lookup T`: sockets bound to an uplink (our probes) use its table;
+    - 356+i `from ADDR lookup T`: traffic sourced from an uplink's address leaves by it;
+    - 612+i `fwmark M/MASK lookup T`: marked traffic (policy, stickiness) uses it;
+    - 1023 `lookup <default_table>`: everything else takes the selected uplink.
     An empty selection table falls through, so at worst main's own default
     applies; an uplink table never does (see its `unreachable` route).
     """
@@ -2060,6 +2070,14 @@ def diff_network(
     Routes are replaced before the rules that point at them are added, the
     selected default is replaced in one operation (never deleted and re-added),
     and only objects carrying our protocol id in our ranges are ever removed.
+
+    Rules are all added before any is deleted, and deleted highest priority
+    first. That is what makes a restart over an older layout safe (an agent
+    before RULE_BLOCK 1024 left oif/source/fwmark rules at 10/40/70+i and its
+    catch-all `lookup <default_table>` at 99, all ahead of the new ones): the
+    old catch-all goes first, so traffic an old oif/source/fwmark rule still
+    matches never falls to it once that rule is gone, but to the new rule of
+    the same meaning, already in place further down.
     """
     protocol = config.agent.route_protocol
     ours = {(r.family, r.table, r.unreachable): r for r in routes if r.protocol == protocol and r.dst is None}
@@ -2084,7 +2102,7 @@ def diff_network(
     for rule in plan.rules:
         if rule not in installed:
             changes.append(Change("add_rule", rule=rule))
-    for spec in sorted(installed - wanted, key=lambda r: (r.family, r.priority)):
+    for spec in sorted(installed - wanted, key=lambda r: (r.family, -r.priority, r.describe())):
         changes.append(Change("del_rule", rule=spec))
     # The selection table's default is never deleted here: with nothing to
     # select we keep the last route (see select()).
@@ -2160,7 +2178,7 @@ class ForeignObject:
 
     #: "ipv4 rule 5050: from all lookup main (protocol 0)"
     what: str
-    #: "it precedes the selection (rule 5099): failover is ineffective for the traffic it matches"
+    #: "it precedes the selection (rule 6023): failover is ineffective for the traffic it matches"
     defeats: str
 
 

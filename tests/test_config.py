@@ -105,7 +105,7 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     )
     assert good.returncode == 0, good.stderr
     assert "5000: from all lookup main suppress_prefixlength 0" in good.stdout
-    assert "5099: from all lookup 200" in good.stdout
+    assert "6023: from all lookup 200" in good.stdout
 
 
 def test_run_with_bad_config_exits_2_before_anything(tmp_path: Path) -> None:
