@@ -806,6 +806,17 @@ def _read_gateway(reader: _Reader, key: str, default: str, family: int) -> str:
     return str(address)
 
 
+def auto_table_id(first: int, taken: set[int]) -> int | None:
+    """The table of an uplink without `table =`: the first id from `first` on (default_table + 1
+    + its index, so configs that fit below 252 keep the tables they always had) that is neither
+    reserved nor taken (the selection table, explicit tables, earlier auto ones); None past 2**31-1."""
+    # Each id skipped is reserved or taken: one more than those is always enough.
+    for table in range(first, min(2**31, first + len(RESERVED_TABLES) + len(taken) + 1)):
+        if table not in RESERVED_TABLES and table not in taken:
+            return table
+    return None
+
+
 def parse_config(text: str, source: str) -> Config:
     """Parse and validate a whole config. Raises ConfigError; has no side effect."""
     try:
@@ -861,7 +872,23 @@ def parse_config(text: str, source: str) -> Config:
             f"expected at most {MAX_UPLINKS} uplinks (the agent's rule block has a slot per uplink "
             f"for each kind of rule), got {len(raw_uplinks)}",
         )
+    # Each uplink needs a mark of its own, not 0, inside the mask.
+    mark_room = (1 << bin(agent.mark_mask).count("1")) - 1
+    if len(raw_uplinks) > mark_room:
+        raise ConfigError(
+            source,
+            "agent.mark_mask",
+            f"expected room for a mark per uplink ({len(raw_uplinks)} uplinks), got "
+            f"{agent.mark_mask:#x}, which has room for {mark_room}",
+        )
+
     mark_shift = (agent.mark_mask & -agent.mark_mask).bit_length() - 1
+    # Tables set explicitly are never auto-assigned to another uplink.
+    taken_tables = {agent.default_table} | {
+        raw["table"]
+        for raw in raw_uplinks
+        if isinstance(raw, dict) and isinstance(raw.get("table"), int) and not isinstance(raw["table"], bool)
+    }
     uplinks: list[UplinkConfig] = []
     seen: dict[str, dict[object, int]] = {"name": {}, "interface": {}, "table": {}, "mark": {}}
     for index, raw in enumerate(raw_uplinks):
@@ -895,13 +922,29 @@ def parse_config(text: str, source: str) -> Config:
         weight = reader.integer("weight", 1, 1, 1000)
         release_flows = _read_release_flows(reader)
         priority = reader.integer("priority", 1, 0, 1_000_000)
-        table = reader.integer("table", agent.default_table + 1 + index, 1, 2**31 - 1)
-        if table in RESERVED_TABLES or table == agent.default_table:
-            raise reader.error(
-                "table", f"a table id other than the reserved ones and {agent.default_table}", table
+        if reader.has("table"):
+            table = reader.integer("table", None, 1, 2**31 - 1)
+            if table in RESERVED_TABLES or table == agent.default_table:
+                raise reader.error(
+                    "table", f"a table id other than the reserved ones and {agent.default_table}", table
+                )
+        else:
+            auto_table = auto_table_id(agent.default_table + 1 + index, taken_tables)
+            if auto_table is None:
+                raise ConfigError(
+                    source, f"{path}.table", f"is required: no free table id above {agent.default_table}"
+                )
+            table = auto_table
+            taken_tables.add(table)
+        default_mark = (index + 1) << mark_shift
+        if not reader.has("mark") and default_mark & ~agent.mark_mask:
+            raise ConfigError(
+                source,
+                f"{path}.mark",
+                f"is required: the default mark {default_mark:#x} does not fit agent.mark_mask "
+                f"{agent.mark_mask:#x}",
             )
-        default_mark = ((index + 1) << mark_shift) & agent.mark_mask
-        mark = reader.integer("mark", default_mark or None, 1, 0xFFFFFFFF)
+        mark = reader.integer("mark", default_mark, 1, 0xFFFFFFFF)
         if mark & ~agent.mark_mask:
             raise reader.error("mark", f"a mark inside mark_mask {agent.mark_mask:#x}", mark)
         check_reader = reader.sub("check")

@@ -153,6 +153,62 @@ def test_collisions() -> None:
     assert "lte's mark 0x200" in problems[2] and "table 203" in problems[3]
 
 
+# 250 uplinks ----------------------------------------------------------------------------
+
+MANY = mwa.parse_config(
+    '[check]\ntargets = ["198.18.1.1"]\n'
+    + "".join(f'[[uplink]]\nname = "u{i}"\ninterface = "wan{i}"\n' for i in range(250)),
+    "t.toml",
+)
+MANY_IFACES = {
+    f"wan{i}": mwa.Interface(f"wan{i}", 10 + i, True, True, f"198.19.{2 + i}.2", f"198.19.{2 + i}.1")
+    for i in range(250)
+}
+
+
+def test_the_layout_has_a_slot_per_uplink_for_each_kind_and_no_old_position() -> None:
+    slots = [
+        (mwa.RULE_OIF_OFFSET, mwa.RULE_SOURCE_OFFSET),
+        (mwa.RULE_SOURCE_OFFSET, mwa.RULE_MARK_OFFSET),
+        (mwa.RULE_MARK_OFFSET, mwa.RULE_DEFAULT_OFFSET),
+    ]
+    assert all(end - start >= mwa.MAX_UPLINKS for start, end in slots)
+    assert mwa.RULE_MAIN_OFFSET == 0 and mwa.RULE_DEFAULT_OFFSET == mwa.RULE_BLOCK - 1
+    # the 100-long layout: main 0, oif 10-38, source 40-68, fwmark 70-98, selection 99
+    new = set().union(*(range(start, start + mwa.MAX_UPLINKS) for start, _ in slots))
+    assert new.isdisjoint(range(1, 100)) and mwa.RULE_DEFAULT_OFFSET >= 100
+
+
+def test_plan_of_250_uplinks() -> None:
+    plan = mwa.plan_network(MANY, MANY_IFACES, {4: "u0"})
+    priorities = [r.priority for r in plan.rules]
+    assert len(plan.rules) == 1 + 3 * 250 + 1 and len(set(priorities)) == len(priorities)
+    assert min(priorities) == 5000 and max(priorities) == 6023
+    by_priority = {r.priority: r for r in plan.rules}
+    last = MANY.uplinks[249]
+    assert by_priority[5349] == mwa.RuleSpec(5349, last.table, oifname="wan249")
+    assert by_priority[5605] == mwa.RuleSpec(5605, last.table, source="198.19.251.2")
+    assert by_priority[5861] == mwa.RuleSpec(5861, last.table, fwmark=0xFA00, fwmask=0xFF00)
+    assert by_priority[6023] == mwa.RuleSpec(6023, 200)
+    assert {r.table for r in plan.rules} == MANY.tables | {254}
+    indexes = {name: i.index for name, i in MANY_IFACES.items()}
+    changes = mwa.diff_network(MANY, plan, [], [], indexes, MANY.tables)
+    assert [c.kind for c in changes].count("add_rule") == 752
+    rules = [
+        mwa.RuleEntry(
+            r.priority, r.table, P, r.fwmark, r.fwmask, r.source, r.oifname, r.suppress_prefixlength
+        )
+        for r in plan.rules
+    ]
+    routes = installed_routes(plan, indexes)
+    assert mwa.diff_network(MANY, plan, rules, routes, indexes, MANY.tables) == []
+    assert mwa.find_collisions(MANY, rules, routes) == [] and mwa.find_foreign(MANY, rules, routes) == ()
+    # another program's rule anywhere in 5000-6023 collides; just past it does not
+    others = [mwa.RuleEntry(5950, 77, 4), mwa.RuleEntry(6024, 77, 4)]
+    (problem,) = mwa.find_collisions(MANY, others, [])
+    assert "priority 5950" in problem and "range 5000-6023" in problem
+
+
 # A restart over an agent of the 100-long layout -------------------------------------
 
 
