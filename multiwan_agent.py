@@ -4187,25 +4187,34 @@ def nl_rules(ipr: Any, families: Sequence[int] = FAMILIES) -> list[RuleEntry]:
 
 
 def nl_routes(ipr: Any, tables: Iterable[int], families: Sequence[int] = FAMILIES) -> list[RouteEntry]:
-    """Every route in these tables: ours (defaults), and anything another program put there."""
+    """Every route in these tables: ours (defaults), and anything another program put there.
+
+    One dump per family, filtered here: the kernel answers a route dump with every
+    table whatever the request names (pyroute2 filters afterwards), so a dump per
+    table decoded tables x routes messages: at 250 uplinks 40 s of CPU, against
+    0.1 s for one dump per family.
+    """
+    wanted = set(tables)
     entries: list[RouteEntry] = []
     for family in families:
-        for table in sorted(set(tables)):
-            for msg in ipr.get_routes(family=ADDRESS_FAMILY[family], table=table):
-                if _route_table(msg) != table:
-                    continue
-                dst_len = int(msg["dst_len"])
-                entries.append(
-                    RouteEntry(
-                        table=table,
-                        oif=msg.get_attr("RTA_OIF"),
-                        gateway=msg.get_attr("RTA_GATEWAY"),
-                        protocol=int(msg["proto"]),
-                        family=family,
-                        unreachable=msg["type"] == RTN_UNREACHABLE,
-                        dst=f"{msg.get_attr('RTA_DST')}/{dst_len}" if dst_len else None,
-                    )
+        for msg in ipr.get_routes(family=ADDRESS_FAMILY[family]):
+            table = _route_table(msg)
+            if table not in wanted:
+                continue
+            dst_len = int(msg["dst_len"])
+            entries.append(
+                RouteEntry(
+                    table=table,
+                    oif=msg.get_attr("RTA_OIF"),
+                    gateway=msg.get_attr("RTA_GATEWAY"),
+                    protocol=int(msg["proto"]),
+                    family=family,
+                    unreachable=msg["type"] == RTN_UNREACHABLE,
+                    dst=f"{msg.get_attr('RTA_DST')}/{dst_len}" if dst_len else None,
                 )
+            )
+    # In the order a dump per table gave (stable: the kernel's order within a table).
+    entries.sort(key=lambda e: (families.index(e.family), e.table))
     return entries
 
 
