@@ -122,16 +122,21 @@ IFNAME_MAX: Final = 15
 RESERVED_TABLES: Final = frozenset({0, 252, 253, 254, 255})
 #: Route protocol ids 0-4 belong to the kernel (unspec, redirect, kernel, boot, static).
 FIRST_FREE_PROTOCOL: Final = 5
-#: The rule priority block the agent owns starts at `rule_priority` and is this long.
-RULE_BLOCK: Final = 100
-#: Offsets inside that block (see plan_network for why this order).
+#: The rule priority block the agent owns: `rule_priority` to `rule_priority + RULE_BLOCK - 1`.
+RULE_BLOCK: Final = 1024
+#: Offsets inside that block (see plan_network for why this order), 256 slots per kind:
+#: oif 100-355, source 356-611, fwmark 612-867, 868-1022 free. Agents before it owned a
+#: 100-long block (oif 10, source 40, fwmark 70, selection 99) that the new one covers and
+#: shares only main's rule with: a restart over an old agent's rules adds the new ones
+#: beside them, then deletes the old ones, highest first (see diff_network).
 RULE_MAIN_OFFSET: Final = 0
-RULE_OIF_OFFSET: Final = 10
-RULE_SOURCE_OFFSET: Final = 40
-RULE_MARK_OFFSET: Final = 70
-RULE_DEFAULT_OFFSET: Final = 99
-#: Per-group slots between the offsets above bound the number of uplinks.
-MAX_UPLINKS: Final = 29
+RULE_OIF_OFFSET: Final = 100
+RULE_SOURCE_OFFSET: Final = 356
+RULE_MARK_OFFSET: Final = 612
+RULE_DEFAULT_OFFSET: Final = 1023
+#: One rule slot per uplink and kind bounds the number of uplinks (mark_mask may bound it lower:
+#: the default 0xff00 has room for 255 marks).
+MAX_UPLINKS: Final = 256
 
 #: The adaptive timeout's floor on RFC 6298's RTT variation: on a very stable path it goes
 #: to zero and SRTT + 4 x RTTVAR would call the first slightly slow reply lost.
@@ -868,6 +873,17 @@ def _read_gateway(reader: _Reader, key: str, default: str, family: int) -> str:
     return str(address)
 
 
+def auto_table_id(first: int, taken: set[int]) -> int | None:
+    """The table of an uplink without `table =`: the first id from `first` on (default_table + 1
+    + its index, so configs that fit below 252 keep the tables they always had) that is neither
+    reserved nor taken (the selection table, explicit tables, earlier auto ones); None past 2**31-1."""
+    # Each id skipped is reserved or taken: one more than those is always enough.
+    for table in range(first, min(2**31, first + len(RESERVED_TABLES) + len(taken) + 1)):
+        if table not in RESERVED_TABLES and table not in taken:
+            return table
+    return None
+
+
 def parse_config(text: str, source: str) -> Config:
     """Parse and validate a whole config. Raises ConfigError; has no side effect."""
     try:
@@ -890,7 +906,8 @@ def parse_config(text: str, source: str) -> Config:
         state_dir=state_dir,
         hysteresis_s=agent_reader.duration("hysteresis", defaults.hysteresis_s),
         default_table=agent_reader.integer("default_table", defaults.default_table, 1, 2**31 - 1),
-        rule_priority=agent_reader.integer("rule_priority", defaults.rule_priority, 1, 32765 - RULE_BLOCK),
+        # The whole block below the kernel's main rule (32766).
+        rule_priority=agent_reader.integer("rule_priority", defaults.rule_priority, 1, 32766 - RULE_BLOCK),
         route_protocol=agent_reader.integer(
             "route_protocol", defaults.route_protocol, FIRST_FREE_PROTOCOL, 255
         ),
@@ -916,9 +933,29 @@ def parse_config(text: str, source: str) -> Config:
     if not isinstance(raw_uplinks, list) or not raw_uplinks:
         raise ConfigError(source, "uplink", "expected at least one [[uplink]] table")
     if len(raw_uplinks) > MAX_UPLINKS:
-        raise ConfigError(source, "uplink", f"expected at most {MAX_UPLINKS} uplinks")
+        raise ConfigError(
+            source,
+            "uplink",
+            f"expected at most {MAX_UPLINKS} uplinks (the agent's rule block has a slot per uplink "
+            f"for each kind of rule), got {len(raw_uplinks)}",
+        )
+    # Each uplink needs a mark of its own, not 0, inside the mask.
+    mark_room = (1 << bin(agent.mark_mask).count("1")) - 1
+    if len(raw_uplinks) > mark_room:
+        raise ConfigError(
+            source,
+            "agent.mark_mask",
+            f"expected room for a mark per uplink ({len(raw_uplinks)} uplinks), got "
+            f"{agent.mark_mask:#x}, which has room for {mark_room}",
+        )
 
     mark_shift = (agent.mark_mask & -agent.mark_mask).bit_length() - 1
+    # Tables set explicitly are never auto-assigned to another uplink.
+    taken_tables = {agent.default_table} | {
+        raw["table"]
+        for raw in raw_uplinks
+        if isinstance(raw, dict) and isinstance(raw.get("table"), int) and not isinstance(raw["table"], bool)
+    }
     uplinks: list[UplinkConfig] = []
     seen: dict[str, dict[object, int]] = {"name": {}, "interface": {}, "table": {}, "mark": {}}
     for index, raw in enumerate(raw_uplinks):
@@ -952,13 +989,29 @@ def parse_config(text: str, source: str) -> Config:
         weight = reader.integer("weight", 1, 1, 1000)
         release_flows = _read_release_flows(reader)
         priority = reader.integer("priority", 1, 0, 1_000_000)
-        table = reader.integer("table", agent.default_table + 1 + index, 1, 2**31 - 1)
-        if table in RESERVED_TABLES or table == agent.default_table:
-            raise reader.error(
-                "table", f"a table id other than the reserved ones and {agent.default_table}", table
+        if reader.has("table"):
+            table = reader.integer("table", None, 1, 2**31 - 1)
+            if table in RESERVED_TABLES or table == agent.default_table:
+                raise reader.error(
+                    "table", f"a table id other than the reserved ones and {agent.default_table}", table
+                )
+        else:
+            auto_table = auto_table_id(agent.default_table + 1 + index, taken_tables)
+            if auto_table is None:
+                raise ConfigError(
+                    source, f"{path}.table", f"is required: no free table id above {agent.default_table}"
+                )
+            table = auto_table
+            taken_tables.add(table)
+        default_mark = (index + 1) << mark_shift
+        if not reader.has("mark") and default_mark & ~agent.mark_mask:
+            raise ConfigError(
+                source,
+                f"{path}.mark",
+                f"is required: the default mark {default_mark:#x} does not fit agent.mark_mask "
+                f"{agent.mark_mask:#x}",
             )
-        default_mark = ((index + 1) << mark_shift) & agent.mark_mask
-        mark = reader.integer("mark", default_mark or None, 1, 0xFFFFFFFF)
+        mark = reader.integer("mark", default_mark, 1, 0xFFFFFFFF)
         if mark & ~agent.mark_mask:
             raise reader.error("mark", f"a mark inside mark_mask {agent.mark_mask:#x}", mark)
         check_reader = reader.sub("check")
@@ -2438,14 +2491,14 @@ def plan_network(
     """The desired routes and rules for these interfaces and this selection.
 
     Per address family the uplinks are checked for, rule order inside our
-    block, lowest priority first:
-    - `lookup main suppress_prefixlength 0`: main's specific routes (LANs,
+    block (offsets from rule_priority; uplink i takes slot i of each kind):
+    - 0 `lookup main suppress_prefixlength 0`: main's specific routes (LANs,
       connected nets, VPNs, static routes) keep winning, while main's default
       routes (the DHCP/RA client's, whatever their metric) never do;
-    - `oif X lookup T`: sockets bound to an uplink (our probes) use its table;
-    - `from ADDR lookup T`: traffic sourced from an uplink's address leaves by it;
-    - `fwmark M/MASK lookup T`: marked traffic (policy, stickiness) uses it;
-    - `lookup <default_table>`: everything else takes the selected uplink.
+    - 100+i `oif X lookup T`: sockets bound to an uplink (our probes) use its table;
+    - 356+i `from ADDR lookup T`: traffic sourced from an uplink's address leaves by it;
+    - 612+i `fwmark M/MASK lookup T`: marked traffic (policy, stickiness) uses it;
+    - 1023 `lookup <default_table>`: everything else takes the selected uplink.
     An empty selection table falls through, so at worst main's own default
     applies; an uplink table never does (see its `unreachable` route).
     """
@@ -2543,6 +2596,14 @@ def diff_network(
     Routes are replaced before the rules that point at them are added, the
     selected default is replaced in one operation (never deleted and re-added),
     and only objects carrying our protocol id in our ranges are ever removed.
+
+    Rules are all added before any is deleted, and deleted highest priority
+    first. That is what makes a restart over an older layout safe (an agent
+    before RULE_BLOCK 1024 left oif/source/fwmark rules at 10/40/70+i and its
+    catch-all `lookup <default_table>` at 99, all ahead of the new ones): the
+    old catch-all goes first, so traffic an old oif/source/fwmark rule still
+    matches never falls to it once that rule is gone, but to the new rule of
+    the same meaning, already in place further down.
     """
     protocol = config.agent.route_protocol
     ours = {(r.family, r.table, r.unreachable): r for r in routes if r.protocol == protocol and r.dst is None}
@@ -2567,7 +2628,7 @@ def diff_network(
     for rule in plan.rules:
         if rule not in installed:
             changes.append(Change("add_rule", rule=rule))
-    for spec in sorted(installed - wanted, key=lambda r: (r.family, r.priority)):
+    for spec in sorted(installed - wanted, key=lambda r: (r.family, -r.priority, r.describe())):
         changes.append(Change("del_rule", rule=spec))
     # The selection table's default is never deleted here: with nothing to
     # select we keep the last route (see select()).
@@ -2643,7 +2704,7 @@ class ForeignObject:
 
     #: "ipv4 rule 5050: from all lookup main (protocol 0)"
     what: str
-    #: "it precedes the selection (rule 5099): failover is ineffective for the traffic it matches"
+    #: "it precedes the selection (rule 6023): failover is ineffective for the traffic it matches"
     defeats: str
 
 
@@ -4836,25 +4897,34 @@ def nl_rules(ipr: Any, families: Sequence[int] = FAMILIES) -> list[RuleEntry]:
 
 
 def nl_routes(ipr: Any, tables: Iterable[int], families: Sequence[int] = FAMILIES) -> list[RouteEntry]:
-    """Every route in these tables: ours (defaults), and anything another program put there."""
+    """Every route in these tables: ours (defaults), and anything another program put there.
+
+    One dump per family, filtered here: the kernel answers a route dump with every
+    table whatever the request names (pyroute2 filters afterwards), so a dump per
+    table decoded tables x routes messages: at 250 uplinks 40 s of CPU, against
+    0.1 s for one dump per family.
+    """
+    wanted = set(tables)
     entries: list[RouteEntry] = []
     for family in families:
-        for table in sorted(set(tables)):
-            for msg in ipr.get_routes(family=ADDRESS_FAMILY[family], table=table):
-                if _route_table(msg) != table:
-                    continue
-                dst_len = int(msg["dst_len"])
-                entries.append(
-                    RouteEntry(
-                        table=table,
-                        oif=msg.get_attr("RTA_OIF"),
-                        gateway=msg.get_attr("RTA_GATEWAY"),
-                        protocol=int(msg["proto"]),
-                        family=family,
-                        unreachable=msg["type"] == RTN_UNREACHABLE,
-                        dst=f"{msg.get_attr('RTA_DST')}/{dst_len}" if dst_len else None,
-                    )
+        for msg in ipr.get_routes(family=ADDRESS_FAMILY[family]):
+            table = _route_table(msg)
+            if table not in wanted:
+                continue
+            dst_len = int(msg["dst_len"])
+            entries.append(
+                RouteEntry(
+                    table=table,
+                    oif=msg.get_attr("RTA_OIF"),
+                    gateway=msg.get_attr("RTA_GATEWAY"),
+                    protocol=int(msg["proto"]),
+                    family=family,
+                    unreachable=msg["type"] == RTN_UNREACHABLE,
+                    dst=f"{msg.get_attr('RTA_DST')}/{dst_len}" if dst_len else None,
                 )
+            )
+    # In the order a dump per table gave (stable: the kernel's order within a table).
+    entries.sort(key=lambda e: (families.index(e.family), e.table))
     return entries
 
 

@@ -347,15 +347,18 @@ class RouteMonitor:
 
     Lines are stamped when the reader thread receives them (ip flushes after
     every event), which is within a millisecond or so of the kernel change.
+    With `rules`, `ip monitor route rule`: rule events ("5010:\tfrom all oif
+    wan0 lookup 201 proto 240", "Deleted 5099: ...") come in the same stream,
+    in the kernel's order.
     """
 
-    def __init__(self, lab: Lab, role: str) -> None:
+    def __init__(self, lab: Lab, role: str, *, rules: bool = False) -> None:
         self._lab = lab
         self._role = role
         self._events: list[RouteEvent] = []
         self._cond = threading.Condition()
         self._proc: subprocess.Popen[str] = lab._popen_raw(
-            ["ip", "-n", lab.name(role), "monitor", "route"],
+            ["ip", "-n", lab.name(role), "monitor", "route", *(["rule"] if rules else [])],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -956,9 +959,9 @@ class Lab:
 
     # Observers and traffic ---------------------------------------------------
 
-    def monitor_routes(self, role: str = "router") -> RouteMonitor:
-        """Start recording route events; returns once the monitor is subscribed."""
-        monitor = RouteMonitor(self, role)
+    def monitor_routes(self, role: str = "router", *, rules: bool = False) -> RouteMonitor:
+        """Start recording route (and with `rules`, rule) events; returns once subscribed."""
+        monitor = RouteMonitor(self, role, rules=rules)
         self._stoppables.append(monitor)
         return monitor
 

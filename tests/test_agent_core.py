@@ -348,12 +348,12 @@ def test_netlink_trouble_backs_off_like_a_failed_change() -> None:
 
 def test_a_foreign_rule_in_the_block_is_reported_once_with_what_it_defeats() -> None:
     clock = up_and_running(config())
-    rule = mwa.RuleEntry(5050, 254, 0)
+    rule = mwa.RuleEntry(5500, 254, 0)  # after the source rules (5356+), before the fwmark ones (5612+)
     first = clock.reconcile(rules=[rule])
     (event,) = first.events
     assert isinstance(event, mwa.ForeignAppeared)
-    assert event.foreign.what == "ipv4 rule 5050: from all lookup main (protocol 0)"
-    assert "precedes the selection (rule 5099): failover is ineffective" in event.foreign.defeats
+    assert event.foreign.what == "ipv4 rule 5500: from all lookup main (protocol 0)"
+    assert "precedes the selection (rule 6023): failover is ineffective" in event.foreign.defeats
     assert "connection stickiness" in event.foreign.defeats and "probes" not in event.foreign.defeats
     assert first.status is mwa.StatusWrite.NOW
     assert clock.reconcile(rules=[rule]).events == ()  # once, not on every reconcile
@@ -368,7 +368,7 @@ def test_foreign_rules_to_our_tables_marks_and_routes_in_them() -> None:
         [
             mwa.RuleEntry(100, 201, 0),  # ahead of us, into fibre's table
             mwa.RuleEntry(4000, 77, 0, fwmark=0x100, fwmask=0xFF00),  # fibre's mark, elsewhere
-            mwa.RuleEntry(6000, 201, 0),  # after our block: harmless
+            mwa.RuleEntry(6024, 201, 0),  # after our block (5000-6023): harmless
             mwa.RuleEntry(5001, 201, 240),  # ours
         ],
         [mwa.RouteEntry(202, 3, "203.0.113.5", 3, 4, dst="10.0.0.0/8"), mwa.RouteEntry(201, 2, None, 240, 4)],

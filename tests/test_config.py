@@ -105,7 +105,7 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     )
     assert good.returncode == 0, good.stderr
     assert "5000: from all lookup main suppress_prefixlength 0" in good.stdout
-    assert "5099: from all lookup 200" in good.stdout
+    assert "6023: from all lookup 200" in good.stdout
 
 
 def test_run_with_bad_config_exits_2_before_anything(tmp_path: Path) -> None:
@@ -144,3 +144,74 @@ def test_toml_that_would_overflow_the_parser_is_a_config_error() -> None:
         mwa.parse_config("x = " + "[" * 100_000, "t.toml")
     with pytest.raises(mwa.ConfigError, match="t.toml: invalid TOML: "):
         mwa.parse_config("x = 1" + "0" * 5000, "t.toml")
+
+
+# Many uplinks: the rule block has 256 slots per kind; tables skip the reserved ids -------
+
+
+def many_uplinks(count: int, agent: str = "", extra: dict[int, str] | None = None) -> str:
+    """A config of `count` uplinks u0.. on wan0..; `extra` adds lines to some of them."""
+    lines = [agent, "[check]", 'targets = ["198.18.1.1"]']
+    for i in range(count):
+        lines += ["[[uplink]]", f'name = "u{i}"', f'interface = "wan{i}"', (extra or {}).get(i, "")]
+    return "\n".join(lines)
+
+
+def test_250_uplinks_get_free_tables_and_marks_of_their_own() -> None:
+    config = mwa.parse_config(many_uplinks(250), "t.toml")
+    tables = [u.table for u in config.uplinks]
+    # today's ids up to the 51st (201-251), then on past the reserved 252-255
+    assert tables == list(range(201, 252)) + list(range(256, 455))
+    assert [u.mark for u in config.uplinks] == [(i + 1) << 8 for i in range(250)]
+    assert config.uplinks[-1].mark == 0xFA00
+
+
+def test_auto_tables_of_configs_that_fit_today_do_not_move() -> None:
+    for count in (1, 29, 51):
+        config = mwa.parse_config(many_uplinks(count), "t.toml")
+        assert [u.table for u in config.uplinks] == [201 + i for i in range(count)]
+    moved = mwa.parse_config(many_uplinks(3, "[agent]\ndefault_table = 1000"), "t.toml")
+    assert [u.table for u in moved.uplinks] == [1001, 1002, 1003]
+
+
+def test_auto_tables_skip_the_tables_set_explicitly() -> None:
+    # u1 sets 203: u2 (203 by position) moves on to 204, and u3 to 205
+    config = mwa.parse_config(many_uplinks(4, extra={1: "table = 203"}), "t.toml")
+    assert [u.table for u in config.uplinks] == [201, 203, 204, 205]
+    # a table set further down is never given to an uplink before it
+    config = mwa.parse_config(many_uplinks(3, extra={2: "table = 201"}), "t.toml")
+    assert [u.table for u in config.uplinks] == [202, 203, 201]
+    # below the selection table: explicit ids keep today's checks
+    with pytest.raises(mwa.ConfigError) as caught:
+        mwa.parse_config(many_uplinks(2, extra={1: "table = 200"}), "t.toml")
+    assert str(caught.value) == (
+        "t.toml: uplink[1].table: expected a table id other than the reserved ones and 200, got 200"
+    )
+
+
+def test_more_uplinks_than_the_rule_block_has_slots_are_refused() -> None:
+    wide = "[agent]\nmark_mask = 0xffff00"
+    config = mwa.parse_config(many_uplinks(mwa.MAX_UPLINKS, wide), "t.toml")
+    assert len(config.uplinks) == 256 and config.uplinks[-1].mark == 0x10000
+    with pytest.raises(mwa.ConfigError) as caught:
+        mwa.parse_config(many_uplinks(257, wide), "t.toml")
+    assert str(caught.value) == (
+        "t.toml: uplink: expected at most 256 uplinks (the agent's rule block has a slot per uplink "
+        "for each kind of rule), got 257"
+    )
+
+
+def test_the_default_mark_mask_has_room_for_255_uplinks() -> None:
+    assert len(mwa.parse_config(many_uplinks(255), "t.toml").uplinks) == 255
+    with pytest.raises(mwa.ConfigError) as caught:
+        mwa.parse_config(many_uplinks(256), "t.toml")
+    assert str(caught.value) == (
+        "t.toml: agent.mark_mask: expected room for a mark per uplink (256 uplinks), got 0xff00, "
+        "which has room for 255"
+    )
+
+
+def test_the_highest_rule_priority_ends_the_block_just_below_main() -> None:
+    text = many_uplinks(1, "[agent]\nrule_priority = 31742")
+    config = mwa.parse_config(text, "t.toml")
+    assert config.agent.rule_priority + mwa.RULE_BLOCK - 1 == 32765  # main's rule is 32766

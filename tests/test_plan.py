@@ -68,16 +68,16 @@ def test_plan_shape() -> None:
     described = [r.describe() for r in plan.rules]
     assert described == [
         "5000: from all lookup main suppress_prefixlength 0",
-        "5010: from all oif wan0 lookup 201",
-        "5011: from all oif wan1 lookup 202",
-        "5012: from all oif wg0 lookup 203",
-        "5040: from 203.0.113.2 lookup 201",
-        "5041: from 203.0.113.6 lookup 202",
-        "5042: from 198.18.5.1 lookup 203",
-        "5070: from all fwmark 0x100/0xff00 lookup 201",
-        "5071: from all fwmark 0x200/0xff00 lookup 202",
-        "5072: from all fwmark 0x300/0xff00 lookup 203",
-        "5099: from all lookup 200",
+        "5100: from all oif wan0 lookup 201",
+        "5101: from all oif wan1 lookup 202",
+        "5102: from all oif wg0 lookup 203",
+        "5356: from 203.0.113.2 lookup 201",
+        "5357: from 203.0.113.6 lookup 202",
+        "5358: from 198.18.5.1 lookup 203",
+        "5612: from all fwmark 0x100/0xff00 lookup 201",
+        "5613: from all fwmark 0x200/0xff00 lookup 202",
+        "5614: from all fwmark 0x300/0xff00 lookup 203",
+        "6023: from all lookup 200",
     ]
     assert plan.uplink_routes == (
         mwa.RouteSpec(201, "wan0", "203.0.113.1"),  # auto: follows DHCP
@@ -131,12 +131,12 @@ def test_vanished_interface_drops_its_source_rule_and_route() -> None:
     described = sorted(c.describe() for c in changes)
     assert described == [
         "del_route ipv4 default table 202",
-        "del_rule ipv4 5041: from 203.0.113.6 lookup 202",
+        "del_rule ipv4 5357: from 203.0.113.6 lookup 202",
     ]
 
 
 def test_collisions() -> None:
-    ours = mwa.RuleEntry(5010, 201, P, oifname="wan0")
+    ours = mwa.RuleEntry(5100, 201, P, oifname="wan0")
     assert mwa.find_collisions(CONFIG, [ours], []) == []
     problems = mwa.find_collisions(
         CONFIG,
@@ -151,6 +151,157 @@ def test_collisions() -> None:
     assert len(problems) == 4, problems
     assert "5050" in problems[0] and "table 202" in problems[1]
     assert "lte's mark 0x200" in problems[2] and "table 203" in problems[3]
+
+
+# 250 uplinks ----------------------------------------------------------------------------
+
+MANY = mwa.parse_config(
+    '[check]\ntargets = ["198.18.1.1"]\n'
+    + "".join(f'[[uplink]]\nname = "u{i}"\ninterface = "wan{i}"\n' for i in range(250)),
+    "t.toml",
+)
+MANY_IFACES = {
+    f"wan{i}": mwa.Interface(f"wan{i}", 10 + i, True, True, f"198.19.{2 + i}.2", f"198.19.{2 + i}.1")
+    for i in range(250)
+}
+
+
+def test_the_layout_has_a_slot_per_uplink_for_each_kind_and_no_old_position() -> None:
+    slots = [
+        (mwa.RULE_OIF_OFFSET, mwa.RULE_SOURCE_OFFSET),
+        (mwa.RULE_SOURCE_OFFSET, mwa.RULE_MARK_OFFSET),
+        (mwa.RULE_MARK_OFFSET, mwa.RULE_DEFAULT_OFFSET),
+    ]
+    assert all(end - start >= mwa.MAX_UPLINKS for start, end in slots)
+    assert mwa.RULE_MAIN_OFFSET == 0 and mwa.RULE_DEFAULT_OFFSET == mwa.RULE_BLOCK - 1
+    # the 100-long layout: main 0, oif 10-38, source 40-68, fwmark 70-98, selection 99
+    new = set().union(*(range(start, start + mwa.MAX_UPLINKS) for start, _ in slots))
+    assert new.isdisjoint(range(1, 100)) and mwa.RULE_DEFAULT_OFFSET >= 100
+
+
+def test_plan_of_250_uplinks() -> None:
+    plan = mwa.plan_network(MANY, MANY_IFACES, {4: "u0"})
+    priorities = [r.priority for r in plan.rules]
+    assert len(plan.rules) == 1 + 3 * 250 + 1 and len(set(priorities)) == len(priorities)
+    assert min(priorities) == 5000 and max(priorities) == 6023
+    by_priority = {r.priority: r for r in plan.rules}
+    last = MANY.uplinks[249]
+    assert by_priority[5349] == mwa.RuleSpec(5349, last.table, oifname="wan249")
+    assert by_priority[5605] == mwa.RuleSpec(5605, last.table, source="198.19.251.2")
+    assert by_priority[5861] == mwa.RuleSpec(5861, last.table, fwmark=0xFA00, fwmask=0xFF00)
+    assert by_priority[6023] == mwa.RuleSpec(6023, 200)
+    assert {r.table for r in plan.rules} == MANY.tables | {254}
+    indexes = {name: i.index for name, i in MANY_IFACES.items()}
+    changes = mwa.diff_network(MANY, plan, [], [], indexes, MANY.tables)
+    assert [c.kind for c in changes].count("add_rule") == 752
+    rules = [
+        mwa.RuleEntry(
+            r.priority, r.table, P, r.fwmark, r.fwmask, r.source, r.oifname, r.suppress_prefixlength
+        )
+        for r in plan.rules
+    ]
+    routes = installed_routes(plan, indexes)
+    assert mwa.diff_network(MANY, plan, rules, routes, indexes, MANY.tables) == []
+    assert mwa.find_collisions(MANY, rules, routes) == [] and mwa.find_foreign(MANY, rules, routes) == ()
+    # another program's rule anywhere in 5000-6023 collides; just past it does not
+    others = [mwa.RuleEntry(5950, 77, 4), mwa.RuleEntry(6024, 77, 4)]
+    (problem,) = mwa.find_collisions(MANY, others, [])
+    assert "priority 5950" in problem and "range 5000-6023" in problem
+
+
+# A restart over an agent of the 100-long layout -------------------------------------
+
+
+def old_layout_rules(config: mwa.Config, interfaces: dict[str, mwa.Interface]) -> list[mwa.RuleEntry]:
+    """The rules an agent before RULE_BLOCK 1024 left: main 0, oif 10+i, source 40+i,
+    fwmark 70+i and the catch-all at 99, same protocol, same base."""
+    base, mask = config.agent.rule_priority, config.agent.mark_mask
+    rules = [mwa.RuleEntry(base, 254, P, suppress_prefixlength=0)]
+    for i, uplink in enumerate(config.uplinks):
+        rules.append(mwa.RuleEntry(base + 10 + i, uplink.table, P, oifname=uplink.interface))
+        source = interfaces[uplink.interface].address
+        if source is not None:
+            rules.append(mwa.RuleEntry(base + 40 + i, uplink.table, P, source=source))
+        rules.append(mwa.RuleEntry(base + 70 + i, uplink.table, P, fwmark=uplink.mark, fwmask=mask))
+    rules.append(mwa.RuleEntry(base + 99, config.agent.default_table, P))
+    return rules
+
+
+def lookup(rules: list[mwa.RuleSpec], oif: str | None = None, src: str | None = None, mark: int = 0) -> int:
+    """The table the kernel's rule walk picks for a packet to the Internet: main's rule
+    with suppress_prefixlength 0 falls through (main's default is suppressed), every
+    table of ours holds a default, so the first other match is the answer."""
+    for rule in sorted(rules, key=lambda r: r.priority):
+        if rule.suppress_prefixlength is not None:
+            continue
+        if rule.fwmark is not None and (mark & (rule.fwmask or 0xFFFFFFFF)) != rule.fwmark:
+            continue
+        if rule.source is not None and rule.source != src:
+            continue
+        if rule.oifname is not None and rule.oifname != oif:
+            continue
+        return rule.table
+    return 254  # main, the kernel's own rule at 32766
+
+
+#: Packets whose path must never change while the layout migrates: (what, oif, src, mark, table).
+PACKETS = (
+    ("LAN traffic to the selection", None, "198.51.100.10", 0, 200),
+    ("a probe bound to wan1", "wan1", "203.0.113.6", 0, 202),
+    ("a reply from wan1's address", None, "203.0.113.6", 0, 202),
+    ("a flow stuck to lte (mark 0x200)", None, "198.51.100.10", 0x200, 202),
+    ("a flow stuck to vpn (mark 0x300)", None, "198.51.100.10", 0x300, 203),
+)
+
+
+def paths_while_applying(changes: list[mwa.Change], start: list[mwa.RuleEntry]) -> list[str]:
+    """Apply the rule changes one at a time; every misrouted packet, after each step."""
+    rules = [r.spec() for r in start]
+    wrong: list[str] = []
+    for step, change in enumerate(changes):
+        assert change.rule is not None
+        if change.kind == "add_rule":
+            rules.append(change.rule)
+        else:
+            rules.remove(change.rule)
+        for what, oif, src, mark, table in PACKETS:
+            got = lookup(rules, oif, src, mark)
+            if got != table:
+                wrong.append(f"after step {step} ({change.describe()}): {what} takes table {got}")
+    return wrong
+
+
+def test_migration_from_the_old_layout_adds_all_then_deletes_highest_first() -> None:
+    plan = mwa.plan_network(CONFIG, IFACES, {4: "fibre"})
+    old = old_layout_rules(CONFIG, IFACES)
+    assert mwa.find_collisions(CONFIG, old, []) == []  # our own protocol in our block: ours
+    assert mwa.find_foreign(CONFIG, old, []) == ()
+    changes = mwa.diff_network(CONFIG, plan, old, installed_routes(plan, INDEXES), INDEXES, CONFIG.tables)
+    kinds = [c.kind for c in changes]
+    assert kinds == ["add_rule"] * 10 + ["del_rule"] * 10  # main's rule (5000) stays as it is
+    deleted = [c.rule.priority for c in changes if c.kind == "del_rule" and c.rule is not None]
+    assert deleted == [5099, 5072, 5071, 5070, 5042, 5041, 5040, 5012, 5011, 5010]
+    assert paths_while_applying(changes, old) == []
+    rules_after = [r.spec() for r in old] + [c.rule for c in changes if c.kind == "add_rule" and c.rule]
+    for change in changes[10:]:
+        assert change.rule is not None
+        rules_after.remove(change.rule)
+    assert sorted(rules_after, key=lambda r: r.priority) == list(plan.rules)
+
+
+def test_migration_deleting_lowest_first_would_misroute() -> None:
+    """The check above can fail: in ascending order, each old oif/source/fwmark rule's
+    traffic would fall to the old catch-all (99) until that went too."""
+    plan = mwa.plan_network(CONFIG, IFACES, {4: "fibre"})
+    old = old_layout_rules(CONFIG, IFACES)
+    changes = mwa.diff_network(CONFIG, plan, old, [], INDEXES, CONFIG.tables)
+    adds = [c for c in changes if c.kind == "add_rule"]
+    descending = [c for c in changes if c.kind == "del_rule"]
+    dels = sorted(descending, key=lambda c: c.rule.priority if c.rule else 0)
+    assert dels != descending
+    wrong = paths_while_applying(adds + dels, old)
+    assert any(w.endswith("a probe bound to wan1 takes table 200") for w in wrong)
+    assert any(w.endswith("a flow stuck to lte (mark 0x200) takes table 200") for w in wrong)
 
 
 DUAL = mwa.parse_config(
@@ -194,13 +345,13 @@ def test_dual_stack_plan() -> None:
     v6_rules = [r.describe() for r in plan.rules if r.family == 6]
     assert v6_rules == [
         "5000: from all lookup main suppress_prefixlength 0",
-        "5010: from all oif wan0 lookup 201",
-        "5011: from all oif wan1 lookup 202",
-        "5040: from 2001:db8:1::2 lookup 201",
-        "5041: from 2001:db8:2::2 lookup 202",
-        "5070: from all fwmark 0x100/0xff00 lookup 201",
-        "5071: from all fwmark 0x200/0xff00 lookup 202",
-        "5099: from all lookup 200",
+        "5100: from all oif wan0 lookup 201",
+        "5101: from all oif wan1 lookup 202",
+        "5356: from 2001:db8:1::2 lookup 201",
+        "5357: from 2001:db8:2::2 lookup 202",
+        "5612: from all fwmark 0x100/0xff00 lookup 201",
+        "5613: from all fwmark 0x200/0xff00 lookup 202",
+        "6023: from all lookup 200",
     ]  # v4only has no IPv6 targets, so it carries no IPv6
     v6_routes = [r for r in plan.uplink_routes if r.family == 6]
     assert v6_routes == [mwa.RouteSpec(201, "wan0", "fe80::1", 6)]  # lte has no RA route yet
