@@ -51,6 +51,7 @@ if __name__ == "__main__" or _INSTALLED_RUN:
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import bisect  # noqa: E402
 import collections  # noqa: E402
 import concurrent.futures  # noqa: E402
 import dataclasses  # noqa: E402
@@ -4423,8 +4424,11 @@ class UplinkProber:
         deliver: Callable[[RoundResult], None],
         verbose: bool = False,
         late: Callable[[str, int, float], None] | None = None,
+        offset_s: float = 0.0,
     ) -> None:
         self.uplink = uplink
+        #: Where in the interval this uplink's rounds start (ProberSet spreads them).
+        self._offset_s = offset_s
         self.ident = ident
         self._source = source
         self._deliver = deliver
@@ -4460,7 +4464,7 @@ class UplinkProber:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         check = self.uplink.check
-        self.plan = plan_start(check, loop.time())
+        self.plan = plan_start(check, loop.time() + self._offset_s)
         try:
             while True:
                 now = loop.time()
@@ -4557,12 +4561,12 @@ class UplinkProber:
         # Only targets of a family the uplink can route now: an IPv4-only LTE
         # stick in a dual-stack config is judged on its IPv4 answers.
         targets = [t for t in check.targets if source.for_target(t) is not None]
-        jobs = [self._probe(m, t, seq, source, burst) for m in check.methods for t in targets]
+        jobs = [self._started(self._probe, m, t, seq, source, burst) for m in check.methods for t in targets]
         names = [(t, m) for m in check.methods for t in targets]
         gateways = self._gateways(source) if check.gateway_check else []
         # A gateway that is also a target is answered by that probe (one ICMP id/seq slot each).
         pinged = [g for g in gateways if not (Method.ICMP in check.methods and g in targets)]
-        jobs += [self._ping_gateway(g, seq, source, burst) for g in pinged]
+        jobs += [self._started(self._ping_gateway, g, seq, source, burst) for g in pinged]
         names += [(g, Method.ICMP) for g in pinged]
         timeouts = tuple(
             (t, round(self.timeout_for(t) * 1000.0, 1)) for t in targets if Method.ICMP in check.methods
@@ -4603,6 +4607,16 @@ class UplinkProber:
             gateway_ok=any(judged) if judged else None,
             timeouts_ms=timeouts,
         )
+
+    @staticmethod
+    def _started(start: Callable[..., Awaitable[ProbeResult]], *args: Any) -> Awaitable[ProbeResult]:
+        """A probe started; a bug in starting it fails only that probe (as a bug), not its round."""
+        try:
+            return start(*args)
+        except Exception as err:
+            future: asyncio.Future[ProbeResult] = asyncio.get_running_loop().create_future()
+            future.set_exception(err)
+            return future
 
     def timeout_for(self, target: str) -> float:
         return probe_timeout_s(self.estimates.get(target, RttEstimate()), self.uplink.check)
@@ -7326,11 +7340,13 @@ class Histogram:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
+        """Counted in the bucket it falls in (render() makes the counts cumulative): every
+        probe's RTT comes here, and scanning every bucket per probe showed in profiles."""
         self.total += 1
         self.sum += value
-        for index, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[index] += 1
+        index = bisect.bisect_left(self.buckets, value)
+        if index < len(self.counts):
+            self.counts[index] += 1
 
 
 Labels = tuple[tuple[str, str], ...]
@@ -7411,7 +7427,7 @@ class Metrics:
                     continue
                 cumulative = 0
                 for bound, count in zip(histogram.buckets, histogram.counts, strict=True):
-                    cumulative = count
+                    cumulative += count
                     sample(f"{name}_bucket", (*labels, ("le", repr(float(bound)))), cumulative)
                 sample(f"{name}_bucket", (*labels, ("le", "+Inf")), histogram.total)
                 sample(f"{name}_sum", labels, histogram.sum)
@@ -7886,6 +7902,9 @@ class ProberSet:
 
     def sync(self, config: Config) -> None:
         wanted = {u.name: u for u in config.uplinks}
+        # Rounds of many uplinks spread over the interval, not all at its start: a burst of
+        # sends and replies every interval is what delays some of them (send jitter).
+        offsets = {u.name: u.check.interval_s * i / len(config.uplinks) for i, u in enumerate(config.uplinks)}
         for name in [n for n in self._running if n not in wanted]:
             self._supervisor.cancel(f"prober {name}")
             del self._running[name]
@@ -7897,11 +7916,11 @@ class ProberSet:
                 continue
             self._supervisor.cancel(f"prober {name}")
             ident = self._idents.setdefault(name, (os.getpid() * 31 + len(self._idents)) & 0xFFFF)
-            prober = functools.partial(self._run, uplink, ident)
+            prober = functools.partial(self._run, uplink, ident, offsets[name])
             self._supervisor.start(f"prober {name}", prober, restart="always")
             self._running[name] = uplink
 
-    async def _run(self, uplink: UplinkConfig, ident: int) -> None:
+    async def _run(self, uplink: UplinkConfig, ident: int, offset_s: float = 0.0) -> None:
         # It probes as `uplink` says; the source (address, gateways) comes from the state.
         late = self.late
 
@@ -7916,6 +7935,7 @@ class ProberSet:
             self._deliver,
             verbose=self._verbose,
             late=deliver_late,
+            offset_s=offset_s,
         )
         self.probers[uplink.name] = prober
         try:

@@ -15,8 +15,10 @@ rest is the agent as shipped.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
@@ -28,10 +30,12 @@ def main() -> int:
     if mode == "probe-target":
         ping = mwa.IcmpEcho.ping
 
-        async def broken_ping(self: mwa.IcmpEcho, target: str, seq: int, timeout_s: float) -> mwa.ProbeResult:
+        def broken_ping(
+            self: mwa.IcmpEcho, target: str, seq: int, timeout_s: float, **options: Any
+        ) -> asyncio.Future[mwa.ProbeResult]:
             if target == "198.18.1.2":
                 raise RuntimeError("injected bug in a probe method")
-            return await ping(self, target, seq, timeout_s)
+            return ping(self, target, seq, timeout_s, **options)
 
         mwa.IcmpEcho.ping = broken_ping  # type: ignore[method-assign]
     elif mode == "probe-round":
