@@ -69,7 +69,6 @@ import os  # noqa: E402
 import re  # noqa: E402
 import socket  # noqa: E402
 import stat  # noqa: E402
-import statistics  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
@@ -1397,11 +1396,15 @@ class RoundResult:
     burst_state: str | None = None
     #: Per probed target, the timeout its probe waited (ms): the adaptive one or the ceiling.
     timeouts_ms: tuple[tuple[str, float], ...] = ()
+    #: The probes that can be judged (the others are the agent's own errors), and whether
+    #: the round is good: computed once, as every round is asked several times.
+    judged: tuple[ProbeResult, ...] = dataclasses.field(init=False, repr=False, compare=False)
+    ok: bool = dataclasses.field(init=False, repr=False, compare=False)
 
-    @property
-    def judged(self) -> tuple[ProbeResult, ...]:
-        """The probes that can be judged (the others are the agent's own errors)."""
-        return tuple(p for p in self.probes if not p.inconclusive)
+    def __post_init__(self) -> None:
+        judged = tuple(p for p in self.probes if not p.inconclusive)
+        object.__setattr__(self, "judged", judged)
+        object.__setattr__(self, "ok", self._all_answered(judged))
 
     @property
     def errors(self) -> int:
@@ -1416,15 +1419,14 @@ class RoundResult:
     def answered(self) -> int:
         return sum(1 for probe in self.judged if probe.ok)
 
-    @property
-    def ok(self) -> bool:
+    def _all_answered(self, judged: tuple[ProbeResult, ...]) -> bool:
         """Every method, in every address family, got `required` answers (all, with fewer targets).
 
         An uplink is one path: if its IPv4 is black-holed while IPv6 answers,
         it is not healthy for the traffic that selects it.
         """
         groups: dict[tuple[Method, int], list[ProbeResult]] = {}
-        for probe in self.judged:
+        for probe in judged:
             key = (probe.method, family_of(probe.target))
             groups.setdefault(key, []).append(probe)
         for results in groups.values():
@@ -1435,7 +1437,7 @@ class RoundResult:
     @property
     def rtt_ms(self) -> float | None:
         rtts = [p.rtt_ms for p in self.judged if p.ok and p.rtt_ms is not None]
-        return statistics.median(rtts) if rtts else None
+        return _median(rtts) if rtts else None
 
     @property
     def reason(self) -> str:
@@ -1485,6 +1487,13 @@ class RoundSample:
     #: that came after the adaptive timeout but before the ceiling: late, not lost.
     seq: int = -1
     late: int = 0
+    #: The median of rtts_ms (None without answers), computed once: the window is judged
+    #: every round over every sample.
+    median_ms: float | None = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.median_ms is None and self.rtts_ms:
+            object.__setattr__(self, "median_ms", _median(self.rtts_ms))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1499,18 +1508,25 @@ class Quality:
     jitter_ms: float | None
 
 
+def _median(values: Sequence[float]) -> float:
+    """statistics.median, without its overhead (it showed in profiles at 64 uplinks)."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def measure_quality(samples: Sequence[RoundSample]) -> Quality | None:
     sent = sum(s.sent for s in samples)
     if not sent:
         return None
     rtts = [r for s in samples for r in s.rtts_ms]
-    per_round = [statistics.median(s.rtts_ms) for s in samples if s.rtts_ms]
+    per_round = [s.median_ms for s in samples if s.median_ms is not None]
     steps = [abs(b - a) for a, b in zip(per_round, per_round[1:], strict=False)]
     return Quality(
         rounds=len(samples),
         loss_pct=100.0 * (sent - sum(s.answered for s in samples)) / sent,
-        rtt_ms=statistics.median(rtts) if rtts else None,
-        jitter_ms=statistics.median(steps) if steps else None,
+        rtt_ms=_median(rtts) if rtts else None,
+        jitter_ms=_median(steps) if steps else None,
     )
 
 
@@ -1708,7 +1724,11 @@ def observe_late(health: Health, seq: int, rtt_ms: float) -> Health:
     for index, sample in enumerate(health.samples):
         if sample.seq == seq and sample.answered < sample.sent:
             late = dataclasses.replace(
-                sample, answered=sample.answered + 1, rtts_ms=(*sample.rtts_ms, rtt_ms), late=sample.late + 1
+                sample,
+                answered=sample.answered + 1,
+                rtts_ms=(*sample.rtts_ms, rtt_ms),
+                late=sample.late + 1,
+                median_ms=None,
             )
             samples = (*health.samples[:index], late, *health.samples[index + 1 :])
             health = dataclasses.replace(health, samples=samples)
@@ -4094,6 +4114,10 @@ class IcmpEcho:
             self._socket.close()
             raise
         self._raw = raw
+        #: The ones' complement sum of an echo request with sequence 0 (before folding).
+        self._partial_sum = (
+            ~icmp_checksum(struct.pack("!BBHHH", 8, 0, 0, self.ident, 0) + ECHO_PAYLOAD)
+        ) & 0xFFFF
         self._loop = asyncio.get_running_loop()
         self._waiting: dict[tuple[str, int], _Echo] = {}
         #: Probes past their adaptive timeout whose reply may still come before the ceiling.
@@ -4117,12 +4141,13 @@ class IcmpEcho:
         self._socket.close()
 
     def _request(self, seq: int) -> bytes:
-        kind = 8 if self.family == 4 else 128
-        header = struct.pack("!BBHHH", kind, 0, 0, self.ident, seq)
-        if self.family == 6:
-            return header + ECHO_PAYLOAD  # the kernel fills in an ICMPv6 checksum
-        checksum = icmp_checksum(header + ECHO_PAYLOAD)
-        return struct.pack("!BBHHH", kind, 0, checksum, self.ident, seq) + ECHO_PAYLOAD
+        if self.family == 6:  # the kernel fills in an ICMPv6 checksum
+            return struct.pack("!BBHHH", 128, 0, 0, self.ident, seq) + ECHO_PAYLOAD
+        # Only the sequence changes from one request to the next: add it to the sum of the rest.
+        total = self._partial_sum + seq
+        total = (total >> 16) + (total & 0xFFFF)
+        total += total >> 16
+        return struct.pack("!BBHHH", 8, 0, ~total & 0xFFFF, self.ident, seq) + ECHO_PAYLOAD
 
     def _address(self, target: str) -> tuple[Any, ...]:
         if self.family == 4:
@@ -4147,7 +4172,7 @@ class IcmpEcho:
         well after its time (the agent was late, not the path) is inconclusive."""
         seq &= 0xFFFF
         future: asyncio.Future[ProbeResult] = self._loop.create_future()
-        plain = target.split("%", 1)[0]
+        plain = target.split("%", 1)[0] if "%" in target else target
         key = (plain, seq)
         sent_at = self._loop.time()
         try:
@@ -4409,6 +4434,18 @@ class ProbeSource:
         return self.address if family_of(target) == 4 else self.address6
 
 
+@dataclass(frozen=True, slots=True)
+class _Launched:
+    """A round's probes, sent: what judging it needs when they have all ended."""
+
+    jobs: list[Awaitable[ProbeResult]]
+    names: list[tuple[str, Method]]
+    #: How many of the jobs (the last ones) are gateway pings.
+    pinged: int
+    gateways: list[str]
+    timeouts: tuple[tuple[str, float], ...]
+
+
 class UplinkProber:
     """Sends the rounds of one uplink's probes, while it is usable, and hands each round's
     result to `deliver`: on the regular interval, and in confirmation bursts when a round
@@ -4438,7 +4475,8 @@ class UplinkProber:
         #: Sockets of an old address or ifindex, closed once no probe waits on them.
         self._retired: list[IcmpEcho] = []
         self._seq = 0
-        self._rounds: set[asyncio.Task[None]] = set()
+        #: Rounds whose probes are out (each a gather of them).
+        self._rounds: set[asyncio.Future[Any]] = set()
         self._tls: asyncio.Future[Any] | None = None
         #: Gateways that have answered a ping since the prober started.
         self._gateway_answered: set[str] = set()
@@ -4450,12 +4488,15 @@ class UplinkProber:
         #: Start time of the newest round whose result came back (older ones are stale).
         self._newest_started = -math.inf
         self._wakeup: asyncio.Future[None] | None = None
+        #: When the sleeping run() wakes up by itself (-inf while it does not sleep).
+        self._sleeping_until = -math.inf
 
     def suspect(self, trigger: str) -> None:
         """Passive health suspects the path: confirm at once (a burst), if the plan allows."""
         loop = asyncio.get_running_loop()
         self.plan = plan_suspect(self.plan, self.uplink.check, loop.time(), trigger)
-        self._wake()
+        if plan_due(self.plan) < self._sleeping_until:
+            self._wake()
 
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
@@ -4474,15 +4515,14 @@ class UplinkProber:
                     source = self._source()
                     if source is not None:
                         self._seq += 1
-                        task = asyncio.ensure_future(self._round(self._seq, source, burst))
-                        self._rounds.add(task)
-                        task.add_done_callback(self._rounds.discard)
+                        self._start_round(self._seq, source, burst)
                     else:
                         # Nothing to probe through: no burst either, the grid waits for the link.
                         self.plan = dataclasses.replace(self.plan, burst=None)
                         self._retire_echo()
                     continue
                 self._wakeup = loop.create_future()
+                self._sleeping_until = due
                 timer = loop.call_at(due, self._wake) if math.isfinite(due) else None
                 try:
                     await self._wakeup
@@ -4490,6 +4530,7 @@ class UplinkProber:
                     if timer is not None:
                         timer.cancel()
                     self._wakeup = None
+                    self._sleeping_until = -math.inf
         finally:
             for task in list(self._rounds):
                 task.cancel()
@@ -4512,28 +4553,53 @@ class UplinkProber:
             echo.close()
             self._retired.remove(echo)
 
-    async def _round(self, seq: int, source: ProbeSource, burst: Burst | None) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+    def _start_round(self, seq: int, source: ProbeSource, burst: Burst | None) -> None:
+        """Send a round's probes now; _gathered() judges it once all have ended. A round is
+        a gather of futures with a callback, not a task: ICMP probes need no task at all."""
+        started = asyncio.get_running_loop().time()
         try:
-            result = await self._probe_round(seq, source, started, burst)
-        except asyncio.CancelledError:
-            raise
+            launched = self._launch(seq, source, burst)
+            gathered = asyncio.gather(*launched.jobs, return_exceptions=True)
         except Exception as err:  # the round's boundary: a bug here must not freeze the uplink
-            self._report_bug("round", err)
-            result = RoundResult(
-                self.uplink.name,
-                seq,
-                started,
-                (ProbeResult("", False, reason=f"agent error: {type(err).__name__}", inconclusive=True),),
-            )
+            self._finish_round(self._bug_round(seq, started, err), burst)
+            return
+        self._rounds.add(gathered)
+        gathered.add_done_callback(functools.partial(self._gathered, seq, started, burst, launched))
+
+    def _gathered(
+        self,
+        seq: int,
+        started: float,
+        burst: Burst | None,
+        launched: _Launched,
+        gathered: asyncio.Future[Any],
+    ) -> None:
+        self._rounds.discard(gathered)
+        if gathered.cancelled():
+            return  # the prober stops
+        try:
+            result = self._collect(seq, started, launched, gathered.result())
+        except Exception as err:  # the round's boundary, as above
+            result = self._bug_round(seq, started, err)
+        self._finish_round(result, burst)
+
+    def _bug_round(self, seq: int, started: float, err: Exception) -> RoundResult:
+        self._report_bug("round", err)
+        reason = f"agent error: {type(err).__name__}"
+        return RoundResult(
+            self.uplink.name, seq, started, (ProbeResult("", False, reason=reason, inconclusive=True),)
+        )
+
+    def _finish_round(self, result: RoundResult, burst: Burst | None) -> None:
+        loop = asyncio.get_running_loop()
         self._close_idle()
         check = self.uplink.check
         stale = result.started_at <= self._newest_started
         self._newest_started = max(self._newest_started, result.started_at)
         outcome = None if stale or result.inconclusive else result.ok
         self.plan = plan_result(self.plan, outcome, burst is not None, check, loop.time())
-        self._wake()
+        if plan_due(self.plan) < self._sleeping_until:
+            self._wake()  # a burst starts or ends: the schedule changed
         result = dataclasses.replace(
             result,
             burst_trigger=burst.trigger if burst is not None else None,
@@ -4554,9 +4620,7 @@ class UplinkProber:
             )
         self._deliver(result)
 
-    async def _probe_round(
-        self, seq: int, source: ProbeSource, started: float, burst: Burst | None
-    ) -> RoundResult:
+    def _launch(self, seq: int, source: ProbeSource, burst: Burst | None) -> _Launched:
         check = self.uplink.check
         # Only targets of a family the uplink can route now: an IPv4-only LTE
         # stick in a dual-stack config is judged on its IPv4 answers.
@@ -4571,20 +4635,25 @@ class UplinkProber:
         timeouts = tuple(
             (t, round(self.timeout_for(t) * 1000.0, 1)) for t in targets if Method.ICMP in check.methods
         )
-        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        return _Launched(jobs, names, len(pinged), gateways, timeouts)
+
+    def _collect(self, seq: int, started: float, launched: _Launched, outcomes: Sequence[Any]) -> RoundResult:
+        check = self.uplink.check
+        gateways = launched.gateways
         results: list[ProbeResult] = []
-        for outcome, (name, method) in zip(outcomes, names, strict=True):
+        for outcome, (name, method) in zip(outcomes, launched.names, strict=True):
             if isinstance(outcome, ProbeResult):
                 results.append(outcome)
                 if outcome.ok and method is Method.ICMP and outcome.rtt_ms is not None:
                     self._learn(outcome.target, outcome.rtt_ms)
                 continue
-            if isinstance(outcome, Exception):
+            if isinstance(outcome, BaseException):
                 self._report_bug(method.value, outcome)
             reason = f"agent error: {type(outcome).__name__}"
             results.append(ProbeResult(name, False, reason=reason, method=method, inconclusive=True))
-        probes = tuple(results[: len(results) - len(pinged)])
-        answers = {r.target: r.ok for r in results[len(results) - len(pinged) :] if not r.inconclusive}
+        split = len(results) - launched.pinged
+        probes = tuple(results[:split])
+        answers = {r.target: r.ok for r in results[split:] if not r.inconclusive}
         answers.update(
             {
                 p.target: p.ok
@@ -4605,7 +4674,7 @@ class UplinkProber:
             check.reliability,
             gateway=", ".join(gateways) or None,
             gateway_ok=any(judged) if judged else None,
-            timeouts_ms=timeouts,
+            timeouts_ms=launched.timeouts,
         )
 
     @staticmethod
@@ -4630,6 +4699,8 @@ class UplinkProber:
         # Karn's problem does not arise: the sequence number says which request was answered.
         self._learn(target, rtt_ms)
         self.plan = plan_late(self.plan, self.uplink.check, asyncio.get_running_loop().time())
+        if plan_due(self.plan) < self._sleeping_until:
+            self._wake()
         if self._deliver_late is not None and target in self.uplink.check.targets:
             self._deliver_late(target, seq, rtt_ms)
 

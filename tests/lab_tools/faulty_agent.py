@@ -39,16 +39,16 @@ def main() -> int:
 
         mwa.IcmpEcho.ping = broken_ping  # type: ignore[method-assign]
     elif mode == "probe-round":
-        probe_round = mwa.UplinkProber._probe_round
+        collect = mwa.UplinkProber._collect
         calls: dict[str, int] = {}
 
-        async def broken_round(self: mwa.UplinkProber, *args: object) -> mwa.RoundResult:
+        def broken_round(self: mwa.UplinkProber, *args: Any) -> mwa.RoundResult:
             calls[self.uplink.name] = calls.get(self.uplink.name, 0) + 1
             if calls[self.uplink.name] % 2:
                 raise KeyError("injected bug in the round")
-            return await probe_round(self, *args)  # type: ignore[arg-type]
+            return collect(self, *args)
 
-        mwa.UplinkProber._probe_round = broken_round  # type: ignore[method-assign]
+        mwa.UplinkProber._collect = broken_round  # type: ignore[method-assign]
     elif mode == "edge-once":
         count = mwa.ConntrackEdge._count
         raised = {"done": False}
