@@ -5431,12 +5431,18 @@ def _ct_answers(
 
 def _nl_messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
     """(type, seq, payload) of each netlink message in one datagram."""
+    for msg_type, msg_seq, _flags, payload in _nl_flagged_messages(data):
+        yield msg_type, msg_seq, payload
+
+
+def _nl_flagged_messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+    """(type, seq, flags, payload) of each netlink message in one datagram."""
     offset = 0
     while offset + NLMSG_HEADER.size <= len(data):
-        length, msg_type, _, msg_seq, _ = NLMSG_HEADER.unpack_from(data, offset)
+        length, msg_type, flags, msg_seq, _ = NLMSG_HEADER.unpack_from(data, offset)
         if length < NLMSG_HEADER.size:
             return
-        yield msg_type, msg_seq, data[offset + NLMSG_HEADER.size : offset + length]
+        yield msg_type, msg_seq, flags, data[offset + NLMSG_HEADER.size : offset + length]
         offset += (length + 3) & ~3
 
 
@@ -5701,7 +5707,7 @@ class PassiveEdge:
                     )
                     self._overflow_logged = True
                 continue
-            for msg_type, _seq, flags, payload in _nl_event_messages(data):
+            for msg_type, _seq, flags, payload in _nl_flagged_messages(data):
                 if msg_type == CT_NEW_EVENT:
                     self._event(payload, bool(flags & NLM_F_CREATE), now)
         if now - self._judged_at >= PASSIVE_TICK_S:
@@ -5744,17 +5750,6 @@ class PassiveEdge:
         if views != self._views:
             self._views = views
             self._post(PassiveObserved(views))
-
-
-def _nl_event_messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
-    """(type, seq, flags, payload) of each netlink message in one datagram."""
-    offset = 0
-    while offset + NLMSG_HEADER.size <= len(data):
-        length, msg_type, flags, msg_seq, _ = NLMSG_HEADER.unpack_from(data, offset)
-        if length < NLMSG_HEADER.size:
-            return
-        yield msg_type, msg_seq, flags, data[offset + NLMSG_HEADER.size : offset + length]
-        offset += (length + 3) & ~3
 
 
 def _tuple_destination(payload: bytes, start: int, end: int) -> tuple[str, int, int]:
