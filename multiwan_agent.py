@@ -60,6 +60,7 @@ import fcntl  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
 import grp  # noqa: E402
+import heapq  # noqa: E402
 import ipaddress  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
@@ -91,6 +92,34 @@ __version__: Final = "0.1.0"
 T = TypeVar("T")
 
 log = logging.getLogger("multiwan")
+
+
+#: The default of a compiled replacer's parameters: "keep this field as it is".
+_KEEP: Final = object()
+_REPLACERS: dict[type, Callable[..., Any]] = {}
+
+
+def evolve(obj: T, /, **changes: Any) -> T:
+    """dataclasses.replace(obj, **changes), for the frozen dataclasses of the core.
+
+    The core replaces its state on every probe round (an AgentState has some 40 fields),
+    and dataclasses.replace walks the fields and builds a dict each time: at 64 uplinks
+    a tenth of the event loop. This compiles, once per class, the function replace would
+    be if written out by hand (as dataclasses writes __init__): one call, no loop. An
+    unknown field name is a TypeError, as it is for replace."""
+    replacer = _REPLACERS.get(type(obj))
+    if replacer is None:
+        replacer = _REPLACERS[type(obj)] = _compile_replacer(type(obj))
+    return replacer(obj, **changes)  # type: ignore[no-any-return]
+
+
+def _compile_replacer(cls: type) -> Callable[..., Any]:
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    parameters = "".join(f", {name}=_KEEP" for name in names)
+    arguments = ", ".join(f"{name}=_obj.{name} if {name} is _KEEP else {name}" for name in names)
+    namespace: dict[str, Any] = {"_cls": cls, "_KEEP": _KEEP}
+    exec(f"def replace(_obj, *{parameters}):\n    return _cls({arguments})\n", namespace)
+    return namespace["replace"]  # type: ignore[no-any-return]
 
 
 # Constants ###################################################################
@@ -1490,10 +1519,15 @@ class RoundSample:
     #: The median of rtts_ms (None without answers), computed once: the window is judged
     #: every round over every sample.
     median_ms: float | None = dataclasses.field(default=None, compare=False)
+    #: The slowest of rtts_ms: a window whose samples all stay below max_rtt has its median
+    #: below it too, which spares measuring the whole window on every round.
+    slowest_ms: float | None = dataclasses.field(default=None, init=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.median_ms is None and self.rtts_ms:
-            object.__setattr__(self, "median_ms", _median(self.rtts_ms))
+        if self.rtts_ms:
+            if self.median_ms is None:
+                object.__setattr__(self, "median_ms", _median(self.rtts_ms))
+            object.__setattr__(self, "slowest_ms", max(self.rtts_ms))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1530,10 +1564,29 @@ def measure_quality(samples: Sequence[RoundSample]) -> Quality | None:
     )
 
 
+def _may_be_past(samples: Sequence[RoundSample], check: CheckConfig) -> bool:
+    """Whether the window may be past a threshold: most windows of most rounds are well
+    within them, and proving that is cheaper than measuring them (every round, every uplink)."""
+    if check.max_jitter_s is not None:
+        return True
+    if check.max_rtt_s is not None:
+        limit_ms = check.max_rtt_s * 1000
+        if any(s.slowest_ms is not None and s.slowest_ms > limit_ms for s in samples):
+            return True
+    if check.max_loss_pct is not None:
+        sent = sum(s.sent for s in samples)
+        lost = sent - sum(s.answered for s in samples)
+        if sent and 100.0 * lost / sent > check.max_loss_pct:
+            return True
+    return False
+
+
 def quality_problem(samples: Sequence[RoundSample], check: CheckConfig) -> tuple[bool, str | None]:
     """(judged, problem): nothing is judged before the window is full."""
     if len(samples) < check.window:
         return False, None
+    if not _may_be_past(samples, check):
+        return True, None
     quality = measure_quality(samples)
     if quality is None:
         return False, None
@@ -1673,7 +1726,7 @@ def observe_round(
     failure = health.failure
     if not stale and not result.ok and result.gateway_ok is not None:
         failure = "gateway" if result.gateway_ok is False else "upstream"
-    updated = dataclasses.replace(
+    updated = evolve(
         health,
         good_rounds=good,
         bad_rounds=bad,
@@ -1723,7 +1776,7 @@ def observe_late(health: Health, seq: int, rtt_ms: float) -> Health:
     past the adaptive timeout must not take an answering uplink down)."""
     for index, sample in enumerate(health.samples):
         if sample.seq == seq and sample.answered < sample.sent:
-            late = dataclasses.replace(
+            late = evolve(
                 sample,
                 answered=sample.answered + 1,
                 rtts_ms=(*sample.rtts_ms, rtt_ms),
@@ -1731,10 +1784,10 @@ def observe_late(health: Health, seq: int, rtt_ms: float) -> Health:
                 median_ms=None,
             )
             samples = (*health.samples[:index], late, *health.samples[index + 1 :])
-            health = dataclasses.replace(health, samples=samples)
+            health = evolve(health, samples=samples)
             break
     if health.state is not State.DOWN and health.failing_seq is not None and seq >= health.failing_seq:
-        health = dataclasses.replace(health, bad_rounds=0, failing_since=None, failing_seq=None)
+        health = evolve(health, bad_rounds=0, failing_since=None, failing_seq=None)
     return health
 
 
@@ -1743,10 +1796,10 @@ def observe_link(health: Health, link: LinkObservation, now: float) -> tuple[Hea
     if link.usable == health.link_usable:
         if not link.usable and health.state is State.DOWN and link.reason != health.reason:
             # Still unusable, for a new reason (down, then deleted): status says what is true now.
-            return dataclasses.replace(health, reason=link.reason), []
+            return evolve(health, reason=link.reason), []
         return health, []
     if not link.usable:
-        updated = dataclasses.replace(
+        updated = evolve(
             health,
             link_usable=False,
             good_rounds=0,
@@ -1756,11 +1809,11 @@ def observe_link(health: Health, link: LinkObservation, now: float) -> tuple[Hea
             failing_since=now if health.failing_since is None else health.failing_since,
         )
         if health.state is State.DOWN:
-            return dataclasses.replace(updated, reason=link.reason), []
+            return evolve(updated, reason=link.reason), []
         return _transition(updated, State.DOWN, link.reason, now)
     # The link is back: it must prove itself again through `rise` good rounds
     # (and a round that began before the change proves nothing).
-    return dataclasses.replace(health, link_usable=True, good_rounds=0, bad_rounds=0, last_round_at=now), []
+    return evolve(health, link_usable=True, good_rounds=0, bad_rounds=0, last_round_at=now), []
 
 
 def _transition(
@@ -1769,7 +1822,7 @@ def _transition(
     # Between up and degraded reachability did not change: a run of failed
     # rounds that started while degraded still counts towards down.
     reachability_changed = (state is State.DOWN) != (health.state is State.DOWN)
-    updated = dataclasses.replace(
+    updated = evolve(
         health,
         state=state,
         since=now,
@@ -1782,15 +1835,15 @@ def _transition(
     )
     if state is State.DOWN:
         # What the path did before it failed says nothing about it once back.
-        updated = dataclasses.replace(updated, samples=(), has_failed=True)
+        updated = evolve(updated, samples=(), has_failed=True)
     if state is State.DEGRADED:
-        updated = dataclasses.replace(updated, has_failed=True)
+        updated = evolve(updated, has_failed=True)
     return updated, [Transition(health.name, health.state, state, reason, now)]
 
 
 def remap_health(health: Health, check: CheckConfig) -> Health:
     """Carry a health across a reload whose rise/fall/window changed (as keepalived does)."""
-    return dataclasses.replace(
+    return evolve(
         health,
         good_rounds=min(health.good_rounds, max(check.rise - 1, 0)),
         bad_rounds=min(health.bad_rounds, max(check.fall - 1, 0)),
@@ -1903,13 +1956,13 @@ def plan_sent(plan: ProbePlan, check: CheckConfig, now: float) -> tuple[ProbePla
     burst = plan.burst
     if burst is not None and burst.in_flight < burst.needed:
         spacing = min(check.burst_spacing_s, check.interval_s)
-        sent = dataclasses.replace(burst, in_flight=burst.in_flight + 1, next_at=now + spacing)
-        return dataclasses.replace(plan, burst=sent, tokens=plan.tokens - 1.0), burst
+        sent = evolve(burst, in_flight=burst.in_flight + 1, next_at=now + spacing)
+        return evolve(plan, burst=sent, tokens=plan.tokens - 1.0), burst
     # The grid: a late wake-up skips slots, never bunches them.
     grid_at = plan.grid_at + check.interval_s
     if grid_at <= now:
         grid_at = now + check.interval_s - ((now - grid_at) % check.interval_s)
-    return dataclasses.replace(plan, grid_at=grid_at), None
+    return evolve(plan, grid_at=grid_at), None
 
 
 def plan_result(
@@ -1920,22 +1973,20 @@ def plan_result(
     contradicted; a burst's inconclusive round is simply not counted."""
     cap = burst_tokens(check)
     refill = (now - plan.tokens_at) / (check.interval_s * BURST_REFILL_ROUNDS)
-    plan = dataclasses.replace(plan, tokens=min(cap, plan.tokens + max(refill, 0.0)), tokens_at=now)
+    plan = evolve(plan, tokens=min(cap, plan.tokens + max(refill, 0.0)), tokens_at=now)
     burst = plan.burst
     if burst is not None and in_burst:
-        burst = dataclasses.replace(burst, in_flight=max(burst.in_flight - 1, 0))
+        burst = evolve(burst, in_flight=max(burst.in_flight - 1, 0))
     if ok is None:
-        return dataclasses.replace(plan, burst=burst)
+        return evolve(plan, burst=burst)
     if burst is not None:
         confirms = ok is (burst.kind is BurstKind.RISE)
         if confirms and burst.needed > 1:
-            return dataclasses.replace(
-                plan, burst=dataclasses.replace(burst, needed=burst.needed - 1), last_ok=ok
-            )
+            return evolve(plan, burst=evolve(burst, needed=burst.needed - 1), last_ok=ok)
         # Confirmed, or contradicted: the normal interval again, from now.
-        return dataclasses.replace(plan, burst=None, last_ok=ok, grid_at=now + check.interval_s)
+        return evolve(plan, burst=None, last_ok=ok, grid_at=now + check.interval_s)
     changed = plan.last_ok is not None and ok is not plan.last_ok
-    plan = dataclasses.replace(plan, last_ok=ok)
+    plan = evolve(plan, last_ok=ok)
     if not (changed and check.burst):
         return plan
     kind, more = (BurstKind.RISE, check.rise - 1) if ok else (BurstKind.FALL, check.fall - 1)
@@ -1948,7 +1999,7 @@ def plan_late(plan: ProbePlan, check: CheckConfig, now: float) -> ProbePlan:
     timeout has just learned the longer RTT)."""
     if plan.burst is None or plan.burst.kind is not BurstKind.FALL:
         return plan
-    return dataclasses.replace(plan, burst=None, last_ok=True, grid_at=now + check.interval_s)
+    return evolve(plan, burst=None, last_ok=True, grid_at=now + check.interval_s)
 
 
 def plan_suspect(plan: ProbePlan, check: CheckConfig, now: float, trigger: str) -> ProbePlan:
@@ -1961,7 +2012,7 @@ def plan_suspect(plan: ProbePlan, check: CheckConfig, now: float, trigger: str) 
 def _start_burst(plan: ProbePlan, kind: BurstKind, trigger: str, needed: int, now: float) -> ProbePlan:
     if needed < 1 or plan.tokens < 1.0:
         return plan  # nothing to confirm, or the budget is spent: the grid counts rounds as ever
-    return dataclasses.replace(plan, burst=Burst(kind, trigger, needed, next_at=now))
+    return evolve(plan, burst=Burst(kind, trigger, needed, next_at=now))
 
 
 # Core: passive health ########################################################
@@ -2297,9 +2348,7 @@ def select_for_policy(
     selection, or a drop).
     """
     ranked = [
-        dataclasses.replace(u, priority=policy.uplinks.index(u.name))
-        for u in candidates
-        if u.name in policy.uplinks
+        evolve(u, priority=policy.uplinks.index(u.name)) for u in candidates if u.name in policy.uplinks
     ]
     decision = select(healths, ranked, current, hysteresis_s, now, unavailable)
     if decision.stranded:
@@ -3296,11 +3345,9 @@ def _finish(state: AgentState, intent: Intent) -> tuple[AgentState, Intent]:
     if cancels:
         releasing = dict(state.releasing)
         for name in cancels:
-            releasing[name] = dataclasses.replace(releasing[name], cancelled=True)
-        state = dataclasses.replace(state, releasing=releasing)
-    return state, dataclasses.replace(
-        intent, cancel_releases=intent.cancel_releases + cancels, wake_at=next_wake(state)
-    )
+            releasing[name] = evolve(releasing[name], cancelled=True)
+        state = evolve(state, releasing=releasing)
+    return state, evolve(intent, cancel_releases=intent.cancel_releases + cancels, wake_at=next_wake(state))
 
 
 def start_agent(
@@ -3320,15 +3367,11 @@ def start_agent(
         health = initial_health(uplink, now)
         owes = owes_hysteresis(previous, uplink.name, boot_id, config.agent.hysteresis_s, now)
         if uplink.name in adopted.values() and not owes:
-            health = dataclasses.replace(
-                health, state=State.UP, reason="adopted the route a previous run left"
-            )
+            health = evolve(health, state=State.UP, reason="adopted the route a previous run left")
         elif owes:
             # It failed before the restart, or was still proving itself:
             # it owes the hysteresis again (a restart must not shortcut it).
-            health = dataclasses.replace(
-                health, state=State.DOWN, reason="failed in the previous run", has_failed=True
-            )
+            health = evolve(health, state=State.DOWN, reason="failed in the previous run", has_failed=True)
         healths[uplink.name] = health
     names = {iface.index: name for name, iface in interfaces.items()}
     applied = {
@@ -3352,9 +3395,7 @@ def start_agent(
         if healths[name].state is State.UP
     )
     state, intent = on_links(state, interfaces, now)
-    return state, dataclasses.replace(
-        intent, events=events + intent.events, nft=SteeringWanted(config, state.steering)
-    )
+    return state, evolve(intent, events=events + intent.events, nft=SteeringWanted(config, state.steering))
 
 
 def on_round(state: AgentState, result: RoundResult, now: float) -> tuple[AgentState, Intent]:
@@ -3366,10 +3407,10 @@ def on_round(state: AgentState, result: RoundResult, now: float) -> tuple[AgentS
     if result.errors:
         errors = dict(state.probe_errors)
         errors[result.uplink] = errors.get(result.uplink, 0) + result.errors
-        state = dataclasses.replace(state, probe_errors=errors)
+        state = evolve(state, probe_errors=errors)
     state, unjudged = _count_unjudged(state, result, uplink.check.fall, now)
     updated, transitions = observe_round(health, result, uplink.check, now)
-    state = dataclasses.replace(state, healths={**state.healths, result.uplink: updated})
+    state = evolve(state, healths={**state.healths, result.uplink: updated})
     if not transitions:
         status = StatusWrite.NOW if unjudged else StatusWrite.SOON
         return state, Intent(unjudged, status=status, wake_at=next_wake(state))
@@ -3388,7 +3429,7 @@ def on_late(state: AgentState, uplink: str, seq: int, rtt_ms: float, now: float)
     if health is None:
         return state, Intent(wake_at=next_wake(state))
     updated = observe_late(health, seq, rtt_ms)
-    state = dataclasses.replace(state, healths={**state.healths, uplink: updated})
+    state = evolve(state, healths={**state.healths, uplink: updated})
     return state, Intent(status=StatusWrite.SOON, wake_at=next_wake(state))
 
 
@@ -3398,8 +3439,8 @@ def on_suspect(state: AgentState, suspicion: Suspicion, now: float) -> tuple[Age
     health = state.healths.get(suspicion.uplink)
     if health is None or health.state is State.DOWN or not health.link_usable:
         return state, Intent(wake_at=next_wake(state))
-    updated = dataclasses.replace(health, suspicion=suspicion.evidence, suspected_at=now)
-    state = dataclasses.replace(state, healths={**state.healths, suspicion.uplink: updated})
+    updated = evolve(health, suspicion=suspicion.evidence, suspected_at=now)
+    state = evolve(state, healths={**state.healths, suspicion.uplink: updated})
     return state, Intent(
         (Suspected(suspicion.uplink, suspicion.evidence, now),),
         bursts=((suspicion.uplink, "after passive suspicion"),),
@@ -3423,9 +3464,7 @@ def on_links(state: AgentState, interfaces: Mapping[str, Interface], now: float)
                 # address proves nothing about the new one.
                 events.append(Renumbered(uplink.name, renumbered, now))
                 health = healths[uplink.name]
-                healths[uplink.name] = dataclasses.replace(
-                    health, last_round_at=max(health.last_round_at, now)
-                )
+                healths[uplink.name] = evolve(health, last_round_at=max(health.last_round_at, now))
         healths[uplink.name], changed = observe_link(
             healths[uplink.name], link_observation(uplink, after), now
         )
@@ -3433,7 +3472,7 @@ def on_links(state: AgentState, interfaces: Mapping[str, Interface], now: float)
     status = StatusWrite.NOW if events or transitions else StatusWrite.NONE
     if status is StatusWrite.NONE and interfaces != state.interfaces:
         status = StatusWrite.SOON
-    state = dataclasses.replace(state, interfaces=dict(interfaces), healths=healths)
+    state = evolve(state, interfaces=dict(interfaces), healths=healths)
     state = _owe_on_transitions(state, transitions, now)
     state, decided = _decide(state, now)
     if decided:
@@ -3477,7 +3516,7 @@ def on_routes(
     foreign = find_foreign(state.config, rules, routes)
     events += [ForeignAppeared(f, now) for f in foreign if f not in state.foreign]
     events += [ForeignGone(f, now) for f in state.foreign if f not in foreign]
-    state = dataclasses.replace(
+    state = evolve(
         state,
         route_failures=failures,
         retry_delay_s=retry[0],
@@ -3501,13 +3540,13 @@ def on_tick(state: AgentState, now: float) -> tuple[AgentState, Intent]:
         intent = Intent(events, routes=work, nft=_steering_wanted(state), status=status)
     if state.retry_at is not None and now >= state.retry_at:
         # A retry starts from a fresh dump: what failed may have been an interface gone meanwhile.
-        state = dataclasses.replace(state, retry_at=None)
-        intent = dataclasses.replace(intent, refresh_links=True)
+        state = evolve(state, retry_at=None)
+        intent = evolve(intent, refresh_links=True)
     if now >= state.resync_at:
-        state = dataclasses.replace(state, resync_at=now + RESYNC_PERIOD_S)
-        intent = dataclasses.replace(intent, refresh_links=True)
+        state = evolve(state, resync_at=now + RESYNC_PERIOD_S)
+        intent = evolve(intent, refresh_links=True)
     state, releases = _start_releases(state, now)  # a release's wait for the steering may be over
-    return _finish(state, dataclasses.replace(intent, releases=intent.releases + releases))
+    return _finish(state, evolve(intent, releases=intent.releases + releases))
 
 
 def on_routes_failed(state: AgentState, error: str, now: float) -> tuple[AgentState, Intent]:
@@ -3518,7 +3557,7 @@ def on_routes_failed(state: AgentState, error: str, now: float) -> tuple[AgentSt
     if failures != state.route_failures:
         events = (RouteChangeFailed(what, error, now),)
     delay = min(max(state.retry_delay_s * 2, 0.5), RESYNC_PERIOD_S)
-    state = dataclasses.replace(state, route_failures=failures, retry_delay_s=delay, retry_at=now + delay)
+    state = evolve(state, route_failures=failures, retry_delay_s=delay, retry_at=now + delay)
     return _finish(state, Intent(events, status=StatusWrite.NOW if events else StatusWrite.NONE))
 
 
@@ -3526,7 +3565,7 @@ def on_task_died(state: AgentState, task: str, error: str, now: float) -> tuple[
     """A task died (the supervisor logged its traceback and restarts it). What it was doing
     is lost: the routes are dumped and reconciled again, the nft table is wanted again,
     releases the conntrack edge was running are owed again, and a prober's death is said."""
-    state = dataclasses.replace(state, applied_defaults={})
+    state = evolve(state, applied_defaults={})
     events: tuple[Event, ...] = ()
     if task.startswith("prober "):
         events = (ProberDied(task.removeprefix("prober "), error, now),)
@@ -3536,7 +3575,7 @@ def on_task_died(state: AgentState, task: str, error: str, now: float) -> tuple[
             was = owed.get(name)
             families = running.families | (was.families if was is not None else frozenset())
             owed[name] = OwedRelease(running.why, running.kind, families, 0, now)
-        state = dataclasses.replace(state, owed_releases=owed, releasing={})
+        state = evolve(state, owed_releases=owed, releasing={})
     status = StatusWrite.NOW if events else StatusWrite.NONE
     return _finish(state, Intent(events, refresh_links=True, nft=_steering_wanted(state), status=status))
 
@@ -3585,7 +3624,7 @@ def on_reload(
     # The nft table is re-installed whole for the new config (per-host placements
     # start afresh). Until the next decision it keeps the steering that still applies.
     steering = carry_steering(state.steering, new)
-    state = dataclasses.replace(
+    state = evolve(
         state,
         config=new,
         healths=healths,
@@ -3604,7 +3643,7 @@ def on_reload(
         managed_tables=state.managed_tables | new.tables,
         drained={n: d for n, d in state.drained.items() if n in release_flows},
     )
-    changed = dataclasses.replace(old, source=new.source) != new
+    changed = evolve(old, source=new.source) != new
     event = Reloaded(new.source, len(new.uplinks), nft_note, changed, now)
     return _finish(
         state,
@@ -3616,7 +3655,7 @@ def on_released(state: AgentState, uplink: str, released: Released, now: float) 
     """A release finished (or was cancelled); what is still owed starts now."""
     running = state.releasing.get(uplink)
     releasing = {n: r for n, r in state.releasing.items() if n != uplink}
-    state = dataclasses.replace(state, releasing=releasing)
+    state = evolve(state, releasing=releasing)
     events: tuple[Event, ...] = ()
     if running is not None:
         events = (
@@ -3640,7 +3679,7 @@ def on_command(state: AgentState, command: Command, now: float, wall_now: float)
             return _finish(state, Intent(reply=Reply(True, f"{name} is not drained")))
         owed = {n: o for n, o in state.owed_releases.items() if not (n == name and o.kind == "drain")}
         drained = {n: d for n, d in state.drained.items() if n != name}
-        state = dataclasses.replace(state, drained=drained, owed_releases=owed)
+        state = evolve(state, drained=drained, owed_releases=owed)
         events: tuple[Event, ...] = (Undrained(name, now),)
         message = f"{name} is undrained: it takes traffic again as its priority and health say"
     else:
@@ -3675,13 +3714,13 @@ def on_command(state: AgentState, command: Command, now: float, wall_now: float)
                 ),
             )
         drain = Drain(was.since_wall if was is not None else wall_now, command.release)
-        state = dataclasses.replace(state, drained={**state.drained, name: drain})
+        state = evolve(state, drained={**state.drained, name: drain})
         if command.release:
             owed = dict(state.owed_releases)
             owed[name] = OwedRelease(
                 "it was drained", "drain", frozenset(uplink.families), state.routes_planned + 1, now
             )
-            state = dataclasses.replace(state, owed_releases=owed)
+            state = evolve(state, owed_releases=owed)
         events = (Drained(name, command.release, stranded, now),)
         if stranded:
             which = "/".join(FAMILY_TITLE[f] for f in stranded)
@@ -3708,7 +3747,7 @@ def on_counts(state: AgentState, counts: Mapping[str, int] | None) -> tuple[Agen
     """Tracked connections per uplink (None: conntrack cannot be read)."""
     if counts == state.connections:
         return state, Intent(wake_at=next_wake(state))
-    state = dataclasses.replace(state, connections=None if counts is None else dict(counts))
+    state = evolve(state, connections=None if counts is None else dict(counts))
     return state, Intent(status=StatusWrite.SOON, wake_at=next_wake(state))
 
 
@@ -3716,7 +3755,7 @@ def on_nft(state: AgentState, report: NftStatus, now: float) -> tuple[AgentState
     """What the nft edge reports of the live table (for status; routing never waits on it)."""
     if report == state.nft:
         return state, Intent(wake_at=next_wake(state))
-    state = dataclasses.replace(state, nft=report)
+    state = evolve(state, nft=report)
     state, releases = _start_releases(state, now)  # a release may have waited for this steering
     return _finish(state, Intent(releases=releases, status=StatusWrite.NOW))
 
@@ -3746,7 +3785,7 @@ def _uplink(config: Config, name: str) -> UplinkConfig | None:
 
 def _route_work(state: AgentState) -> tuple[AgentState, RouteWork]:
     """The route work for the state's decisions, numbered (see OwedRelease.after)."""
-    state = dataclasses.replace(state, routes_planned=state.routes_planned + 1)
+    state = evolve(state, routes_planned=state.routes_planned + 1)
     selected = {f: state.selected(f) for f in state.config.families}
     plan = plan_network(state.config, state.interfaces, selected)
     # Fast path: a new selection is one replace, sent before the verifying dumps.
@@ -3830,7 +3869,7 @@ def _decide(state: AgentState, now: float) -> tuple[AgentState, tuple[Event, ...
             owed[name] = OwedRelease(
                 "it no longer carries new traffic", "failback", families, state.routes_planned + 1, now
             )
-    state = dataclasses.replace(
+    state = evolve(
         state,
         decisions=decisions,
         policy_decisions=policy_decisions,
@@ -3903,7 +3942,7 @@ def _owe_on_transitions(state: AgentState, transitions: Iterable[Transition], no
             owed[t.uplink] = OwedRelease("it went down", "down", families, state.routes_planned + 1, now)
         elif t.new is State.UP:
             owed.pop(t.uplink, None)  # back before its flows were released
-    return dataclasses.replace(state, owed_releases=owed)
+    return evolve(state, owed_releases=owed)
 
 
 def _steered_to(live: Steering | None, name: str, families: frozenset[int]) -> bool:
@@ -3933,7 +3972,7 @@ def _count_unjudged(
     elif before >= fall and after == 0:
         events = (HealthJudgedAgain(name, before, now),)
     if after != before:
-        state = dataclasses.replace(state, unjudged={**state.unjudged, name: after})
+        state = evolve(state, unjudged={**state.unjudged, name: after})
     return state, events
 
 
@@ -3980,10 +4019,10 @@ def _start_releases(state: AgentState, now: float) -> tuple[AgentState, tuple[Fl
         if families == due.families:
             del owed[name]
         else:
-            owed[name] = dataclasses.replace(due, families=due.families - families)
+            owed[name] = evolve(due, families=due.families - families)
         releasing[name] = RunningRelease(due.why, due.kind, families, uplink.mark, mask)
         releases.append(FlowRelease(name, uplink.mark, mask, families, local))
-    state = dataclasses.replace(state, owed_releases=owed, releasing=releasing)
+    state = evolve(state, owed_releases=owed, releasing=releasing)
     return state, tuple(releases)
 
 
@@ -4047,25 +4086,33 @@ def _parse_icmp6(packet: bytes, sender: str) -> tuple[int, str, int, int] | None
     return None
 
 
+#: How a probe reports its end: with its result, or with the exception a bug in it raised.
+ProbeDone = Callable[[ProbeResult | BaseException], None]
+
+
 class _Echo:
     """One echo request waiting for its reply (mutable: it lives a few hundred ms)."""
 
-    __slots__ = ("sent_at", "future", "deadline", "timer", "judge_lateness", "on_late")
+    __slots__ = ("key", "sent_at", "deadline", "done", "judge_lateness", "on_late", "late_until")
 
     def __init__(
         self,
+        key: tuple[str, int],
         sent_at: float,
-        future: asyncio.Future[ProbeResult],
         deadline: float,
+        done: ProbeDone,
         judge_lateness: bool,
         on_late: Callable[[str, int, float], None] | None,
+        late_until: float,
     ) -> None:
+        self.key = key
         self.sent_at = sent_at
-        self.future = future
         self.deadline = deadline
-        self.timer: asyncio.TimerHandle | None = None
+        self.done = done
         self.judge_lateness = judge_lateness
         self.on_late = on_late
+        #: Until when a reply after the deadline is still taken as late (the ceiling).
+        self.late_until = late_until
 
 
 def icmp_checksum(data: bytes) -> int:
@@ -4087,10 +4134,12 @@ class IcmpEcho:
 
     icmplib opens the privileged raw socket (and says why it cannot); we build the
     echo requests (an ICMPv6 socket's checksum is the kernel's, an ICMPv4 one's ours),
-    send them and read the replies from the event loop, matching them by (target, id,
-    sequence). A probe is a future with a timer, not a task: at 64 uplinks x 3 targets
-    every 500 ms the per-probe cost is what the agent's CPU is made of. RTTs use the
-    monotonic loop clock, not icmplib's wall-clock times.
+    send them and read the replies from the event loop, matching them by (target,
+    sequence). At 64 uplinks x 3 targets every 500 ms the per-probe cost is what the
+    agent's CPU is made of, so a probe is no future and has no timer of its own: it
+    reports its end to a callback, and one timer per socket, armed for the earliest
+    deadline, expires them all (a heap of deadlines; answered ones are skipped). RTTs
+    use the monotonic loop clock, not icmplib's wall-clock times.
     """
 
     def __init__(self, interface: str, source: str, ident: int, ifindex: int = 0) -> None:
@@ -4122,6 +4171,13 @@ class IcmpEcho:
         self._waiting: dict[tuple[str, int], _Echo] = {}
         #: Probes past their adaptive timeout whose reply may still come before the ceiling.
         self._late: dict[tuple[str, int], _Echo] = {}
+        #: (deadline, order, echo) of every probe sent and not yet expired; answered ones stay
+        #: until their deadline comes up (or the socket has nothing waiting) and are skipped.
+        self._expiry: list[tuple[float, int, _Echo]] = []
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._closed = False
         self._loop.add_reader(raw.fileno(), self._on_readable)
 
     @property
@@ -4130,14 +4186,15 @@ class IcmpEcho:
         return not self._waiting
 
     def close(self) -> None:
+        """Stop: probes still waiting never report (their prober is stopping or moved on)."""
+        if self._closed:
+            return
+        self._closed = True
         self._loop.remove_reader(self._raw.fileno())
-        for echo in [*self._waiting.values(), *self._late.values()]:
-            if echo.timer is not None:
-                echo.timer.cancel()
-            if not echo.future.done():
-                echo.future.cancel()
+        self._disarm()
         self._waiting.clear()
         self._late.clear()
+        self._expiry.clear()
         self._socket.close()
 
     def _request(self, seq: int) -> bytes:
@@ -4161,60 +4218,89 @@ class IcmpEcho:
         seq: int,
         timeout_s: float,
         *,
+        done: ProbeDone,
         ceiling_s: float | None = None,
         on_late: Callable[[str, int, float], None] | None = None,
         judge_lateness: bool = False,
-    ) -> asyncio.Future[ProbeResult]:
-        """Echo `target` ("fe80::1%wan0" for a link-local one); answers come back by (target, seq).
-
-        The probe is lost for reachability at `timeout_s`; a reply before `ceiling_s` is then
-        handed to `on_late(target, seq, rtt_ms)`. With `judge_lateness`, a timeout that fired
-        well after its time (the agent was late, not the path) is inconclusive."""
+    ) -> None:
+        """Echo `target` ("fe80::1%wan0" for a link-local one) and call `done` with the result:
+        on the reply, or at `timeout_s`, when it is lost for reachability. A reply before
+        `ceiling_s` is then handed to `on_late(target, seq, rtt_ms)`. With `judge_lateness`,
+        a timeout that fired well after its time (the agent was late, not the path) is
+        inconclusive. `done` may be called before ping returns (a send that fails)."""
         seq &= 0xFFFF
-        future: asyncio.Future[ProbeResult] = self._loop.create_future()
         plain = target.split("%", 1)[0] if "%" in target else target
         key = (plain, seq)
         sent_at = self._loop.time()
         try:
             self._raw.sendto(self._request(seq), self._address(target))
         except OSError as err:
-            future.set_result(ProbeResult(plain, False, reason=f"error: {err.strerror or err}"))
-            return future
-        previous = self._waiting.pop(key, None) or self._late.pop(key, None)
-        if previous is not None and previous.timer is not None:  # the sequence wrapped onto an old probe
-            previous.timer.cancel()
-        deadline = sent_at + timeout_s
-        echo = _Echo(sent_at, future, deadline, judge_lateness, on_late)
-        echo.timer = self._loop.call_at(deadline, self._expire, key, echo, ceiling_s)
-        self._waiting[key] = echo
-        return future
-
-    def _expire(self, key: tuple[str, int], echo: _Echo, ceiling_s: float | None) -> None:
-        self._on_readable()  # a reply the loop has not read yet is not lost
-        if self._waiting.get(key) is not echo:
+            done(ProbeResult(plain, False, reason=f"error: {err.strerror or err}"))
             return
-        del self._waiting[key]
-        lag_s = self._loop.time() - echo.deadline
-        if echo.judge_lateness and lag_s > max(AGENT_LATE_S, (echo.deadline - echo.sent_at) / 2):
-            result = ProbeResult(
-                key[0], False, reason=f"agent late by {lag_s * 1000:.0f}ms", inconclusive=True
-            )
-        else:
-            result = ProbeResult(key[0], False, reason="timeout")
-        if echo.on_late is not None and ceiling_s is not None and echo.sent_at + ceiling_s > echo.deadline:
-            echo.timer = self._loop.call_at(echo.sent_at + ceiling_s, self._late.pop, key, None)
-            self._late[key] = echo
-        if not echo.future.done():
-            echo.future.set_result(result)
+        self._late.pop(key, None)
+        previous = self._waiting.pop(key, None)
+        if previous is not None:  # the sequence wrapped onto a probe still waiting: it is lost
+            previous.done(ProbeResult(plain, False, reason="timeout"))
+        deadline = sent_at + timeout_s
+        late_until = sent_at + ceiling_s if on_late is not None and ceiling_s is not None else deadline
+        echo = _Echo(key, sent_at, deadline, done, judge_lateness, on_late, late_until)
+        self._waiting[key] = echo
+        heapq.heappush(self._expiry, (deadline, next(self._order), echo))
+        if deadline < self._timer_at:
+            self._arm(deadline)
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(at, self._expire)
+        self._timer_at = at
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = math.inf
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        self._on_readable()  # a reply the loop has not read yet is not lost
+        if self._closed:
+            return
+        now = self._loop.time()
+        expired: list[_Echo] = []
+        # The loop may run a timer a clock tick early: a deadline within a microsecond is due.
+        while self._expiry and self._expiry[0][0] <= now + 1e-6:
+            echo = heapq.heappop(self._expiry)[2]
+            if self._waiting.get(echo.key) is echo:
+                del self._waiting[echo.key]
+                expired.append(echo)
+        if self._late:
+            self._late = {key: echo for key, echo in self._late.items() if echo.late_until > now}
+        if self._expiry:
+            self._arm(self._expiry[0][0])
+        for echo in expired:
+            lag_s = now - echo.deadline
+            if echo.judge_lateness and lag_s > max(AGENT_LATE_S, (echo.deadline - echo.sent_at) / 2):
+                result = ProbeResult(
+                    echo.key[0], False, reason=f"agent late by {lag_s * 1000:.0f}ms", inconclusive=True
+                )
+            else:
+                result = ProbeResult(echo.key[0], False, reason="timeout")
+            if echo.late_until > echo.deadline:
+                self._late[echo.key] = echo
+            echo.done(result)
 
     def _on_readable(self) -> None:
         for _ in range(64):  # bounded: the rest waits for the next wake-up
+            if self._closed:
+                return
             try:
                 packet, address = self._raw.recvfrom(2048)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError:
-                return
+                break
             now = self._loop.time()
             sender = str(address[0])
             parsed = _parse_icmp(packet) if self.family == 4 else _parse_icmp6(packet, sender)
@@ -4227,20 +4313,18 @@ class IcmpEcho:
             echo = self._waiting.pop(key, None)
             if echo is None:
                 late = self._late.pop(key, None)
-                if late is not None and icmp_type == 0 and late.on_late is not None:
-                    if late.timer is not None:
-                        late.timer.cancel()
+                if late is not None and icmp_type == 0 and late.on_late is not None and now < late.late_until:
                     late.on_late(target, seq, (now - late.sent_at) * 1000.0)
                 continue
-            if echo.timer is not None:
-                echo.timer.cancel()
-            if echo.future.done():
-                continue
             if icmp_type == 0:
-                echo.future.set_result(ProbeResult(target, True, rtt_ms=(now - echo.sent_at) * 1000.0))
+                echo.done(ProbeResult(target, True, rtt_ms=(now - echo.sent_at) * 1000.0))
             else:
                 kind = "unreachable" if icmp_type == 3 else "ttl exceeded"
-                echo.future.set_result(ProbeResult(target, False, reason=f"{kind} (from {sender})"))
+                echo.done(ProbeResult(target, False, reason=f"{kind} (from {sender})"))
+        if not self._waiting and self._expiry and not self._closed:
+            # Everything was answered: the heap holds only answered probes; no timer needed.
+            self._expiry.clear()
+            self._disarm()
 
 
 def _bound_socket(interface: str, source: str, target: str, kind: socket.SocketKind) -> socket.socket:
@@ -4435,15 +4519,43 @@ class ProbeSource:
 
 
 @dataclass(frozen=True, slots=True)
-class _Launched:
-    """A round's probes, sent: what judging it needs when they have all ended."""
+class _RoundPlan:
+    """What a round probes through one source: worked out once per source, not per round."""
 
-    jobs: list[Awaitable[ProbeResult]]
-    names: list[tuple[str, Method]]
-    #: How many of the jobs (the last ones) are gateway pings.
+    #: (target, method) per probe, the gateway pings last.
+    names: tuple[tuple[str, Method], ...]
+    #: The targets probed (those of a family the source can route), in config order.
+    targets: tuple[str, ...]
+    #: How many of the probes (the last ones) are gateway pings.
     pinged: int
-    gateways: list[str]
-    timeouts: tuple[tuple[str, float], ...]
+    gateways: tuple[str, ...]
+
+
+class _Round:
+    """One round's probes in flight. Each reports its end by index; the last one to end
+    (or the launch, if every probe ended before it returned) completes the round."""
+
+    __slots__ = ("seq", "started", "burst", "plan", "timeouts", "results", "pending", "tasks", "closed")
+
+    def __init__(
+        self,
+        seq: int,
+        started: float,
+        burst: Burst | None,
+        plan: _RoundPlan,
+        timeouts: tuple[tuple[str, float], ...],
+    ) -> None:
+        self.seq = seq
+        self.started = started
+        self.burst = burst
+        self.plan = plan
+        self.timeouts = timeouts
+        self.results: list[ProbeResult | BaseException | None] = [None] * len(plan.names)
+        #: Probes not yet ended, plus one for the launch itself.
+        self.pending = len(plan.names) + 1
+        #: The probes that run as tasks (TCP, HTTP, DNS): cancelled if the prober stops.
+        self.tasks: list[asyncio.Task[ProbeResult]] = []
+        self.closed = False
 
 
 class UplinkProber:
@@ -4451,7 +4563,12 @@ class UplinkProber:
     result to `deliver`: on the regular interval, and in confirmation bursts when a round
     changes the verdict or passive health suspects the path (see ProbePlan). Every round
     delivers a result, also one whose own code raised (as inconclusive): an uplink's
-    health never freezes silently."""
+    health never freezes silently.
+
+    It runs on callbacks, not a task that sleeps: one timer for the next round, and the
+    probes' own callbacks (see IcmpEcho). A task's wake-up per round was a measurable
+    share of the agent's CPU at 64 uplinks. run() only holds the prober's lifetime: a bug
+    in a callback ends it with that exception (its supervisor restarts it)."""
 
     def __init__(
         self,
@@ -4475,69 +4592,88 @@ class UplinkProber:
         #: Sockets of an old address or ifindex, closed once no probe waits on them.
         self._retired: list[IcmpEcho] = []
         self._seq = 0
-        #: Rounds whose probes are out (each a gather of them).
-        self._rounds: set[asyncio.Future[Any]] = set()
+        #: Rounds whose probes are out.
+        self._rounds: set[_Round] = set()
         self._tls: asyncio.Future[Any] | None = None
         #: Gateways that have answered a ping since the prober started.
         self._gateway_answered: set[str] = set()
         #: Bugs already logged with their traceback: (method, exception type).
         self._reported: set[tuple[str, str]] = set()
         self.plan = plan_start(uplink.check, 0.0)
-        #: RFC 6298 state per ICMP target (gateways included).
+        #: RFC 6298 state per ICMP target (gateways included), and the timeout it gives.
         self.estimates: dict[str, RttEstimate] = {}
+        self._timeouts: dict[str, float] = {}
+        #: The round plan of the newest source (a source is a frozen value: compared, not rebuilt).
+        self._planned: tuple[ProbeSource, _RoundPlan] | None = None
         #: Start time of the newest round whose result came back (older ones are stale).
         self._newest_started = -math.inf
-        self._wakeup: asyncio.Future[None] | None = None
-        #: When the sleeping run() wakes up by itself (-inf while it does not sleep).
-        self._sleeping_until = -math.inf
+        #: Set when run() starts; a bug in a callback sets its exception.
+        self._stopped: asyncio.Future[None] | None = None
+        #: The timer of the next round, and when it fires (inf: none).
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
 
     def suspect(self, trigger: str) -> None:
         """Passive health suspects the path: confirm at once (a burst), if the plan allows."""
         loop = asyncio.get_running_loop()
         self.plan = plan_suspect(self.plan, self.uplink.check, loop.time(), trigger)
-        if plan_due(self.plan) < self._sleeping_until:
-            self._wake()
-
-    def _wake(self) -> None:
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
+        self._schedule()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        check = self.uplink.check
-        self.plan = plan_start(check, loop.time() + self._offset_s)
+        self.plan = plan_start(self.uplink.check, loop.time() + self._offset_s)
+        self._stopped = loop.create_future()
+        self._schedule()
         try:
-            while True:
-                now = loop.time()
-                due = plan_due(self.plan)
-                if due <= now:
-                    self.plan, burst = plan_sent(self.plan, check, now)
-                    source = self._source()
-                    if source is not None:
-                        self._seq += 1
-                        self._start_round(self._seq, source, burst)
-                    else:
-                        # Nothing to probe through: no burst either, the grid waits for the link.
-                        self.plan = dataclasses.replace(self.plan, burst=None)
-                        self._retire_echo()
-                    continue
-                self._wakeup = loop.create_future()
-                self._sleeping_until = due
-                timer = loop.call_at(due, self._wake) if math.isfinite(due) else None
-                try:
-                    await self._wakeup
-                finally:
-                    if timer is not None:
-                        timer.cancel()
-                    self._wakeup = None
-                    self._sleeping_until = -math.inf
+            await self._stopped
         finally:
-            for task in list(self._rounds):
-                task.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._timer_at = None, -math.inf  # -inf: _schedule arms nothing any more
+            for round_ in self._rounds:
+                round_.closed = True
+                for task in round_.tasks:
+                    task.cancel()
+            self._rounds.clear()
             for echo in [*self._echo.values(), *self._retired]:
                 echo.close()
             self._echo.clear()
             self._retired.clear()
+
+    def _schedule(self) -> None:
+        """Arm the round timer for the plan's next due time, if that is earlier than the armed one."""
+        if self._stopped is None or self._stopped.done():
+            return
+        due = plan_due(self.plan)
+        if due >= self._timer_at or not math.isfinite(due):
+            return  # a timer that fires early finds nothing due and arms the right one
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_at(due, self._tick)
+        self._timer_at = due
+
+    def _tick(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        try:
+            loop = asyncio.get_running_loop()
+            check = self.uplink.check
+            now = loop.time()
+            for _ in range(8):  # bounded: rounds still due wait for the next tick
+                if plan_due(self.plan) > now:
+                    break
+                self.plan, burst = plan_sent(self.plan, check, now)
+                source = self._source()
+                if source is not None:
+                    self._seq += 1
+                    self._start_round(self._seq, source, burst)
+                else:
+                    # Nothing to probe through: no burst either, the grid waits for the link.
+                    self.plan = evolve(self.plan, burst=None)
+                    self._retire_echo()
+            self._schedule()
+        except Exception as err:  # a bug: end run() with it, for the supervisor to see
+            if self._stopped is not None and not self._stopped.done():
+                self._stopped.set_exception(err)
 
     def _retire_echo(self, family: int | None = None) -> None:
         # Probes in flight keep their socket until they end (closing it under
@@ -4549,39 +4685,65 @@ class UplinkProber:
         self._close_idle()
 
     def _close_idle(self) -> None:
+        if not self._retired:
+            return
         for echo in [e for e in self._retired if e.idle]:
             echo.close()
             self._retired.remove(echo)
 
     def _start_round(self, seq: int, source: ProbeSource, burst: Burst | None) -> None:
-        """Send a round's probes now; _gathered() judges it once all have ended. A round is
-        a gather of futures with a callback, not a task: ICMP probes need no task at all."""
+        """Send a round's probes now; _round_done() judges it once all have ended."""
         started = asyncio.get_running_loop().time()
         try:
-            launched = self._launch(seq, source, burst)
-            gathered = asyncio.gather(*launched.jobs, return_exceptions=True)
+            plan = self._round_plan(source)
+            timeouts = (
+                tuple((t, round(self.timeout_for(t) * 1000.0, 1)) for t in plan.targets)
+                if Method.ICMP in self.uplink.check.methods
+                else ()
+            )
+            round_ = _Round(seq, started, burst, plan, timeouts)
         except Exception as err:  # the round's boundary: a bug here must not freeze the uplink
             self._finish_round(self._bug_round(seq, started, err), burst)
             return
-        self._rounds.add(gathered)
-        gathered.add_done_callback(functools.partial(self._gathered, seq, started, burst, launched))
+        self._rounds.add(round_)
+        gateways = len(plan.names) - plan.pinged
+        for index, (target, method) in enumerate(plan.names):
+            done = functools.partial(self._probe_done, round_, index)
+            try:
+                if index >= gateways:
+                    self._ping_gateway(target, seq, source, burst, done)
+                    continue
+                probe = self._probe(method, target, seq, source, burst, done)
+                if probe is not None:  # TCP, HTTP, DNS: a task of the round
+                    task = asyncio.get_running_loop().create_task(probe)
+                    round_.tasks.append(task)
+                    task.add_done_callback(functools.partial(self._task_done, round_, index))
+            except Exception as err:  # a bug in starting one probe fails only that probe, as a bug
+                done(err)
+        self._probe_done(round_, -1, None)  # the launch is over
 
-    def _gathered(
-        self,
-        seq: int,
-        started: float,
-        burst: Burst | None,
-        launched: _Launched,
-        gathered: asyncio.Future[Any],
-    ) -> None:
-        self._rounds.discard(gathered)
-        if gathered.cancelled():
-            return  # the prober stops
+    def _probe_done(self, round_: _Round, index: int, outcome: ProbeResult | BaseException | None) -> None:
+        if round_.closed:
+            return
+        if index >= 0:
+            if round_.results[index] is not None:
+                return  # a probe reports once
+            round_.results[index] = outcome
+        round_.pending -= 1
+        if round_.pending:
+            return
+        round_.closed = True
+        self._rounds.discard(round_)
         try:
-            result = self._collect(seq, started, launched, gathered.result())
+            result = self._collect(round_.seq, round_.started, round_, round_.results)
         except Exception as err:  # the round's boundary, as above
-            result = self._bug_round(seq, started, err)
-        self._finish_round(result, burst)
+            result = self._bug_round(round_.seq, round_.started, err)
+        self._finish_round(result, round_.burst)
+
+    def _task_done(self, round_: _Round, index: int, task: asyncio.Task[ProbeResult]) -> None:
+        if task.cancelled():
+            return  # the prober stops
+        self._probe_done(round_, index, task.exception() or task.result())
 
     def _bug_round(self, seq: int, started: float, err: Exception) -> RoundResult:
         self._report_bug("round", err)
@@ -4598,13 +4760,13 @@ class UplinkProber:
         self._newest_started = max(self._newest_started, result.started_at)
         outcome = None if stale or result.inconclusive else result.ok
         self.plan = plan_result(self.plan, outcome, burst is not None, check, loop.time())
-        if plan_due(self.plan) < self._sleeping_until:
-            self._wake()  # a burst starts or ends: the schedule changed
-        result = dataclasses.replace(
-            result,
-            burst_trigger=burst.trigger if burst is not None else None,
-            burst_state=self.plan.burst.describe() if self.plan.burst is not None else None,
-        )
+        self._schedule()  # a burst starts or ends: the schedule may have changed
+        if burst is not None or self.plan.burst is not None:
+            result = evolve(
+                result,
+                burst_trigger=burst.trigger if burst is not None else None,
+                burst_state=self.plan.burst.describe() if self.plan.burst is not None else None,
+            )
         if self._verbose:
             detail = " ".join(f"{p.target}={_probe_detail(p)}" for p in result.probes)
             verdict = "inconclusive" if result.inconclusive else "ok" if result.ok else "failed"
@@ -4620,28 +4782,30 @@ class UplinkProber:
             )
         self._deliver(result)
 
-    def _launch(self, seq: int, source: ProbeSource, burst: Burst | None) -> _Launched:
+    def _round_plan(self, source: ProbeSource) -> _RoundPlan:
+        if self._planned is not None and self._planned[0] == source:
+            return self._planned[1]
         check = self.uplink.check
         # Only targets of a family the uplink can route now: an IPv4-only LTE
         # stick in a dual-stack config is judged on its IPv4 answers.
-        targets = [t for t in check.targets if source.for_target(t) is not None]
-        jobs = [self._started(self._probe, m, t, seq, source, burst) for m in check.methods for t in targets]
+        targets = tuple(t for t in check.targets if source.for_target(t) is not None)
         names = [(t, m) for m in check.methods for t in targets]
         gateways = self._gateways(source) if check.gateway_check else []
         # A gateway that is also a target is answered by that probe (one ICMP id/seq slot each).
         pinged = [g for g in gateways if not (Method.ICMP in check.methods and g in targets)]
-        jobs += [self._started(self._ping_gateway, g, seq, source, burst) for g in pinged]
         names += [(g, Method.ICMP) for g in pinged]
-        timeouts = tuple(
-            (t, round(self.timeout_for(t) * 1000.0, 1)) for t in targets if Method.ICMP in check.methods
-        )
-        return _Launched(jobs, names, len(pinged), gateways, timeouts)
+        plan = _RoundPlan(tuple(names), targets, len(pinged), tuple(gateways))
+        self._planned = (source, plan)
+        return plan
 
-    def _collect(self, seq: int, started: float, launched: _Launched, outcomes: Sequence[Any]) -> RoundResult:
+    def _collect(
+        self, seq: int, started: float, round_: _Round, outcomes: Sequence[ProbeResult | BaseException | None]
+    ) -> RoundResult:
         check = self.uplink.check
-        gateways = launched.gateways
+        plan = round_.plan
+        gateways = plan.gateways
         results: list[ProbeResult] = []
-        for outcome, (name, method) in zip(outcomes, launched.names, strict=True):
+        for outcome, (name, method) in zip(outcomes, plan.names, strict=True):
             if isinstance(outcome, ProbeResult):
                 results.append(outcome)
                 if outcome.ok and method is Method.ICMP and outcome.rtt_ms is not None:
@@ -4651,16 +4815,17 @@ class UplinkProber:
                 self._report_bug(method.value, outcome)
             reason = f"agent error: {type(outcome).__name__}"
             results.append(ProbeResult(name, False, reason=reason, method=method, inconclusive=True))
-        split = len(results) - launched.pinged
+        split = len(results) - plan.pinged
         probes = tuple(results[:split])
         answers = {r.target: r.ok for r in results[split:] if not r.inconclusive}
-        answers.update(
-            {
-                p.target: p.ok
-                for p in probes
-                if p.method is Method.ICMP and p.target in gateways and not p.inconclusive
-            }
-        )
+        if gateways:
+            answers.update(
+                {
+                    p.target: p.ok
+                    for p in probes
+                    if p.method is Method.ICMP and p.target in gateways and not p.inconclusive
+                }
+            )
         for gateway, ok in answers.items():
             if ok:
                 self._gateway_answered.add(gateway)
@@ -4674,33 +4839,28 @@ class UplinkProber:
             check.reliability,
             gateway=", ".join(gateways) or None,
             gateway_ok=any(judged) if judged else None,
-            timeouts_ms=launched.timeouts,
+            timeouts_ms=round_.timeouts,
         )
-
-    @staticmethod
-    def _started(start: Callable[..., Awaitable[ProbeResult]], *args: Any) -> Awaitable[ProbeResult]:
-        """A probe started; a bug in starting it fails only that probe (as a bug), not its round."""
-        try:
-            return start(*args)
-        except Exception as err:
-            future: asyncio.Future[ProbeResult] = asyncio.get_running_loop().create_future()
-            future.set_exception(err)
-            return future
 
     def timeout_for(self, target: str) -> float:
-        return probe_timeout_s(self.estimates.get(target, RttEstimate()), self.uplink.check)
+        timeout = self._timeouts.get(target)
+        if timeout is None:
+            timeout = self._timeouts[target] = probe_timeout_s(
+                self.estimates.get(target, RttEstimate()), self.uplink.check
+            )
+        return timeout
 
     def _learn(self, target: str, rtt_ms: float) -> None:
-        self.estimates[target] = rtt_sample(
+        estimate = self.estimates[target] = rtt_sample(
             self.estimates.get(target, RttEstimate()), rtt_ms, self.uplink.check
         )
+        self._timeouts[target] = probe_timeout_s(estimate, self.uplink.check)
 
     def _on_late(self, target: str, seq: int, rtt_ms: float) -> None:
         # Karn's problem does not arise: the sequence number says which request was answered.
         self._learn(target, rtt_ms)
         self.plan = plan_late(self.plan, self.uplink.check, asyncio.get_running_loop().time())
-        if plan_due(self.plan) < self._sleeping_until:
-            self._wake()
+        self._schedule()
         if self._deliver_late is not None and target in self.uplink.check.targets:
             self._deliver_late(target, seq, rtt_ms)
 
@@ -4743,30 +4903,33 @@ class UplinkProber:
         return found
 
     def _echo_ping(
-        self, echo: IcmpEcho, target: str, seq: int, key: str, burst: Burst | None
-    ) -> asyncio.Future[ProbeResult]:
+        self, echo: IcmpEcho, target: str, seq: int, key: str, burst: Burst | None, done: ProbeDone
+    ) -> None:
         check = self.uplink.check
-        return echo.ping(
+        echo.ping(
             target,
             seq,
             self.timeout_for(key),
+            done=done,
             ceiling_s=check.timeout_s,
             on_late=self._on_late,
             judge_lateness=burst is not None,
         )
 
     def _ping_gateway(
-        self, gateway: str, seq: int, source: ProbeSource, burst: Burst | None
-    ) -> Awaitable[ProbeResult]:
+        self, gateway: str, seq: int, source: ProbeSource, burst: Burst | None, done: ProbeDone
+    ) -> None:
         # A link-local IPv6 gateway needs its interface as scope.
         target = f"{gateway}%{self.uplink.interface}" if gateway.lower().startswith("fe80:") else gateway
         try:
             echo = self._echo_for(family_of(gateway), source)
         except OSError as err:  # the raw socket cannot be opened or bound (interface gone meanwhile)
-            return _done(ProbeResult(gateway, False, reason=f"error: {err.strerror or err}"))
+            done(ProbeResult(gateway, False, reason=f"error: {err.strerror or err}"))
+            return
         if echo is None:
-            return _done(ProbeResult(gateway, False, reason="no source address"))
-        return self._echo_ping(echo, target, seq, gateway, burst)
+            done(ProbeResult(gateway, False, reason="no source address"))
+            return
+        self._echo_ping(echo, target, seq, gateway, burst, done)
 
     def _echo_for(self, family: int, source: ProbeSource) -> IcmpEcho | None:
         # SO_BINDTODEVICE binds to an ifindex: a re-created interface (new
@@ -4775,47 +4938,49 @@ class UplinkProber:
         if address is None:
             return None
         echo = self._echo.get(family)
-        if echo is None or (echo.source, echo.ifindex) != (address, source.ifindex):
+        if echo is None or echo.source != address or echo.ifindex != source.ifindex:
             if echo is not None:
                 self._retire_echo(family)
             echo = self._echo[family] = IcmpEcho(self.uplink.interface, address, self.ident, source.ifindex)
         return echo
 
     def _probe(
-        self, method: Method, target: str, seq: int, source: ProbeSource, burst: Burst | None
-    ) -> Awaitable[ProbeResult]:
+        self,
+        method: Method,
+        target: str,
+        seq: int,
+        source: ProbeSource,
+        burst: Burst | None,
+        done: ProbeDone,
+    ) -> Coroutine[Any, Any, ProbeResult] | None:
+        """Start one probe of a round: an ICMP one reports to `done`; any other is returned, to run."""
         check = self.uplink.check
         address = source.for_target(target)
         family = family_of(target)
         if address is None:
-            return _done(
-                ProbeResult(target, False, reason=f"no {FAMILY_TITLE[family]} address", method=method)
-            )
+            done(ProbeResult(target, False, reason=f"no {FAMILY_TITLE[family]} address", method=method))
+            return None
+        if method is Method.ICMP:
+            try:
+                echo = self._echo_for(family, source)
+            except OSError as err:  # the raw socket cannot be opened or bound (interface gone meanwhile)
+                done(ProbeResult(target, False, reason=f"error: {err.strerror or err}"))
+                return None
+            assert echo is not None
+            self._echo_ping(echo, target, seq, target, burst, done)
+            return None
         interface = self.uplink.interface
         if method is Method.TCP:
             assert check.port is not None
             return tcp_probe(interface, address, target, check.port, check.timeout_s)
         if method in (Method.HTTP, Method.HTTPS):
             return self._http(method, interface, address, target)
-        if method is Method.DNS:
-            return dns_probe(interface, address, target, check)
-        try:
-            echo = self._echo_for(family, source)
-        except OSError as err:  # the raw socket cannot be opened or bound (interface gone meanwhile)
-            return _done(ProbeResult(target, False, reason=f"error: {err.strerror or err}"))
-        assert echo is not None
-        return self._echo_ping(echo, target, seq, target, burst)
+        assert method is Method.DNS
+        return dns_probe(interface, address, target, check)
 
     async def _http(self, method: Method, interface: str, address: str, target: str) -> ProbeResult:
         context = await self._tls_context() if method is Method.HTTPS else None
         return await http_probe(interface, address, target, self.uplink.check, method, context)
-
-
-def _done(result: ProbeResult) -> asyncio.Future[ProbeResult]:
-    """A probe that ended before it began (no address, no socket), as an awaitable."""
-    future: asyncio.Future[ProbeResult] = asyncio.get_running_loop().create_future()
-    future.set_result(result)
-    return future
 
 
 def _probe_detail(probe: ProbeResult) -> str:
@@ -7727,6 +7892,11 @@ class Notifier:
 # four calls: on_round() -> RouteEdge.want() -> RouteEdge._reconcile() -> nl_apply().
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 async def wait_within(awaitable: Awaitable[T], timeout_s: float) -> T:
     """asyncio.wait_for without its flaw before Python 3.12 (bpo-42130): a cancellation
     that arrives as the awaited thing completes is never swallowed, so a long-lived task
@@ -8055,7 +8225,11 @@ class Pump:
         self._probers = probers
         self._notifier = notifier
         self._dry_run = dry_run
-        self._queue: asyncio.Queue[Observation] = asyncio.Queue()
+        #: Observations not yet taken, and the future run() waits on while there are none.
+        #: (An asyncio.Queue read with a timeout costs a task and a wait per observation:
+        #: at 64 uplinks, a tenth of the event loop.) Posts come from the loop's thread only.
+        self._queue: collections.deque[Observation] = collections.deque()
+        self._waiting: asyncio.Future[None] | None = None
         self.ready = asyncio.Event()
         #: The newest route work handed to the routes edge and not yet answered, and since when.
         self._routes_given: RouteWork | None = None
@@ -8068,11 +8242,13 @@ class Pump:
         self._handled_at = time.monotonic()
 
     def post(self, observation: Observation) -> None:
-        self._queue.put_nowait(observation)
+        self._queue.append(observation)
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.set_result(None)
 
     def stuck_for(self, now: float) -> float | None:
         """How long observations have waited untaken, if longer than PUMP_STUCK_S."""
-        if self._queue.empty():
+        if not self._queue:
             return None
         waited = now - self._handled_at
         return waited if waited > PUMP_STUCK_S else None
@@ -8086,18 +8262,26 @@ class Pump:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            try:
-                observation = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                timeout_s = max(self._wake_at - loop.time(), 0.0)
-                try:
-                    observation = await wait_within(self._queue.get(), timeout_s)
-                except (asyncio.TimeoutError, TimeoutError):
-                    observation = Tick()
+            if not self._queue and self._wake_at > loop.time():
+                await self._wait(loop)
+            observation = self._queue.popleft() if self._queue else Tick()
             self._handle(observation, loop.time())
             # A busy queue must not starve the timers (hysteresis, retries, resync).
             if not isinstance(observation, Tick) and loop.time() >= self._wake_at:
                 self._handle(Tick(), loop.time())
+
+    async def _wait(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Until an observation is posted or the core's wake-up time comes."""
+        self._waiting = waiting = loop.create_future()
+        timer = None
+        if math.isfinite(self._wake_at):
+            timer = loop.call_at(self._wake_at, _resolve, waiting)
+        try:
+            await waiting
+        finally:
+            self._waiting = None
+            if timer is not None:
+                timer.cancel()
 
     def _handle(self, observation: Observation, now: float) -> None:
         self._handled_at = time.monotonic()
@@ -8135,7 +8319,7 @@ class Pump:
             case SuspicionObserved(suspicion):
                 state, intent = on_suspect(state, suspicion, now)
             case PassiveObserved(views):
-                state = dataclasses.replace(state, passive=views)
+                state = evolve(state, passive=views)
                 intent = Intent(status=StatusWrite.SOON, wake_at=next_wake(state))
             case Tick():
                 state, intent = on_tick(state, now)
@@ -8146,7 +8330,7 @@ class Pump:
             for sink in self._sinks:
                 if isinstance(sink, Notifications):
                     sink.configure(state.config)
-            if dataclasses.replace(config, source=state.config.source) != state.config:
+            if evolve(config, source=state.config.source) != state.config:
                 log_effective_config(state.config, self._dry_run)
         if isinstance(observation, RoutesFailed) or (
             isinstance(observation, RoutesReconciled) and observation.work is self._routes_given

@@ -15,7 +15,6 @@ rest is the agent as shipped.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,10 @@ def main() -> int:
 
         def broken_ping(
             self: mwa.IcmpEcho, target: str, seq: int, timeout_s: float, **options: Any
-        ) -> asyncio.Future[mwa.ProbeResult]:
+        ) -> None:
             if target == "198.18.1.2":
                 raise RuntimeError("injected bug in a probe method")
-            return ping(self, target, seq, timeout_s, **options)
+            ping(self, target, seq, timeout_s, **options)
 
         mwa.IcmpEcho.ping = broken_ping  # type: ignore[method-assign]
     elif mode == "probe-round":
