@@ -179,6 +179,9 @@ RESYNC_PERIOD_S: Final = 30.0
 #: Flap damping remembers this many of an uplink's newest failures: past the 20 that reach
 #: the default flap_max_hysteresis, more would change nothing but the memory they take.
 FLAP_MEMORY: Final = 32
+#: The figure of merit that costs no penalty: two failures in a row are an outage and its
+#: relapse, the third is flapping (Cisco's defaults, 1000 per flap and suppress at 2000, say so too).
+FLAP_FREE_MERIT: Final = 2.0
 #: A failure whose weight has decayed below this (4.3 half-lives) no longer counts as recent.
 FLAP_FORGOTTEN: Final = 0.05
 
@@ -503,8 +506,9 @@ class AgentConfig:
     hysteresis_s: float = 30.0
     #: Flap damping (RFC 2439's idea): each failure of an uplink adds 1 to its figure of
     #: merit, which halves every flap_half_life; a recovered uplink owes the hysteresis plus
-    #: flap_penalty per unit of merit beyond its newest failure, at most flap_max_hysteresis.
-    flap_penalty_s: float = 30.0
+    #: flap_penalty (by default the hysteresis) per unit of merit past FLAP_FREE_MERIT, at
+    #: most flap_max_hysteresis.
+    flap_penalty_s: float | None = None
     flap_half_life_s: float = 300.0
     flap_max_hysteresis_s: float = 600.0
     default_table: int = 200
@@ -538,9 +542,9 @@ class Hysteresis:
 
 
 def agent_hysteresis(agent: AgentConfig) -> Hysteresis:
-    return Hysteresis(
-        agent.hysteresis_s, agent.flap_penalty_s, agent.flap_half_life_s, agent.flap_max_hysteresis_s
-    )
+    # Without a flap_penalty each unit of merit owes one more hysteresis: it scales with it.
+    penalty_s = agent.hysteresis_s if agent.flap_penalty_s is None else agent.flap_penalty_s
+    return Hysteresis(agent.hysteresis_s, penalty_s, agent.flap_half_life_s, agent.flap_max_hysteresis_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -934,7 +938,9 @@ def parse_config(text: str, source: str) -> Config:
     agent = AgentConfig(
         state_dir=state_dir,
         hysteresis_s=hysteresis_s,
-        flap_penalty_s=agent_reader.duration("flap_penalty", defaults.flap_penalty_s),
+        flap_penalty_s=agent_reader.duration("flap_penalty", 0.0)
+        if agent_reader.has("flap_penalty")
+        else None,
         flap_half_life_s=agent_reader.duration("flap_half_life", defaults.flap_half_life_s, minimum_s=1.0),
         # Never below the hysteresis: the bound is on the penalty, not on the hysteresis itself.
         flap_max_hysteresis_s=agent_reader.duration(
@@ -1852,12 +1858,12 @@ def flap_merit(failures: Sequence[float], half_life_s: float, at: float) -> floa
 
 def flap_penalty_s(health: Health, hysteresis: Hysteresis) -> float:
     """The hysteresis a recovered uplink owes beyond the base for failing repeatedly: the
-    penalty per unit of merit of the failures before its newest one, decayed to the start
-    of its proof (a lone failure costs nothing; a long outage lets the penalty decay)."""
-    if hysteresis.penalty_s <= 0 or len(health.failures) < 2:
+    penalty per unit of its figure of merit past FLAP_FREE_MERIT, decayed to the start of
+    its proof (one or two failures cost nothing; a long outage lets the penalty decay)."""
+    if hysteresis.penalty_s <= 0 or len(health.failures) <= FLAP_FREE_MERIT:
         return 0.0
-    merit = flap_merit(health.failures[:-1], hysteresis.half_life_s, proof_start(health))
-    return hysteresis.penalty_s * merit
+    merit = flap_merit(health.failures, hysteresis.half_life_s, proof_start(health))
+    return hysteresis.penalty_s * max(merit - FLAP_FREE_MERIT, 0.0)
 
 
 def owed_hysteresis_s(health: Health, hysteresis: Hysteresis) -> float:
@@ -6385,9 +6391,11 @@ def status_document(
 ) -> dict[str, Any]:
     config = state.config
     primary = primary_family(config)
+    hysteresis = agent_hysteresis(config.agent)
     uplinks: dict[str, Any] = {}
     for uplink in config.uplinks:
         health = state.healths[uplink.name]
+        ready_at = proof_ready_at(health, hysteresis) if health.state is State.UP else None
         interface = state.interfaces.get(uplink.interface)
         quality = health.quality
         uplinks[uplink.name] = {
@@ -6425,6 +6433,12 @@ def status_document(
             # came back from a failure: owes the hysteresis before traffic returns
             "recovered": health.recovered,
             "has_failed": health.has_failed,
+            # flap damping: its failures that still weigh, their figure of merit now, the
+            # penalty its proof owes beyond the hysteresis, and how long it still proves itself
+            "flaps": len(recent_failures(health, hysteresis, mono_now)),
+            "flap_merit": round(flap_merit(health.failures, hysteresis.half_life_s, mono_now), 3),
+            "flap_penalty_s": round(owed_hysteresis_s(health, hysteresis) - hysteresis.base_s, 3),
+            "hysteresis_owed_s": 0.0 if ready_at is None else round(max(ready_at - mono_now, 0.0), 3),
             # tracked connections that stick to this uplink (its connection mark)
             "connections": None if state.connections is None else state.connections.get(uplink.name),
             # probes whose own code raised (a bug in the agent; they count neither way)
@@ -6574,6 +6588,10 @@ _UPLINK_FIELDS: Final[Mapping[str, tuple[type, ...]]] = {
     "interface": (str,),
     "recovered": (bool,),
     "has_failed": (bool,),
+    "flaps": (int,),
+    "flap_merit": _NUMBER,
+    "flap_penalty_s": _NUMBER,
+    "hysteresis_owed_s": _NUMBER,
     "rtt_ms": (*_NUMBER, type(None)),
     "loss_pct": (*_NUMBER, type(None)),
     "connections": (int, type(None)),
@@ -7587,7 +7605,9 @@ class Metrics:
             key = (("family", FAMILY_NAME[family]),)
             self.detection.setdefault(key, Histogram(DETECTION_BUCKETS)).observe(detection_s)
 
-    def render(self, state: AgentState, dropped: int) -> str:
+    def render(self, state: AgentState, dropped: int, now: float | None = None) -> str:
+        """`now`: the monotonic time the gauges that decay are read at (default: the clock's)."""
+        now = time.monotonic() if now is None else now
         out: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -7647,6 +7667,23 @@ class Metrics:
         for u in config.uplinks:
             key = (("uplink", u.name),)
             sample("multiwan_uplink_state_changes_total", key, self.state_changes.get(key, 0))
+        hysteresis = agent_hysteresis(config.agent)
+        family(
+            "multiwan_uplink_flap_merit", "gauge", "Flap damping's figure of merit: 1 per failure, decaying."
+        )
+        for u in config.uplinks:
+            merit = flap_merit(state.healths[u.name].failures, hysteresis.half_life_s, now)
+            sample("multiwan_uplink_flap_merit", (("uplink", u.name),), round(merit, 4))
+        family(
+            "multiwan_uplink_hysteresis_owed_seconds",
+            "gauge",
+            "How long a recovered uplink still proves itself.",
+        )
+        for u in config.uplinks:
+            health = state.healths[u.name]
+            ready_at = proof_ready_at(health, hysteresis) if health.state is State.UP else None
+            owed = 0.0 if ready_at is None else max(ready_at - now, 0.0)
+            sample("multiwan_uplink_hysteresis_owed_seconds", (("uplink", u.name),), round(owed, 3))
         family("multiwan_probe_rtt_seconds", "histogram", "Round-trip times of answered probes.")
         histograms("multiwan_probe_rtt_seconds", self.rtt)
         family("multiwan_probe_loss_ratio", "gauge", "Share of probes lost over the quality window.")
@@ -8657,9 +8694,13 @@ def log_event(event: Event) -> None:
 def log_effective_config(config: Config, dry_run: bool) -> None:
     agent = config.agent
     log.info(
-        "config %s: hysteresis=%s default_table=%d rules=%d-%d protocol=%d mark_mask=%#x%s",
+        "config %s: hysteresis=%s flap_penalty=%s flap_half_life=%s flap_max_hysteresis=%s "
+        "default_table=%d rules=%d-%d protocol=%d mark_mask=%#x%s",
         config.source,
         format_duration(agent.hysteresis_s),
+        format_duration(agent_hysteresis(agent).penalty_s),
+        format_duration(agent.flap_half_life_s),
+        format_duration(agent.flap_max_hysteresis_s),
         agent.default_table,
         agent.rule_priority,
         agent.rule_priority + RULE_BLOCK - 1,
@@ -9170,6 +9211,7 @@ def render_status(document: Mapping[str, Any], *, stale: str | None = None) -> s
             "LOSS",
             "TIMEOUT",
             "PASSIVE",
+            "FLAPS",
             "PRIO",
             "WEIGHT",
             "CONNS",
@@ -9196,6 +9238,7 @@ def render_status(document: Mapping[str, Any], *, stale: str | None = None) -> s
                 loss,
                 timeout,
                 "off" if passive is None else str(passive.get("state", "?")),
+                str(u.get("flaps", "-")),
                 str(u.get("priority", "")),
                 str(u.get("weight", "")),
                 conns,
@@ -9220,6 +9263,11 @@ def render_status(document: Mapping[str, Any], *, stale: str | None = None) -> s
     for name, u in document.get("uplinks", {}).items():
         if u.get("burst"):
             lines.append(f"confirming {name}: burst {u['burst']}")
+        if u.get("hysteresis_owed_s"):
+            penalty = (
+                f" ({u.get('flap_penalty_s', 0):g}s of it flap penalty)" if u.get("flap_penalty_s") else ""
+            )
+            lines.append(f"proving {name}: owes {u['hysteresis_owed_s']:.1f}s more of hysteresis{penalty}")
     for foreign in document.get("foreign", []):
         lines.append(f"WARNING foreign {foreign['object']}: {foreign['defeats']}")
     nft = document.get("nft") or {}

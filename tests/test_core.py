@@ -462,17 +462,22 @@ def test_repeated_failures_owe_a_longer_hysteresis_that_decays_and_is_bounded() 
         fibre, _ = feed(fibre, [True] * 3, start=down_at + 1)
     assert fibre.state is mwa.State.UP and fibre.recovered and fibre.failures == (0.0, 10.0, 20.0)
     assert fibre.since == 23.0
-    # the two failures before the newest, decayed to the proof's start: 2^(-23/300) + 2^(-13/300)
-    penalty = 30 * (0.5 ** (23 / 300) + 0.5 ** (13 / 300))
-    assert mwa.owed_hysteresis_s(fibre, DAMPED) == 30 + penalty
+    # the figure of merit past 2, decayed to the proof's start: 2^(-23/300) + 2^(-13/300) + 2^(-3/300) - 2
+    penalty = 30 * (0.5 ** (23 / 300) + 0.5 ** (13 / 300) + 0.5 ** (3 / 300) - 2)
+    assert abs(mwa.owed_hysteresis_s(fibre, DAMPED) - (30 + penalty)) < 1e-9 and 27 < penalty < 28
     h = {"fibre": fibre, "lte": mwa.Health("lte", state=mwa.State.UP)}
     waiting = mwa.select(h, UPLINKS, "lte", DAMPED, 60.0)
-    assert waiting.selected == "lte" and waiting.wake_at == 23.0 + 30 + penalty
-    assert "flap penalty: 3 failures in the last 60.0s" in waiting.reason
-    assert mwa.select(h, UPLINKS, "lte", DAMPED, 23.0 + 30 + penalty).selected == "fibre"
-    # a lone failure costs nothing; and the whole hysteresis never exceeds its maximum
-    assert mwa.owed_hysteresis_s(dataclasses.replace(fibre, failures=(20.0,)), DAMPED) == 30
+    assert waiting.selected == "lte" and waiting.wake_at is not None
+    assert abs(waiting.wake_at - (23.0 + 30 + penalty)) < 1e-9
+    assert waiting.reason == (
+        "fibre is better but owes 20.4s more of 57.4s hysteresis (30s + 27.4s flap penalty: "
+        "3 failures in the last 60.0s)"
+    )
+    assert mwa.select(h, UPLINKS, "lte", DAMPED, waiting.wake_at).selected == "fibre"
+    # an outage and its relapse cost nothing; and the whole hysteresis never exceeds its maximum
+    assert mwa.owed_hysteresis_s(dataclasses.replace(fibre, failures=(10.0, 20.0)), DAMPED) == 30
     storm = dataclasses.replace(fibre, failures=tuple(float(t) for t in range(23)))
+    assert mwa.owed_hysteresis_s(storm, dataclasses.replace(DAMPED, max_s=0.0)) == 30  # never below
     assert mwa.owed_hysteresis_s(storm, DAMPED) == 600
     assert mwa.owed_hysteresis_s(storm, dataclasses.replace(DAMPED, penalty_s=0.0)) == 30
     # an outage long after the flaps lets the penalty decay away
@@ -493,7 +498,7 @@ def test_only_leaving_up_counts_as_a_failure_and_memory_is_bounded() -> None:
 def test_flap_damping_keys() -> None:
     base = '[check]\ntargets = ["198.18.1.1"]\n[[uplink]]\nname = "a"\ninterface = "w0"\n'
     agent = mwa.parse_config(base, "t").agent
-    assert (agent.flap_penalty_s, agent.flap_half_life_s, agent.flap_max_hysteresis_s) == (30, 300, 600)
+    assert mwa.agent_hysteresis(agent) == mwa.Hysteresis(30, 30, 300, 600)  # the penalty: the hysteresis
     text = '[agent]\nhysteresis = "2s"\nflap_penalty = "1s"\n'
     text += 'flap_half_life = "10s"\nflap_max_hysteresis = "5s"\n'
     assert mwa.agent_hysteresis(mwa.parse_config(text + base, "t").agent) == mwa.Hysteresis(2, 1, 10, 5)
