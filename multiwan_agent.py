@@ -2326,6 +2326,10 @@ def select(
         # deleting it would leave nothing, and it may come back first.
         if current is None:
             return Decision(None, "no uplink is up yet", stranded=True)
+        if current not in healths:
+            # A reload removed it: no route through it is planned any more, so selecting
+            # it still would only be a ghost in status and in the carrying uplinks.
+            return Decision(None, f"no uplink is up; {current} is no longer configured", stranded=True)
         return Decision(current, f"no uplink is up; keeping {current}", stranded=True)
     if current is not None and current not in order:
         gone = current not in healths or healths[current].state is State.UP
