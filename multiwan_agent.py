@@ -205,6 +205,14 @@ CONNTRACK_PERIOD_S: Final = 2.0
 CONNTRACK_PAUSE_MAX_S: Final = 2.0
 #: A full netlink reconcile also runs this often, to repair what events missed.
 RESYNC_PERIOD_S: Final = 30.0
+#: Flap damping remembers this many of an uplink's newest failures: past the 20 that reach
+#: the default flap_max_hysteresis, more would change nothing but the memory they take.
+FLAP_MEMORY: Final = 32
+#: The figure of merit that costs no penalty: two failures in a row are an outage and its
+#: relapse, the third is flapping (Cisco's defaults, 1000 per flap and suppress at 2000, say so too).
+FLAP_FREE_MERIT: Final = 2.0
+#: A failure whose weight has decayed below this (4.3 half-lives) no longer counts as recent.
+FLAP_FORGOTTEN: Final = 0.05
 
 #: Longest an `nft` run may take before it is killed (a table load takes tens of ms).
 NFT_TIMEOUT_S: Final = 5.0
@@ -525,6 +533,13 @@ class UplinkConfig:
 class AgentConfig:
     state_dir: str = "/run/multiwan-agent"
     hysteresis_s: float = 30.0
+    #: Flap damping (RFC 2439's idea): each failure of an uplink adds 1 to its figure of
+    #: merit, which halves every flap_half_life; a recovered uplink owes the hysteresis plus
+    #: flap_penalty (by default the hysteresis) per unit of merit past FLAP_FREE_MERIT, at
+    #: most flap_max_hysteresis.
+    flap_penalty_s: float | None = None
+    flap_half_life_s: float = 300.0
+    flap_max_hysteresis_s: float = 600.0
     default_table: int = 200
     rule_priority: int = 5000
     route_protocol: int = 240
@@ -542,6 +557,23 @@ class AgentConfig:
     #: A file for keepalived's track_file: the number of families no uplink carries (0: all
     #: well), and every family at stop; None: none.
     keepalived_track_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Hysteresis:
+    """What a recovered uplink owes before traffic moves back to it: `base_s` with no failed
+    round, plus the flap penalty (see owed_hysteresis_s), at most `max_s` in all."""
+
+    base_s: float
+    penalty_s: float = 0.0
+    half_life_s: float = 300.0
+    max_s: float = 0.0
+
+
+def agent_hysteresis(agent: AgentConfig) -> Hysteresis:
+    # Without a flap_penalty each unit of merit owes one more hysteresis: it scales with it.
+    penalty_s = agent.hysteresis_s if agent.flap_penalty_s is None else agent.flap_penalty_s
+    return Hysteresis(agent.hysteresis_s, penalty_s, agent.flap_half_life_s, agent.flap_max_hysteresis_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -931,9 +963,18 @@ def parse_config(text: str, source: str) -> Config:
     state_dir = agent_reader.string("state_dir", defaults.state_dir)
     if not state_dir.startswith("/"):
         raise agent_reader.error("state_dir", "an absolute path", state_dir)
+    hysteresis_s = agent_reader.duration("hysteresis", defaults.hysteresis_s)
     agent = AgentConfig(
         state_dir=state_dir,
-        hysteresis_s=agent_reader.duration("hysteresis", defaults.hysteresis_s),
+        hysteresis_s=hysteresis_s,
+        flap_penalty_s=agent_reader.duration("flap_penalty", 0.0)
+        if agent_reader.has("flap_penalty")
+        else None,
+        flap_half_life_s=agent_reader.duration("flap_half_life", defaults.flap_half_life_s, minimum_s=1.0),
+        # Never below the hysteresis: the bound is on the penalty, not on the hysteresis itself.
+        flap_max_hysteresis_s=agent_reader.duration(
+            "flap_max_hysteresis", max(defaults.flap_max_hysteresis_s, hysteresis_s), minimum_s=hysteresis_s
+        ),
         default_table=agent_reader.integer("default_table", defaults.default_table, 1, 2**31 - 1),
         # The whole block below the kernel's main rule (32766).
         rule_priority=agent_reader.integer("rule_priority", defaults.rule_priority, 1, 32766 - RULE_BLOCK),
@@ -1620,6 +1661,11 @@ class Health:
     #: Came up from a failure (down or degraded): the selection makes it prove
     #: itself for `hysteresis` before traffic moves back to it.
     recovered: bool = False
+    #: When a failed round inside that proof restarted it (None: it runs from `since`).
+    proving_since: float | None = None
+    #: When it left `up` (went down or degraded), oldest first, the newest FLAP_MEMORY: the
+    #: flap penalty is computed from them (see owed_hysteresis_s).
+    failures: tuple[float, ...] = ()
     #: Has this uplink failed since the agent started? (initial_state "down" is an assumption, not a failure.)
     has_failed: bool = False
     reason: str = "not yet confirmed"
@@ -1672,7 +1718,7 @@ def initial_health(uplink: UplinkConfig, now: float) -> Health:
 
 
 def observe_round(
-    health: Health, result: RoundResult, check: CheckConfig, now: float
+    health: Health, result: RoundResult, check: CheckConfig, now: float, hysteresis: Hysteresis | None = None
 ) -> tuple[Health, list[Transition]]:
     """Fold one probe round into an uplink's health.
 
@@ -1680,6 +1726,8 @@ def observe_round(
     rounds up. Quality: once the window is full, `fall` consecutive rounds
     with the window past a threshold make an up uplink degraded, `rise`
     rounds within them make it up again. Transitions only, never per round.
+    With `hysteresis`, a failed round of a recovered uplink still proving itself
+    restarts its proof: a path that drops a round every few seconds never finishes it.
     """
     if not health.link_usable or result.inconclusive:
         # A round that was in flight when the link went away says nothing new;
@@ -1726,6 +1774,11 @@ def observe_round(
     failure = health.failure
     if not stale and not result.ok and result.gateway_ok is not None:
         failure = "gateway" if result.gateway_ok is False else "upstream"
+    proving_since = health.proving_since
+    if not stale and not result.ok and hysteresis is not None and health.state is State.UP:
+        ready_at = proof_ready_at(health, hysteresis)
+        if ready_at is not None and now < ready_at:
+            proving_since = now
     updated = evolve(
         health,
         good_rounds=good,
@@ -1738,6 +1791,7 @@ def observe_round(
         last_round_at=last_round_at,
         failing_since=failing_since,
         failing_seq=failing_seq,
+        proving_since=proving_since,
         timeouts_ms=result.timeouts_ms or health.timeouts_ms,
         burst=result.burst_state,
     )
@@ -1832,13 +1886,82 @@ def _transition(
         bad_rounds=0 if reachability_changed else health.bad_rounds,
         good_quality=0,
         bad_quality=0,
+        proving_since=None,
     )
+    if health.state is State.UP:
+        # Left up (down or degraded): one more failure for the flap penalty.
+        updated = evolve(updated, failures=(*health.failures, now)[-FLAP_MEMORY:])
     if state is State.DOWN:
         # What the path did before it failed says nothing about it once back.
         updated = evolve(updated, samples=(), has_failed=True)
     if state is State.DEGRADED:
         updated = evolve(updated, has_failed=True)
     return updated, [Transition(health.name, health.state, state, reason, now)]
+
+
+def proof_start(health: Health) -> float:
+    """When a recovered uplink's proof began: its recovery, or the failed round that restarted it."""
+    return health.since if health.proving_since is None else health.proving_since
+
+
+def flap_merit(failures: Sequence[float], half_life_s: float, at: float) -> float:
+    """RFC 2439's figure of merit: 1 per failure, halving every half-life (none counts before it happened)."""
+    return sum((0.5 ** ((at - t) / half_life_s) for t in failures if t <= at), 0.0)
+
+
+def flap_penalty_s(health: Health, hysteresis: Hysteresis) -> float:
+    """The hysteresis a recovered uplink owes beyond the base for failing repeatedly: the
+    penalty per unit of its figure of merit past FLAP_FREE_MERIT, decayed to the start of
+    its proof (one or two failures cost nothing; a long outage lets the penalty decay)."""
+    if hysteresis.penalty_s <= 0 or len(health.failures) <= FLAP_FREE_MERIT:
+        return 0.0
+    merit = flap_merit(health.failures, hysteresis.half_life_s, proof_start(health))
+    return hysteresis.penalty_s * max(merit - FLAP_FREE_MERIT, 0.0)
+
+
+def owed_hysteresis_s(health: Health, hysteresis: Hysteresis) -> float:
+    """How long a recovered uplink proves itself: the base plus its flap penalty, bounded."""
+    owed = hysteresis.base_s + flap_penalty_s(health, hysteresis)
+    return min(owed, max(hysteresis.max_s, hysteresis.base_s))
+
+
+def proof_ready_at(health: Health, hysteresis: Hysteresis) -> float | None:
+    """When a recovered uplink has proven itself (None: it never failed, nothing to prove)."""
+    if not health.recovered:
+        return None
+    return proof_start(health) + owed_hysteresis_s(health, hysteresis)
+
+
+def recent_failures(health: Health, hysteresis: Hysteresis, now: float) -> tuple[float, ...]:
+    """The failures that still weigh (above FLAP_FORGOTTEN): for the log and status."""
+    return tuple(
+        t
+        for t in health.failures
+        if t <= now and 0.5 ** ((now - t) / hysteresis.half_life_s) >= FLAP_FORGOTTEN
+    )
+
+
+def owed_reason(name: str, health: Health, hysteresis: Hysteresis, now: float) -> str:
+    """Why a better uplink does not carry traffic yet, e.g. 'fibre is better but owes 12.0s
+    more of 90s hysteresis (30s + 60s flap penalty: 3 failures in the last 4.2 min)'."""
+    start, owed = proof_start(health), owed_hysteresis_s(health, hysteresis)
+    penalty = owed - hysteresis.base_s
+    if penalty <= 0 and health.proving_since is None:
+        return f"{name} is better but up only {now - start:.1f}s of {hysteresis.base_s:g}s hysteresis"
+    reason = f"{name} is better but owes {start + owed - now:.1f}s more of {owed:.3g}s hysteresis"
+    if penalty > 0:
+        recent = recent_failures(health, hysteresis, now)
+        reason += (
+            f" ({hysteresis.base_s:g}s + {penalty:.3g}s flap penalty: {len(recent)} failures "
+            f"in the last {_span(now - recent[0]) if recent else '0s'})"
+        )
+    if health.proving_since is not None:
+        reason += f"; a failed round restarted it {now - start:.1f}s ago"
+    return reason
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def remap_health(health: Health, check: CheckConfig) -> Health:
@@ -2226,7 +2349,7 @@ def select(
     healths: Mapping[str, Health],
     uplinks: Sequence[UplinkConfig],
     current: str | None,
-    hysteresis_s: float,
+    hysteresis_s: float | Hysteresis,
     now: float,
     unavailable: Mapping[str, str] | None = None,
 ) -> Decision:
@@ -2234,11 +2357,14 @@ def select(
 
     The best `up` uplink by priority; a `degraded` one only when none is up.
     Leaving a down or degraded uplink for one that is up is immediate. Moving
-    back to a better uplink waits until it has been up for `hysteresis_s` if
-    it came back from a failure; one that never failed (at start) takes over
-    as soon as it is confirmed. Among equal priorities the current one stays.
-    `unavailable` says why an uplink left out of `uplinks` is (e.g. "is drained").
+    back to a better uplink waits until it has proven itself (see proof_ready_at:
+    the hysteresis with no failed round, plus its flap penalty) if it came back
+    from a failure; one that never failed (at start) takes over as soon as it is
+    confirmed. Among equal priorities the current one stays. A plain number is a
+    hysteresis without flap damping. `unavailable` says why an uplink left out of
+    `uplinks` is (e.g. "is drained").
     """
+    hysteresis = hysteresis_s if isinstance(hysteresis_s, Hysteresis) else Hysteresis(hysteresis_s)
     order = {u.name: (u.priority, i) for i, u in enumerate(uplinks)}
 
     def state(name: str) -> State:
@@ -2251,6 +2377,10 @@ def select(
         # deleting it would leave nothing, and it may come back first.
         if current is None:
             return Decision(None, "no uplink is up yet", stranded=True)
+        if current not in healths:
+            # A reload removed it: no route through it is planned any more, so selecting
+            # it still would only be a ghost in status and in the carrying uplinks.
+            return Decision(None, f"no uplink is up; {current} is no longer configured", stranded=True)
         return Decision(current, f"no uplink is up; keeping {current}", stranded=True)
     if current is not None and current not in order:
         gone = current not in healths or healths[current].state is State.UP
@@ -2273,15 +2403,12 @@ def select(
     if best == current or order[best][0] >= order[current][0]:
         return Decision(current, f"{current} is the best uplink up")
     candidate = healths[best]
-    ready_at = candidate.since + hysteresis_s
-    if candidate.recovered and now < ready_at:
-        return Decision(
-            current,
-            f"{best} is better but up only {now - candidate.since:.1f}s of {hysteresis_s:g}s hysteresis",
-            wake_at=ready_at,
-        )
-    if candidate.recovered:
-        return Decision(best, f"{best} has been up for the {hysteresis_s:g}s hysteresis")
+    ready_at = proof_ready_at(candidate, hysteresis)
+    if ready_at is not None and now < ready_at:
+        return Decision(current, owed_reason(best, candidate, hysteresis, now), wake_at=ready_at)
+    if ready_at is not None:
+        owed = ready_at - proof_start(candidate)
+        return Decision(best, f"{best} has been up for the {owed:.3g}s hysteresis")
     return Decision(best, f"{best} is confirmed up and preferred over {current}")
 
 
@@ -2306,15 +2433,16 @@ def balance_group(
     healths: Mapping[str, Health],
     candidates: Sequence[UplinkConfig],
     selected: str | None,
-    hysteresis_s: float,
+    hysteresis_s: float | Hysteresis,
     now: float,
 ) -> BalanceGroup:
     """The uplinks that share new connections with the selected one, by weight.
 
     Those `up` at the selected uplink's priority. One that recovered from a
-    failure joins after `hysteresis_s` up, as a failback would. A degraded or
+    failure joins once it has proven itself, as a failback would. A degraded or
     stranded selection balances nothing: it is a last resort.
     """
+    hysteresis = hysteresis_s if isinstance(hysteresis_s, Hysteresis) else Hysteresis(hysteresis_s)
     by_name = {u.name: u for u in candidates}
     if selected not in by_name or healths[selected].state is not State.UP:
         return BalanceGroup(())
@@ -2325,8 +2453,8 @@ def balance_group(
         health = healths.get(uplink.name)
         if uplink.priority != priority or health is None or health.state is not State.UP:
             continue
-        ready_at = health.since + hysteresis_s
-        if uplink.name != selected and health.recovered and now < ready_at:
+        ready_at = proof_ready_at(health, hysteresis)
+        if uplink.name != selected and ready_at is not None and now < ready_at:
             waits.append(ready_at)
             continue
         members.append((uplink.name, uplink.weight))
@@ -2338,7 +2466,7 @@ def select_for_policy(
     healths: Mapping[str, Health],
     candidates: Sequence[UplinkConfig],
     current: str | None,
-    hysteresis_s: float,
+    hysteresis_s: float | Hysteresis,
     now: float,
     unavailable: Mapping[str, str] | None = None,
 ) -> Decision:
@@ -3409,7 +3537,8 @@ def on_round(state: AgentState, result: RoundResult, now: float) -> tuple[AgentS
         errors[result.uplink] = errors.get(result.uplink, 0) + result.errors
         state = evolve(state, probe_errors=errors)
     state, unjudged = _count_unjudged(state, result, uplink.check.fall, now)
-    updated, transitions = observe_round(health, result, uplink.check, now)
+    hysteresis = agent_hysteresis(state.config.agent)
+    updated, transitions = observe_round(health, result, uplink.check, now, hysteresis)
     state = evolve(state, healths={**state.healths, result.uplink: updated})
     if not transitions:
         status = StatusWrite.NOW if unjudged else StatusWrite.SOON
@@ -3805,7 +3934,7 @@ def _steering_wanted(state: AgentState) -> SteeringWanted:
 def _decide(state: AgentState, now: float) -> tuple[AgentState, tuple[Event, ...]]:
     """Select per family, form balance groups and place policies; the events say what changed."""
     config = state.config
-    hysteresis_s = config.agent.hysteresis_s
+    hysteresis_s = agent_hysteresis(config.agent)
     events: list[Event] = []
     decisions = dict(state.decisions)
     policy_decisions = {name: dict(d) for name, d in state.policy_decisions.items()}
@@ -6431,9 +6560,11 @@ def status_document(
 ) -> dict[str, Any]:
     config = state.config
     primary = primary_family(config)
+    hysteresis = agent_hysteresis(config.agent)
     uplinks: dict[str, Any] = {}
     for uplink in config.uplinks:
         health = state.healths[uplink.name]
+        ready_at = proof_ready_at(health, hysteresis) if health.state is State.UP else None
         interface = state.interfaces.get(uplink.interface)
         quality = health.quality
         uplinks[uplink.name] = {
@@ -6471,6 +6602,12 @@ def status_document(
             # came back from a failure: owes the hysteresis before traffic returns
             "recovered": health.recovered,
             "has_failed": health.has_failed,
+            # flap damping: its failures that still weigh, their figure of merit now, the
+            # penalty its proof owes beyond the hysteresis, and how long it still proves itself
+            "flaps": len(recent_failures(health, hysteresis, mono_now)),
+            "flap_merit": round(flap_merit(health.failures, hysteresis.half_life_s, mono_now), 3),
+            "flap_penalty_s": round(owed_hysteresis_s(health, hysteresis) - hysteresis.base_s, 3),
+            "hysteresis_owed_s": 0.0 if ready_at is None else round(max(ready_at - mono_now, 0.0), 3),
             # tracked connections that stick to this uplink (its connection mark)
             "connections": None if state.connections is None else state.connections.get(uplink.name),
             # probes whose own code raised (a bug in the agent; they count neither way)
@@ -6620,6 +6757,10 @@ _UPLINK_FIELDS: Final[Mapping[str, tuple[type, ...]]] = {
     "interface": (str,),
     "recovered": (bool,),
     "has_failed": (bool,),
+    "flaps": (int,),
+    "flap_merit": _NUMBER,
+    "flap_penalty_s": _NUMBER,
+    "hysteresis_owed_s": _NUMBER,
     "rtt_ms": (*_NUMBER, type(None)),
     "loss_pct": (*_NUMBER, type(None)),
     "connections": (int, type(None)),
@@ -7633,7 +7774,9 @@ class Metrics:
             key = (("family", FAMILY_NAME[family]),)
             self.detection.setdefault(key, Histogram(DETECTION_BUCKETS)).observe(detection_s)
 
-    def render(self, state: AgentState, dropped: int) -> str:
+    def render(self, state: AgentState, dropped: int, now: float | None = None) -> str:
+        """`now`: the monotonic time the gauges that decay are read at (default: the clock's)."""
+        now = time.monotonic() if now is None else now
         out: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -7693,6 +7836,23 @@ class Metrics:
         for u in config.uplinks:
             key = (("uplink", u.name),)
             sample("multiwan_uplink_state_changes_total", key, self.state_changes.get(key, 0))
+        hysteresis = agent_hysteresis(config.agent)
+        family(
+            "multiwan_uplink_flap_merit", "gauge", "Flap damping's figure of merit: 1 per failure, decaying."
+        )
+        for u in config.uplinks:
+            merit = flap_merit(state.healths[u.name].failures, hysteresis.half_life_s, now)
+            sample("multiwan_uplink_flap_merit", (("uplink", u.name),), round(merit, 4))
+        family(
+            "multiwan_uplink_hysteresis_owed_seconds",
+            "gauge",
+            "How long a recovered uplink still proves itself.",
+        )
+        for u in config.uplinks:
+            health = state.healths[u.name]
+            ready_at = proof_ready_at(health, hysteresis) if health.state is State.UP else None
+            owed = 0.0 if ready_at is None else max(ready_at - now, 0.0)
+            sample("multiwan_uplink_hysteresis_owed_seconds", (("uplink", u.name),), round(owed, 3))
         family("multiwan_probe_rtt_seconds", "histogram", "Round-trip times of answered probes.")
         histograms("multiwan_probe_rtt_seconds", self.rtt)
         family("multiwan_probe_loss_ratio", "gauge", "Share of probes lost over the quality window.")
@@ -8722,9 +8882,13 @@ def log_event(event: Event) -> None:
 def log_effective_config(config: Config, dry_run: bool) -> None:
     agent = config.agent
     log.info(
-        "config %s: hysteresis=%s default_table=%d rules=%d-%d protocol=%d mark_mask=%#x%s",
+        "config %s: hysteresis=%s flap_penalty=%s flap_half_life=%s flap_max_hysteresis=%s "
+        "default_table=%d rules=%d-%d protocol=%d mark_mask=%#x%s",
         config.source,
         format_duration(agent.hysteresis_s),
+        format_duration(agent_hysteresis(agent).penalty_s),
+        format_duration(agent.flap_half_life_s),
+        format_duration(agent.flap_max_hysteresis_s),
         agent.default_table,
         agent.rule_priority,
         agent.rule_priority + RULE_BLOCK - 1,
@@ -9235,6 +9399,7 @@ def render_status(document: Mapping[str, Any], *, stale: str | None = None) -> s
             "LOSS",
             "TIMEOUT",
             "PASSIVE",
+            "FLAPS",
             "PRIO",
             "WEIGHT",
             "CONNS",
@@ -9261,6 +9426,7 @@ def render_status(document: Mapping[str, Any], *, stale: str | None = None) -> s
                 loss,
                 timeout,
                 "off" if passive is None else str(passive.get("state", "?")),
+                str(u.get("flaps", "-")),
                 str(u.get("priority", "")),
                 str(u.get("weight", "")),
                 conns,
@@ -9285,6 +9451,11 @@ def render_status(document: Mapping[str, Any], *, stale: str | None = None) -> s
     for name, u in document.get("uplinks", {}).items():
         if u.get("burst"):
             lines.append(f"confirming {name}: burst {u['burst']}")
+        if u.get("hysteresis_owed_s"):
+            penalty = (
+                f" ({u.get('flap_penalty_s', 0):g}s of it flap penalty)" if u.get("flap_penalty_s") else ""
+            )
+            lines.append(f"proving {name}: owes {u['hysteresis_owed_s']:.1f}s more of hysteresis{penalty}")
     for foreign in document.get("foreign", []):
         lines.append(f"WARNING foreign {foreign['object']}: {foreign['defeats']}")
     nft = document.get("nft") or {}

@@ -631,3 +631,25 @@ def test_a_recovery_after_an_outage_is_no_detection() -> None:
     failover = clock2.rounds("fibre", False, 3)
     (switch,) = [e for i in failover for e in i.events if isinstance(e, mwa.SelectionChanged)]
     assert switch.evidence_at == 104.0  # the first failed round
+
+
+def test_a_reload_that_removes_the_selected_uplink_while_nothing_else_is_up_selects_none() -> None:
+    """Found by tests/test_properties.py: the stranded selection kept the removed uplink's
+    name, which then stayed among the carrying uplinks and in status."""
+    clock = Clock(config())
+    clock.rounds("lte", True, 3)
+    assert clock.selected() == "lte" and clock.state.healths["fibre"].state is mwa.State.DOWN
+    clock.rounds("lte", False, 3)
+    assert clock.selected() == "lte" and clock.state.decisions[4].stranded
+    only_fibre = mwa.parse_config(
+        '[agent]\nhysteresis = "5s"\n[check]\ntargets = ["198.18.1.1"]\n'
+        '[[uplink]]\nname = "fibre"\ninterface = "wan0"\npriority = 1\n',
+        "agent.toml",
+    )
+    intent = clock.apply(mwa.on_reload(clock.state, only_fibre, [], [], "", clock.now))
+    assert intent.refresh_links
+    clock.apply(mwa.on_links(clock.state, INTERFACES, clock.now))
+    decision = clock.state.decisions[4]
+    assert decision.selected is None and decision.stranded
+    assert decision.reason == "no uplink is up; lte is no longer configured"
+    assert clock.state.carrying == frozenset()

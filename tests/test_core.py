@@ -426,3 +426,87 @@ def test_a_reload_keeps_only_the_steering_that_still_holds() -> None:
         re.findall(r"set (\S+) \{", script)
     )
     assert set(re.findall(r"goto (\S+?)[ ,}]", script + " ")) <= set(re.findall(r"chain (\S+) \{", script))
+
+
+# Flap damping ------------------------------------------------------------------
+
+DAMPED = mwa.Hysteresis(30.0, penalty_s=30.0, half_life_s=300.0, max_s=600.0)
+
+
+def test_a_failed_round_inside_the_hysteresis_restarts_it() -> None:
+    h = healths(fibre=(mwa.State.UP, 100, True), lte=(mwa.State.UP, 0, False))
+    h["fibre"], transitions = mwa.observe_round(h["fibre"], round_(False, at=120), CHECK, 120.0, DAMPED)
+    assert not transitions and h["fibre"].proving_since == 120.0  # one failed round: below fall
+    waiting = mwa.select(h, UPLINKS, "lte", DAMPED, 131.0)
+    assert waiting.selected == "lte" and waiting.wake_at == 150.0
+    assert waiting.reason == (
+        "fibre is better but owes 19.0s more of 30s hysteresis; a failed round restarted it 11.0s ago"
+    )
+    assert mwa.select(h, UPLINKS, "lte", DAMPED, 150.0).selected == "fibre"
+
+
+def test_a_failed_round_after_the_proof_restarts_nothing() -> None:
+    fibre = mwa.Health("fibre", state=mwa.State.UP, since=100, recovered=True)
+    fibre, _ = mwa.observe_round(fibre, round_(False, at=131), CHECK, 131.0, DAMPED)
+    assert fibre.proving_since is None
+    # nor without a hysteresis to judge by (the plain core, as before)
+    fibre, _ = mwa.observe_round(fibre, round_(False, at=110), CHECK, 110.0)
+    assert fibre.proving_since is None
+
+
+def test_repeated_failures_owe_a_longer_hysteresis_that_decays_and_is_bounded() -> None:
+    fibre = mwa.Health("fibre", state=mwa.State.UP, since=0)
+    for down_at in (0.0, 10.0, 20.0):  # three failures in 20 s, each back up 3 s later
+        fibre, _ = mwa.observe_link(fibre, mwa.LinkObservation(False, "carrier lost"), down_at)
+        fibre, _ = mwa.observe_link(fibre, mwa.LinkObservation(True), down_at + 0.5)
+        fibre, _ = feed(fibre, [True] * 3, start=down_at + 1)
+    assert fibre.state is mwa.State.UP and fibre.recovered and fibre.failures == (0.0, 10.0, 20.0)
+    assert fibre.since == 23.0
+    # the figure of merit past 2, decayed to the proof's start: 2^(-23/300) + 2^(-13/300) + 2^(-3/300) - 2
+    penalty = 30 * (0.5 ** (23 / 300) + 0.5 ** (13 / 300) + 0.5 ** (3 / 300) - 2)
+    assert abs(mwa.owed_hysteresis_s(fibre, DAMPED) - (30 + penalty)) < 1e-9 and 27 < penalty < 28
+    h = {"fibre": fibre, "lte": mwa.Health("lte", state=mwa.State.UP)}
+    waiting = mwa.select(h, UPLINKS, "lte", DAMPED, 60.0)
+    assert waiting.selected == "lte" and waiting.wake_at is not None
+    assert abs(waiting.wake_at - (23.0 + 30 + penalty)) < 1e-9
+    assert waiting.reason == (
+        "fibre is better but owes 20.4s more of 57.4s hysteresis (30s + 27.4s flap penalty: "
+        "3 failures in the last 60.0s)"
+    )
+    assert mwa.select(h, UPLINKS, "lte", DAMPED, waiting.wake_at).selected == "fibre"
+    # an outage and its relapse cost nothing; and the whole hysteresis never exceeds its maximum
+    assert mwa.owed_hysteresis_s(dataclasses.replace(fibre, failures=(10.0, 20.0)), DAMPED) == 30
+    storm = dataclasses.replace(fibre, failures=tuple(float(t) for t in range(23)))
+    assert mwa.owed_hysteresis_s(storm, dataclasses.replace(DAMPED, max_s=0.0)) == 30  # never below
+    assert mwa.owed_hysteresis_s(storm, DAMPED) == 600
+    assert mwa.owed_hysteresis_s(storm, dataclasses.replace(DAMPED, penalty_s=0.0)) == 30
+    # an outage long after the flaps lets the penalty decay away
+    late = dataclasses.replace(fibre, since=20.0 + 3600)
+    assert mwa.owed_hysteresis_s(late, DAMPED) < 30.02
+
+
+def test_only_leaving_up_counts_as_a_failure_and_memory_is_bounded() -> None:
+    health = mwa.initial_health(UPLINKS[0], 0.0)  # down by assumption: no failure
+    health, _ = mwa.observe_link(health, mwa.LinkObservation(False, "no carrier"), 1.0)
+    assert health.failures == ()
+    for i in range(mwa.FLAP_MEMORY + 5):
+        health = dataclasses.replace(health, state=mwa.State.UP, link_usable=True)
+        health, _ = mwa.observe_link(health, mwa.LinkObservation(False, "carrier lost"), float(i))
+    assert len(health.failures) == mwa.FLAP_MEMORY and health.failures[-1] == mwa.FLAP_MEMORY + 4
+
+
+def test_flap_damping_keys() -> None:
+    base = '[check]\ntargets = ["198.18.1.1"]\n[[uplink]]\nname = "a"\ninterface = "w0"\n'
+    agent = mwa.parse_config(base, "t").agent
+    assert mwa.agent_hysteresis(agent) == mwa.Hysteresis(30, 30, 300, 600)  # the penalty: the hysteresis
+    text = '[agent]\nhysteresis = "2s"\nflap_penalty = "1s"\n'
+    text += 'flap_half_life = "10s"\nflap_max_hysteresis = "5s"\n'
+    assert mwa.agent_hysteresis(mwa.parse_config(text + base, "t").agent) == mwa.Hysteresis(2, 1, 10, 5)
+    # the maximum follows a long hysteresis when not given, and is refused below it
+    assert mwa.parse_config('[agent]\nhysteresis = "20m"\n' + base, "t").agent.flap_max_hysteresis_s == 1200
+    try:
+        mwa.parse_config('[agent]\nhysteresis = "1m"\nflap_max_hysteresis = "30s"\n' + base, "t")
+    except mwa.ConfigError as err:
+        assert "agent.flap_max_hysteresis" in str(err) and "at least 60s" in str(err)
+    else:
+        raise AssertionError("a maximum below the hysteresis was accepted")

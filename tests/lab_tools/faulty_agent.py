@@ -29,9 +29,7 @@ def main() -> int:
     if mode == "probe-target":
         ping = mwa.IcmpEcho.ping
 
-        def broken_ping(
-            self: mwa.IcmpEcho, target: str, seq: int, timeout_s: float, **options: Any
-        ) -> None:
+        def broken_ping(self: mwa.IcmpEcho, target: str, seq: int, timeout_s: float, **options: Any) -> None:
             if target == "198.18.1.2":
                 raise RuntimeError("injected bug in a probe method")
             ping(self, target, seq, timeout_s, **options)
