@@ -340,6 +340,17 @@ def assert_names_a_key_path(err: mwa.ConfigError, text: str) -> None:
     assert first in document or first in ("agent", "uplink"), err
 
 
+def runs_through_start(config: mwa.Config) -> None:
+    """What `check` and `run` do with a config before the first probe, minus the kernel."""
+    mwa.describe_plan(config)
+    mwa.log_effective_config(config, dry_run=True)
+    state, _ = mwa.start_agent(config, {}, [], None, "fuzz", 0.0)
+    document = mwa.status_document(
+        state, running=True, dry_run=True, boot_id="fuzz", mono_now=0.0, wall_now=0.0
+    )
+    json.dumps(document, allow_nan=False)  # a status.json any JSON reader takes
+
+
 def test_fuzzed_configs_load_or_fail_with_one_config_error() -> None:
     cases = fuzz_cases(MUTATIONS)
     accepted = rejected = 0
@@ -354,8 +365,8 @@ def test_fuzzed_configs_load_or_fail_with_one_config_error() -> None:
             assert_names_a_key_path(result, text)
             continue
         accepted += 1
-        # What `run` needs of an accepted config: its plan, its status, its nft table.
-        mwa.describe_plan(result)
+        # What `run` needs of an accepted config: its plan, its log, its status, its nft table.
+        runs_through_start(result)
         nft_texts.setdefault(mwa.render_nft(result, mwa.steering_when_all_up(result)), f"{name}: {what}")
     print(
         f"\nfuzz: {len(cases)} mutations, {accepted} accepted, {rejected} rejected, 0 tracebacks, "
@@ -445,13 +456,23 @@ VALUES = st.recursive(
 
 @st.composite
 def mutated_documents(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid config with 0 to 3 of its values replaced (by any value, or one of its kind)
+    or deleted: enough of them still load for the property to cover accepted configs too."""
     document = json.loads(json.dumps(DOCUMENTS[draw(st.sampled_from(sorted(DOCUMENTS)))], default=str))
-    for _ in range(draw(st.integers(1, 3))):
-        paths = [p for p, _ in leaves(document) if p]
-        if not paths:
+    for _ in range(draw(st.integers(0, 3))):
+        found = [(p, v) for p, v in leaves(document) if p]
+        if not found:
             break
-        path = draw(st.sampled_from(paths))
-        put(document, path, draw(VALUES))
+        path, old = draw(st.sampled_from(found))
+        how = draw(st.sampled_from(["any", "kind", "delete"]))
+        if how == "delete":
+            parent = document
+            for step in path[:-1]:
+                parent = parent[step]
+            del parent[path[-1]]
+        else:
+            value = draw(VALUES) if how == "any" else plausible(random.Random(draw(st.integers())), old)
+            put(document, path, value)
     return document
 
 
@@ -467,5 +488,5 @@ def test_any_toml_document_loads_or_yields_one_config_error(document: dict[str, 
     if isinstance(result, mwa.ConfigError):
         assert_names_a_key_path(result, text)
     else:
-        mwa.describe_plan(result)
+        runs_through_start(result)
         mwa.render_nft(result, mwa.steering_when_all_up(result))
