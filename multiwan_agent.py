@@ -9726,7 +9726,8 @@ def _state_dir(args: argparse.Namespace) -> str:
             state_dir = tomllib.loads(Path(path).read_text(encoding="utf-8"))["agent"]["state_dir"]
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
             state_dir = AgentConfig().state_dir if args.command == "reload" else None
-        if isinstance(state_dir, str) and state_dir.startswith("/"):
+        # Only a path the kernel takes: a NUL in it made `status` die in os.open.
+        if isinstance(state_dir, str) and _is_path(state_dir):
             return state_dir
         raise
 

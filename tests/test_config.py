@@ -360,3 +360,19 @@ def test_huge_lists_are_refused_at_once_and_duplicates_found_in_linear_time() ->
 def test_an_unknown_key_of_control_characters_is_shown_on_one_line() -> None:
     err = config_error(one_uplink(agent='"a\\nb" = 1'))
     assert str(err) == 't.toml: agent."a\\nb": unknown key'
+
+
+def test_commands_that_only_read_state_dir_refuse_a_nul_in_it(tmp_path: Path) -> None:
+    # status, history and reload fall back to the raw state_dir of a config that does not
+    # validate; one with a NUL made status and history die in os.open.
+    bad = tmp_path / "nul.toml"
+    bad.write_text(one_uplink(agent='state_dir = "/run/mwa\\u0000x"'))
+    for command in ("status", "history", "reload"):
+        run = subprocess.run(
+            [sys.executable, str(ROOT / "multiwan_agent.py"), command, "-c", str(bad)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert run.returncode == 2 and "Traceback" not in run.stderr, (command, run.stderr)
+        assert f"error: {bad}: agent.state_dir: expected an absolute path" in run.stderr
