@@ -367,11 +367,16 @@ UNREACHABLE_METRIC: Final = 0xFFFF0000
 #: DNS record types a dns probe may ask for, by their wire value.
 DNS_TYPES: Final = {"A": 1, "AAAA": 28}
 
-DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+#: ASCII digits only (`\d` takes "\u0661" too) and `\Z`, not `$`: `$` matches before a final
+#: newline, so "wan0\n" passed as an interface and the nft table then failed to load.
+DURATION_RE: Final = re.compile(r"^[ \t]*([0-9]+(?:\.[0-9]+)?)[ \t]*(ms|s|m|h)[ \t]*\Z")
 DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+#: The longest duration any key takes: a 400-digit one parsed to infinity, which `check`
+#: could not print and `run` could not hand to nft (sticky_timeout) or to a timer.
+DURATION_MAX_S: Final = 7 * 86400.0
+NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}\Z")
 #: Interface names as the agent accepts them: what nft takes unquoted-safe in a string.
-IFNAME_RE: Final = re.compile(rf"^[A-Za-z0-9_.@-]{{1,{IFNAME_MAX}}}$")
+IFNAME_RE: Final = re.compile(rf"^[A-Za-z0-9_.@-]{{1,{IFNAME_MAX}}}\Z")
 IFNAME_EXPECTED: Final = f"an interface name (letters, digits, '_', '.', '@', '-'; at most {IFNAME_MAX})"
 #: An HTTP status line's code (ASCII digits only: str.isdigit takes "²" too).
 HTTP_STATUS_RE: Final = re.compile(rb"^HTTP/1\.[01] ([0-9]{3})[ \r\n]")
@@ -406,7 +411,18 @@ HOOK_EVENTS: Final = (
     "suspect",
 )
 #: A port or a port range, as a policy takes them ("443", "10000-20000").
-PORT_RE: Final = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
+PORT_RE: Final = re.compile(r"^([0-9]{1,5})(?:-([0-9]{1,5}))?\Z")
+#: Bounds on what a config may list, so that no list makes `check` or a reload slow (a
+#: duplicate check over 330,000 targets ran for minutes) or `run` build a huge nft table.
+CONFIG_MAX_CHARS: Final = 1 << 20
+MAX_TARGETS: Final = 64
+MAX_LIST: Final = 1024
+MAX_POLICIES: Final = 256
+MAX_HOOKS: Final = 64
+#: The longest path the agent takes (PATH_MAX less room for the names it adds).
+PATH_MAX: Final = 4000
+#: AF_UNIX paths are at most 107 bytes (sun_path less its NUL): the control socket's must fit.
+SUN_PATH_MAX: Final = 107
 
 
 # Errors ######################################################################
@@ -682,7 +698,10 @@ def parse_duration(value: object) -> float:
     match = DURATION_RE.match(value)
     if not match:
         raise ValueError
-    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError
+    return seconds
 
 
 def format_duration(seconds: float) -> str:
@@ -733,7 +752,9 @@ class _Reader:
             raise self.error(name, f"an integer from {low} to {high}", value)
         return value
 
-    def duration(self, name: str, default: float, minimum_s: float = 0.0) -> float:
+    def duration(
+        self, name: str, default: float, minimum_s: float = 0.0, maximum_s: float = DURATION_MAX_S
+    ) -> float:
         if name not in self.table:
             return default
         value = self.raw(name)
@@ -741,8 +762,9 @@ class _Reader:
             seconds = parse_duration(value)
         except ValueError:
             raise self.error(name, 'a duration such as "500ms" or "2s"', value) from None
-        if seconds < minimum_s:
-            raise self.error(name, f"a duration of at least {format_duration(minimum_s)}", value)
+        if not minimum_s <= seconds <= maximum_s:
+            bounds = f"from {format_duration(minimum_s)} to {format_duration(maximum_s)}"
+            raise self.error(name, f"a duration {bounds}", value)
         return seconds
 
     def choice(self, name: str, options: Sequence[str], default: str) -> str:
@@ -778,7 +800,20 @@ class _Reader:
         """Unknown keys are errors: a typo must not silently fall back to a default."""
         for name in self.table:
             if name not in self.used:
-                raise ConfigError(self.source, self.key(name), "unknown key")
+                # A key of control characters is shown quoted, on one line.
+                shown = name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
+                raise ConfigError(self.source, self.key(shown), "unknown key")
+
+    def array(self, name: str, expected: str, most: int = MAX_LIST) -> list[Any]:
+        """A non-empty array of at most `most` items (each is checked by the caller)."""
+        value = self.raw(name)
+        if not isinstance(value, list) or not value:
+            raise self.error(name, f"a non-empty array of {expected}", value)
+        if len(value) > most:
+            raise ConfigError(
+                self.source, self.key(name), f"expected at most {most} {expected}, got {len(value)}"
+            )
+        return value
 
 
 def _show(value: object) -> str:
@@ -793,6 +828,11 @@ def _show(value: object) -> str:
     return repr(value)
 
 
+def _has_control(text: str) -> bool:
+    """A C0 control character, DEL, or a Unicode line or paragraph separator."""
+    return any(ord(c) < 0x20 or ord(c) == 0x7F or c in "\u2028\u2029\x85" for c in text)
+
+
 def _read_check(reader: _Reader | None, base: CheckConfig) -> CheckConfig:
     """Read a [check] table over `base`; the result is validated as a whole later."""
     if reader is None:
@@ -803,14 +843,18 @@ def _read_check(reader: _Reader | None, base: CheckConfig) -> CheckConfig:
         names = raw if isinstance(raw, list) else [raw]
         known = [m.value for m in Method]
         expected = 'one of "icmp", "tcp", "http", "https", "dns", or an array of them'
-        if not names or any(n not in known for n in names) or len(set(names)) != len(names):
+        # Types first: a set of unhashable items (["icmp", ["tcp"]]) raised TypeError.
+        if (
+            not names
+            or not all(isinstance(n, str) and n in known for n in names)
+            or len(set(names)) != len(names)
+        ):
             raise reader.error("method", expected, raw)
         values["methods"] = tuple(Method(n) for n in names)
     if reader.has("targets"):
-        targets = reader.raw("targets")
-        if not isinstance(targets, list) or not targets:
-            raise reader.error("targets", "a non-empty array of IP addresses", targets)
+        targets = reader.array("targets", "IP addresses", MAX_TARGETS)
         parsed: list[str] = []
+        seen_targets: set[str] = set()  # a set: a list made the duplicate check quadratic
         for index, target in enumerate(targets):
             try:
                 address = ipaddress.ip_address(target) if isinstance(target, str) else None
@@ -820,10 +864,11 @@ def _read_check(reader: _Reader | None, base: CheckConfig) -> CheckConfig:
                 raise reader.error(f"targets[{index}]", "an IPv4 or IPv6 address", target)
             if address.is_link_local or address.is_multicast or address.is_unspecified:
                 raise reader.error(f"targets[{index}]", "a unicast, non-link-local address", target)
-            if str(address) in parsed:
+            if str(address) in seen_targets:
                 raise ConfigError(
                     reader.source, reader.key(f"targets[{index}]"), f"duplicate target {target}"
                 )
+            seen_targets.add(str(address))
             parsed.append(str(address))
         values["targets"] = tuple(parsed)
     if reader.has("port"):
@@ -835,7 +880,8 @@ def _read_check(reader: _Reader | None, base: CheckConfig) -> CheckConfig:
             valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
         except ValueError:
             valid = False
-        if not valid:
+        # The URL's path goes into the request line: a control character or space would break it.
+        if not valid or _has_control(url) or " " in url:
             raise reader.error(
                 "url", 'an http:// or https:// URL such as "http://example.com/generate_204"', url
             )
@@ -843,8 +889,10 @@ def _read_check(reader: _Reader | None, base: CheckConfig) -> CheckConfig:
     if reader.has("expect_status"):
         raw = reader.raw("expect_status")
         codes = raw if isinstance(raw, list) else [raw]
-        if not codes or not all(
-            isinstance(c, int) and not isinstance(c, bool) and 100 <= c <= 599 for c in codes
+        if (
+            not codes
+            or len(codes) > MAX_LIST
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 100 <= c <= 599 for c in codes)
         ):
             raise reader.error("expect_status", "an HTTP status code (100-599) or an array of them", raw)
         values["expect_status"] = tuple(codes)
@@ -857,12 +905,18 @@ def _read_check(reader: _Reader | None, base: CheckConfig) -> CheckConfig:
         except UnicodeError:
             encoded = b""
         labels = encoded.split(b".")
-        if not encoded or len(encoded) > 253 or any(not 0 < len(label) <= 63 for label in labels):
+        if (
+            not encoded
+            or len(encoded) > 253
+            or any(not 0 < len(label) <= 63 for label in labels)
+            or _has_control(name)
+        ):
             raise reader.error("query_name", 'a DNS name such as "example.com"', name)
         values["query_name"] = name
     if reader.has("query_type"):
         query_type = reader.raw("query_type")
-        if query_type not in DNS_TYPES:
+        # A string first: `["A"] in DNS_TYPES` raised TypeError (a list is unhashable).
+        if not isinstance(query_type, str) or query_type not in DNS_TYPES:
             raise reader.error("query_type", '"A" or "AAAA"', query_type)
         values["query_type"] = query_type
     values["interval_s"] = reader.duration("interval", base.interval_s, minimum_s=0.05)
@@ -947,6 +1001,8 @@ def auto_table_id(first: int, taken: set[int]) -> int | None:
 
 def parse_config(text: str, source: str) -> Config:
     """Parse and validate a whole config. Raises ConfigError; has no side effect."""
+    if len(text) > CONFIG_MAX_CHARS:
+        raise ConfigError(source, "", f"expected at most {CONFIG_MAX_CHARS} characters, got {len(text)}")
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -963,6 +1019,16 @@ def parse_config(text: str, source: str) -> Config:
     state_dir = agent_reader.string("state_dir", defaults.state_dir)
     if not state_dir.startswith("/"):
         raise agent_reader.error("state_dir", "an absolute path", state_dir)
+    # `run` installed its routes, then died on the status write (a NUL) or would on the
+    # control socket's bind (a path too long for sun_path): the config's fault, found here.
+    if not _is_path(state_dir):
+        raise agent_reader.error("state_dir", "an absolute path without control characters", state_dir)
+    if len(os.fsencode(f"{state_dir}/{CONTROL_SOCKET}")) > SUN_PATH_MAX:
+        raise agent_reader.error(
+            "state_dir",
+            f"a path short enough for {CONTROL_SOCKET} in it (at most {SUN_PATH_MAX} bytes in all)",
+            state_dir,
+        )
     hysteresis_s = agent_reader.duration("hysteresis", defaults.hysteresis_s)
     agent = AgentConfig(
         state_dir=state_dir,
@@ -1046,11 +1112,15 @@ def parse_config(text: str, source: str) -> Config:
         nat_exclude: list[str] = []
         if reader.has("nat_exclude"):
             raw_exclude = reader.raw("nat_exclude")
-            if not isinstance(raw_exclude, list):
-                raise reader.error("nat_exclude", 'an array of networks such as "10.0.0.0/8"', raw_exclude)
+            if not isinstance(raw_exclude, list) or len(raw_exclude) > MAX_LIST:
+                raise reader.error(
+                    "nat_exclude",
+                    f'an array of at most {MAX_LIST} networks such as "10.0.0.0/8"',
+                    raw_exclude,
+                )
             for i, network in enumerate(raw_exclude):
                 try:
-                    nat_exclude.append(str(ipaddress.ip_network(network, strict=False)))
+                    nat_exclude.append(_network(network))
                 except (TypeError, ValueError):
                     raise reader.error(
                         f"nat_exclude[{i}]", 'a network such as "10.0.0.0/8"', network
@@ -1121,6 +1191,20 @@ def parse_config(text: str, source: str) -> Config:
     )
 
 
+def _network(value: object) -> str:
+    """A network written as a string: ip_network takes 5 as 0.0.0.5/32, and shows (repr)
+    a value it refuses, which for a list nested 1,000 deep raised RecursionError."""
+    if not isinstance(value, str):
+        raise TypeError
+    return str(ipaddress.ip_network(value, strict=False))
+
+
+def _is_path(path: str) -> bool:
+    """An absolute path the kernel takes: no NUL (Python raises on it), no control character
+    (a log line or status field would break), not past PATH_MAX."""
+    return path.startswith("/") and not _has_control(path) and len(os.fsencode(path)) <= PATH_MAX
+
+
 def _read_group(reader: _Reader) -> str:
     group = reader.string("control_group", "root")
     if not GROUP_RE.match(group):
@@ -1159,7 +1243,7 @@ def _read_path(reader: _Reader, key: str) -> str | None:
     if not reader.has(key):
         return None
     path = reader.string(key)
-    if not path.startswith("/") or "\0" in path or path.endswith("/"):
+    if not _is_path(path) or path.endswith("/"):
         raise reader.error(key, "an absolute file path", path)
     return path
 
@@ -1168,7 +1252,7 @@ def _read_textfile(reader: _Reader) -> str | None:
     if not reader.has("metrics_textfile"):
         return None
     path = reader.string("metrics_textfile")
-    if not path.startswith("/") or not path.endswith(".prom"):
+    if not _is_path(path) or not path.endswith(".prom"):
         raise reader.error("metrics_textfile", 'an absolute path ending in ".prom"', path)
     return path
 
@@ -1192,6 +1276,8 @@ def _tables(root: _Reader, key: str) -> list[_Reader]:
     raw = root.raw(key)
     if not isinstance(raw, list):
         raise root.error(key, f"an array of [[{key}]] tables", raw)
+    if len(raw) > MAX_HOOKS:
+        raise ConfigError(root.source, key, f"expected at most {MAX_HOOKS} [[{key}]] tables, got {len(raw)}")
     readers = []
     for index, item in enumerate(raw):
         if not isinstance(item, dict):
@@ -1212,8 +1298,9 @@ def _read_hooks(root: _Reader) -> tuple[HookConfig, ...]:
         if (
             not isinstance(argv, list)
             or not argv
+            or len(argv) > MAX_LIST
             or not all(isinstance(a, str) and a and "\0" not in a for a in argv)
-            or not argv[0].startswith("/")
+            or not _is_path(argv[0])
         ):
             raise reader.error("exec", expected, argv)
         events = _read_events(reader)
@@ -1249,6 +1336,10 @@ def _read_webhooks(root: _Reader) -> tuple[WebhookConfig, ...]:
         headers: list[tuple[str, str]] = []
         table = reader.sub("headers")
         if table is not None:
+            if len(table.table) > MAX_HOOKS:
+                raise ConfigError(
+                    reader.source, table.path, f"expected at most {MAX_HOOKS} headers, got {len(table.table)}"
+                )
             for name in list(table.table):
                 value = table.raw(name)
                 if not HEADER_NAME_RE.match(name) or name.lower() in (
@@ -1268,7 +1359,7 @@ def _read_webhooks(root: _Reader) -> tuple[WebhookConfig, ...]:
         token_file = None
         if reader.has("bearer_token_file"):
             token_file = reader.string("bearer_token_file")
-            if not token_file.startswith("/"):
+            if not _is_path(token_file):
                 raise reader.error("bearer_token_file", "an absolute path", token_file)
         events = _read_events(reader)
         timeout_s = reader.duration("timeout", 10.0, minimum_s=0.1)
@@ -1285,8 +1376,8 @@ def _one_or_many(reader: _Reader, key: str, expected: str) -> list[tuple[str, An
     value = reader.raw(key)
     if not isinstance(value, list):
         return [(key, value)]
-    if not value:
-        raise reader.error(key, f"{expected}, or a non-empty array of them", value)
+    if not value or len(value) > MAX_LIST:
+        raise reader.error(key, f"{expected}, or a non-empty array of at most {MAX_LIST} of them", value)
     return [(f"{key}[{i}]", item) for i, item in enumerate(value)]
 
 
@@ -1307,6 +1398,12 @@ def _read_policies(root: _Reader, uplinks: Sequence[UplinkConfig]) -> tuple[Poli
     raw_policies = root.raw("policy")
     if not isinstance(raw_policies, list):
         raise root.error("policy", "an array of [[policy]] tables", raw_policies)
+    if len(raw_policies) > MAX_POLICIES:
+        raise ConfigError(
+            root.source,
+            "policy",
+            f"expected at most {MAX_POLICIES} [[policy]] tables, got {len(raw_policies)}",
+        )
     by_name = {u.name: u for u in uplinks}
     policies: list[PolicyConfig] = []
     names: dict[str, int] = {}
@@ -1372,7 +1469,7 @@ def _read_match(reader: _Reader, uplinks: Sequence[UplinkConfig]) -> PolicyMatch
         parsed: list[str] = []
         for where, item in _one_or_many(reader, key, expected):
             try:
-                parsed.append(str(ipaddress.ip_network(item, strict=False)))
+                parsed.append(_network(item))
             except (TypeError, ValueError):
                 raise reader.error(where, expected, item) from None
         networks[key] = tuple(parsed)
@@ -9984,7 +10081,8 @@ def _state_dir(args: argparse.Namespace) -> str:
             state_dir = tomllib.loads(Path(path).read_text(encoding="utf-8"))["agent"]["state_dir"]
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
             state_dir = AgentConfig().state_dir if args.command == "reload" else None
-        if isinstance(state_dir, str) and state_dir.startswith("/"):
+        # Only a path the kernel takes: a NUL in it made `status` die in os.open.
+        if isinstance(state_dir, str) and _is_path(state_dir):
             return state_dir
         raise
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -215,3 +217,162 @@ def test_the_highest_rule_priority_ends_the_block_just_below_main() -> None:
     text = many_uplinks(1, "[agent]\nrule_priority = 31742")
     config = mwa.parse_config(text, "t.toml")
     assert config.agent.rule_priority + mwa.RULE_BLOCK - 1 == 32765  # main's rule is 32766
+
+
+# Regressions from the config fuzz (issue 12): each was a traceback, or a config that
+# `check` accepted and `run` could not finish ----------------------------------------
+
+
+def one_uplink(agent: str = "", check: str = "", uplink: str = "", tail: str = "") -> str:
+    return "\n".join(
+        [
+            "[agent]",
+            agent,
+            "[check]",
+            'targets = ["198.18.1.1"]',
+            check,
+            "[[uplink]]",
+            'name = "fibre"',
+            'interface = "wan0"',
+            uplink,
+            tail,
+        ]
+    )
+
+
+def config_error(text: str) -> mwa.ConfigError:
+    with pytest.raises(mwa.ConfigError) as caught:
+        mwa.parse_config(text, "t.toml")
+    return caught.value
+
+
+def test_a_400_digit_duration_is_refused_not_infinite() -> None:
+    # 400 digits are past float's range (infinity): not a duration at all
+    err = config_error(one_uplink(agent=f'hysteresis = "{"1" * 400}s"'))
+    assert err.key_path == "agent.hysteresis" and err.message.startswith("expected a duration such as")
+    with pytest.raises(ValueError):
+        mwa.parse_duration("1" * 400 + "s")
+    # 300 are a finite duration, past every bound
+    err = config_error(one_uplink(agent=f'hysteresis = "{"1" * 300}s"'))
+    assert err.message == f'expected a duration from 0ms to 604800s, got "{"1" * 300}s"'
+    assert config_error(one_uplink(check='interval = "1e400s"')).key_path == "check.interval"
+
+
+def test_an_infinite_or_huge_sticky_timeout_is_refused() -> None:
+    for value in ("1" * 400 + "s", "169h"):
+        err = config_error(one_uplink(agent=f'sticky = "source"\nsticky_timeout = "{value}"'))
+        assert err.key_path == "agent.sticky_timeout", err
+    config = mwa.parse_config(one_uplink(agent='sticky = "source"\nsticky_timeout = "168h"'), "t.toml")
+    assert "timeout 604800s" in mwa.render_nft(config, mwa.steering_when_all_up(config))
+
+
+def test_query_type_and_method_of_the_wrong_type_are_config_errors() -> None:
+    err = config_error(one_uplink(check='query_type = ["A"]'))
+    assert str(err) == 't.toml: check.query_type: expected "A" or "AAAA", got an array'
+    for method in ('["icmp", ["tcp"]]', "[{x = 1}]", "[1, 1]"):
+        assert config_error(one_uplink(check=f"method = {method}")).key_path == "check.method"
+
+
+def test_values_nested_1000_deep_are_config_errors() -> None:
+    # ip_network shows (repr) what it refuses: a list nested 1,000 deep raised RecursionError
+    deep: list[object] = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(TypeError):
+        mwa._network(deep)
+    nested = "[" * 200 + "1" + "]" * 200
+    for text, key_path in (
+        (one_uplink(uplink=f"nat_exclude = {nested}"), "uplink[0].nat_exclude[0]"),
+        (one_uplink(check=f"method = {nested}"), "check.method"),
+        (one_uplink(check=f"query_type = {nested}"), "check.query_type"),
+        (one_uplink(tail=f'[[policy]]\nname = "p"\nuplinks = "fibre"\nmatch = {{ dst = {nested} }}'), ""),
+    ):
+        assert config_error(text).key_path.startswith(key_path or "policy[0].match.dst")
+    assert config_error("x = " + "[" * 1000 + "]" * 1000).message == "invalid TOML: nested too deeply"
+
+
+def test_a_nul_in_state_dir_or_a_path_is_refused() -> None:
+    err = config_error(one_uplink(agent='state_dir = "/run/mwa\\u0000x"'))
+    expected = 'expected an absolute path without control characters, got "/run/mwa\\u0000x"'
+    assert str(err) == f"t.toml: agent.state_dir: {expected}"
+    assert config_error(one_uplink(agent='state_dir = "/run/mwa\\n"')).key_path == "agent.state_dir"
+    for key, value in (
+        ("keepalived_track_file", "/run/track\\u0000"),
+        ("metrics_textfile", "/var/lib/x\\u0000.prom"),
+    ):
+        assert config_error(one_uplink(agent=f'{key} = "{value}"')).key_path == f"agent.{key}"
+    webhook = '[[webhook]]\nurl = "https://hooks.example.net/x"\nbearer_token_file = "/etc/t\\u0000"'
+    assert config_error(one_uplink(tail=webhook)).key_path == "webhook[0].bearer_token_file"
+    hook = '[[hook]]\nexec = ["/usr/bin/no\\ntify"]'
+    assert config_error(one_uplink(tail=hook)).key_path == "hook[0].exec"
+
+
+def test_a_state_dir_too_long_for_the_control_socket_is_refused() -> None:
+    fits = "/" + "d" * (mwa.SUN_PATH_MAX - len("/control.sock") - 1)
+    assert mwa.parse_config(one_uplink(agent=f'state_dir = "{fits}"'), "t.toml").agent.state_dir == fits
+    err = config_error(one_uplink(agent=f'state_dir = "{fits}d"'))
+    assert err.key_path == "agent.state_dir" and "control.sock" in err.message
+
+
+def test_names_and_interfaces_with_a_trailing_newline_are_refused() -> None:
+    text = one_uplink()
+    assert config_error(text.replace('"fibre"', '"fibre\\n"')).key_path == "uplink[0].name"
+    assert config_error(text.replace('"wan0"', '"wan0\\n"')).key_path == "uplink[0].interface"
+    policy = '[[policy]]\nname = "p\\n"\nuplinks = "fibre"\nmatch = { iif = "lan0" }'
+    assert config_error(one_uplink(tail=policy)).key_path == "policy[0].name"
+    policy = '[[policy]]\nname = "p"\nuplinks = "fibre"\nmatch = { iif = "lan0\\n" }'
+    assert config_error(one_uplink(tail=policy)).key_path == "policy[0].match.iif"
+    assert config_error(one_uplink(check='interval = "1s\\n"')).key_path == "check.interval"
+    policy = '[[policy]]\nname = "p"\nuplinks = "fibre"\nmatch = { protocol = "tcp", dst_port = "443\\n" }'
+    assert config_error(one_uplink(tail=policy)).key_path == "policy[0].match.dst_port"
+
+
+def test_integers_are_not_networks() -> None:
+    err = config_error(one_uplink(uplink="nat_exclude = [5]"))
+    assert str(err) == 't.toml: uplink[0].nat_exclude[0]: expected a network such as "10.0.0.0/8", got 5'
+    policy = '[[policy]]\nname = "p"\nuplinks = "fibre"\nmatch = { dst = 5 }'
+    assert config_error(one_uplink(tail=policy)).key_path == "policy[0].match.dst"
+
+
+def test_huge_lists_are_refused_at_once_and_duplicates_found_in_linear_time() -> None:
+    targets = ", ".join(f'"198.18.{i // 256 % 256}.{i % 256}"' for i in range(330_000))
+    started = time.perf_counter()
+    err = config_error(
+        one_uplink(check=f"targets = [{targets}]").replace('targets = ["198.18.1.1"]\n', "", 1)
+    )
+    assert time.perf_counter() - started < 2.0
+    assert str(err).startswith("t.toml: ") and err.key_path == ""  # more than CONFIG_MAX_CHARS
+    many = [f"198.18.0.{i}" for i in range(1, mwa.MAX_TARGETS + 2)]
+    err = config_error(
+        one_uplink(check=f"targets = {json.dumps(many)}").replace('targets = ["198.18.1.1"]\n', "", 1)
+    )
+    assert str(err) == f"t.toml: check.targets: expected at most 64 IP addresses, got {len(many)}"
+    dup = json.dumps([*many[:63], many[0]])
+    err = config_error(one_uplink(check=f"targets = {dup}").replace('targets = ["198.18.1.1"]\n', "", 1))
+    assert str(err) == "t.toml: check.targets[63]: duplicate target 198.18.0.1"
+    ports = ", ".join(["443"] * (mwa.MAX_LIST + 1))
+    policy = (
+        f'[[policy]]\nname = "p"\nuplinks = "fibre"\nmatch = {{ protocol = "tcp", dst_port = [{ports}] }}'
+    )
+    assert config_error(one_uplink(tail=policy)).key_path == "policy[0].match.dst_port"
+
+
+def test_an_unknown_key_of_control_characters_is_shown_on_one_line() -> None:
+    err = config_error(one_uplink(agent='"a\\nb" = 1'))
+    assert str(err) == 't.toml: agent."a\\nb": unknown key'
+
+
+def test_commands_that_only_read_state_dir_refuse_a_nul_in_it(tmp_path: Path) -> None:
+    # status, history and reload fall back to the raw state_dir of a config that does not
+    # validate; one with a NUL made status and history die in os.open.
+    bad = tmp_path / "nul.toml"
+    bad.write_text(one_uplink(agent='state_dir = "/run/mwa\\u0000x"'))
+    for command in ("status", "history", "reload"):
+        run = subprocess.run(
+            [sys.executable, str(ROOT / "multiwan_agent.py"), command, "-c", str(bad)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert run.returncode == 2 and "Traceback" not in run.stderr, (command, run.stderr)
+        assert f"error: {bad}: agent.state_dir: expected an absolute path" in run.stderr
