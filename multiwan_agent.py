@@ -4575,8 +4575,10 @@ class UplinkProber:
         gathered: asyncio.Future[Any],
     ) -> None:
         self._rounds.discard(gathered)
-        if gathered.cancelled():
-            return  # the prober stops
+        # The prober stops. A gather cancelled after its children began ends with a
+        # CancelledError set as its exception, not cancelled(): result() would raise it here.
+        if gathered.cancelled() or isinstance(gathered.exception(), asyncio.CancelledError):
+            return
         try:
             result = self._collect(seq, started, launched, gathered.result())
         except Exception as err:  # the round's boundary, as above

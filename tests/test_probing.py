@@ -3,6 +3,7 @@ confirmation bursts, late replies, inconclusive rounds and passive health."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 
@@ -358,3 +359,29 @@ def test_a_late_reply_to_a_failing_run_ends_it_the_path_is_slow_not_silent() -> 
         grid_at=0.0, last_ok=False, burst=mwa.Burst(mwa.BurstKind.FALL, "after a failed round", 2)
     )
     assert mwa.plan_late(plan, CHECK, 5.0) == mwa.ProbePlan(grid_at=6.0, last_ok=True)
+
+
+def test_a_round_cancelled_when_its_prober_stops_ends_silently() -> None:
+    """A reload restarts a prober while a round is in flight: its gather, cancelled,
+    ends with CancelledError as its exception (not cancelled()), and judging it raised
+    that from a loop callback (a traceback in a soak's log)."""
+
+    async def scenario() -> None:
+        prober = object.__new__(mwa.UplinkProber)
+        prober._rounds = set()
+
+        def judged(*_args: object) -> None:
+            raise AssertionError("a cancelled round was judged")
+
+        prober._finish_round = judged  # type: ignore[method-assign]
+        probe = asyncio.get_running_loop().create_future()
+        gathered = asyncio.gather(probe, return_exceptions=True)
+        prober._rounds.add(gathered)
+        gathered.cancel()
+        await asyncio.sleep(0)
+        assert not gathered.cancelled()  # the quirk: it holds a CancelledError instead
+        launched = mwa._Launched(jobs=[probe], names=[], pinged=0, gateways=[], timeouts=())
+        prober._gathered(1, 0.0, None, launched, gathered)
+        assert prober._rounds == set()
+
+    asyncio.run(scenario())
