@@ -344,3 +344,17 @@ def test_10000_tracked_flows_fail_over_and_release_in_bounded_time(lab: Lab, tmp
     monitor.stop()
     assert agent.stop() == 0
     assert others(lab) == before
+
+
+def test_a_3_minute_soak_of_random_faults_grows_nothing_and_settles_on_fibre(tmp_path: Path) -> None:
+    from conftest import lab_unavailable_reason
+
+    reason = lab_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
+    import soak
+
+    result = soak.soak(minutes=3.0, seed=12, sample_s=5.0, workdir=tmp_path)
+    print("\n" + result.report())
+    assert result.problems == (), result.report()
