@@ -6652,6 +6652,14 @@ class NftEdge:
 # back as untrusted input: a bad one is named and ignored, never a crash.
 
 
+def _running_task_count() -> int | None:
+    """How many asyncio tasks the running loop holds, or None when no loop runs."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return None
+
+
 def status_document(
     state: AgentState, *, running: bool, dry_run: bool, boot_id: str | None, mono_now: float, wall_now: float
 ) -> dict[str, Any]:
@@ -6727,6 +6735,8 @@ def status_document(
     return {
         "version": STATUS_VERSION,
         "pid": os.getpid(),
+        # asyncio tasks alive in the agent (null outside its loop): a soak watches it for leaks
+        "tasks": _running_task_count(),
         "boot_id": boot_id,
         "running": running,
         "dry_run": dry_run,
@@ -6871,6 +6881,7 @@ _UPLINK_FIELDS: Final[Mapping[str, tuple[type, ...]]] = {
 _TOP_FIELDS: Final[Mapping[str, tuple[type, ...]]] = {
     "version": (int,),
     "pid": (int,),
+    "tasks": (int, type(None)),
     "boot_id": (str, type(None)),
     "running": (bool,),
     "dry_run": (bool,),

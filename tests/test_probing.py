@@ -3,7 +3,9 @@ confirmation bursts, late replies, inconclusive rounds and passive health."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import math
 
 import pytest
@@ -358,3 +360,34 @@ def test_a_late_reply_to_a_failing_run_ends_it_the_path_is_slow_not_silent() -> 
         grid_at=0.0, last_ok=False, burst=mwa.Burst(mwa.BurstKind.FALL, "after a failed round", 2)
     )
     assert mwa.plan_late(plan, CHECK, 5.0) == mwa.ProbePlan(grid_at=6.0, last_ok=True)
+
+
+def test_a_round_cancelled_when_its_prober_stops_ends_silently() -> None:
+    """A reload restarts a prober while a round is in flight (a soak found a traceback from
+    a loop callback there): its probe tasks are cancelled, the round is never judged, and
+    nothing reaches the loop's exception handler."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, object]] = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        prober = object.__new__(mwa.UplinkProber)
+        prober._rounds = set()
+
+        def judged(*_args: object) -> None:
+            raise AssertionError("a cancelled round was judged")
+
+        prober._finish_round = judged  # type: ignore[method-assign]
+        plan = mwa._RoundPlan((("198.18.1.1", mwa.Method.TCP),), ("198.18.1.1",), 0, ())
+        round_ = mwa._Round(1, 0.0, None, plan, ())
+        task = loop.create_task(asyncio.sleep(10))
+        round_.tasks.append(task)  # type: ignore[arg-type]
+        task.add_done_callback(functools.partial(prober._task_done, round_, 0))
+        prober._rounds.add(round_)
+        prober._probe_done(round_, -1, None)  # launched; the TCP probe is still out
+        task.cancel()  # as run()'s finally does when the prober stops
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert task.cancelled() and round_.results == [None] and not errors
+
+    asyncio.run(scenario())
