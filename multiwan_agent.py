@@ -143,6 +143,9 @@ EXIT_NOT_RUNNING: Final = 3
 
 #: `check` warns when one target gets more probes a second than this from all uplinks.
 PROBE_RATE_WARN_PER_S: Final = 10.0
+#: Uplinks whose rounds start together (ProberSet.sync): 8 x 4 probes leave within a
+#: millisecond or two, and their replies are read in one wake-up of the event loop.
+PROBE_SLOT_UPLINKS: Final = 8
 #: Where every command looks for the config unless told (-c).
 DEFAULT_CONFIG: Final = "/etc/multiwan-agent/multiwan.toml"
 #: Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
@@ -1707,14 +1710,13 @@ def _may_be_past(samples: Sequence[RoundSample], check: CheckConfig) -> bool:
     within them, and proving that is cheaper than measuring them (every round, every uplink)."""
     if check.max_jitter_s is not None:
         return True
+    # List comprehensions, not generators: this runs on every round of every uplink.
     if check.max_rtt_s is not None:
-        limit_ms = check.max_rtt_s * 1000
-        if any(s.slowest_ms is not None and s.slowest_ms > limit_ms for s in samples):
+        if max([s.slowest_ms or 0.0 for s in samples], default=0.0) > check.max_rtt_s * 1000:
             return True
     if check.max_loss_pct is not None:
-        sent = sum(s.sent for s in samples)
-        lost = sent - sum(s.answered for s in samples)
-        if sent and 100.0 * lost / sent > check.max_loss_pct:
+        lost = sum([s.sent - s.answered for s in samples])
+        if lost and 100.0 * lost / sum([s.sent for s in samples]) > check.max_loss_pct:
             return True
     return False
 
@@ -7092,14 +7094,24 @@ class StatusWriter:
         #: True while a write would show decisions whose routes are not in place yet.
         self._hold = hold
         self._dirty = False
+        self._now_pending = False
         self._written_at = float("-inf")
         self._failing = False
 
     def note(self, urgency: StatusWrite) -> None:
         if urgency is StatusWrite.NOW:
-            self.write()
+            # Once per turn of the event loop, after the observations it handles: eight
+            # uplinks of one probe slot coming up at once are one write, not eight (at 250
+            # uplinks a write is tens of ms).
+            if not self._now_pending:
+                self._now_pending = True
+                asyncio.get_running_loop().call_soon(self._write_now)
         elif urgency is StatusWrite.SOON:
             self._dirty = True
+
+    def _write_now(self) -> None:
+        self._now_pending = False
+        self.write()
 
     async def run(self) -> None:
         while True:
@@ -8407,8 +8419,12 @@ class ProberSet:
     def sync(self, config: Config) -> None:
         wanted = {u.name: u for u in config.uplinks}
         # Rounds of many uplinks spread over the interval, not all at its start: a burst of
-        # sends and replies every interval is what delays some of them (send jitter).
-        offsets = {u.name: u.check.interval_s * i / len(config.uplinks) for i, u in enumerate(config.uplinks)}
+        # sends and replies every interval is what delays some of them (send jitter). But in
+        # groups (slots) of up to PROBE_SLOT_UPLINKS: the rounds of one slot are due at the
+        # same time, so one turn of the event loop sends them and one wake-up reads their
+        # replies. Spread one by one, every round cost a loop turn, an epoll and a pump wake-up.
+        slots = max(1, math.ceil(len(config.uplinks) / PROBE_SLOT_UPLINKS))
+        offsets = {u.name: u.check.interval_s * (i % slots) / slots for i, u in enumerate(config.uplinks)}
         for name in [n for n in self._running if n not in wanted]:
             self._supervisor.cancel(f"prober {name}")
             del self._running[name]
@@ -9304,6 +9320,9 @@ def return_startup_memory() -> None:
     the module was not loaded from bytecode: some 14 MiB). glibc keeps freed memory until
     asked; musl (OpenWrt) returns it by itself and has no malloc_trim."""
     gc.collect()
+    # What starting made lives as long as the agent: out of the collector's way, so that a
+    # full collection (a pause of the event loop) walks only what the agent made since.
+    gc.freeze()
     trim = libc_function("malloc_trim")
     if trim is not None:
         trim(0)
