@@ -137,8 +137,9 @@ def run_cycles(
     bound_s: float,
 ) -> None:
     monitor = lab.monitor_routes("router")
-    connector = lab.start_connector(duration_s=min(runs * 60 + 30, 600), period_ms=5, timeout_ms=20)
     for run in range(runs):
+        # connector.py runs at most 120 s: one per cycle (a cycle takes under 60 s).
+        connector = lab.start_connector(duration_s=90, period_ms=5, timeout_ms=20)
         t0 = time.monotonic()
         lab.silent_drop("isp1", True)
         figures.silent_route.append(wait_route(monitor, t0, "wan1", table, bound_s + 10))
@@ -162,6 +163,7 @@ def run_cycles(
             reset()
         conn_after(connector, FIBRE_IP, time.monotonic(), 10)  # traffic on fibre again before the next run
         time.sleep(LINK_QUIET_S)
+        connector.stop()
         print(f"  run {run + 1}: " + "  ".join(
             f"{name} {fmt(values[-1])}"
             for name, values in (
@@ -169,7 +171,6 @@ def run_cycles(
                 ("carrier", figures.carrier_route), ("back", figures.carrier_back),
             )
         ), flush=True)  # fmt: skip
-    connector.stop()
     monitor.stop()
 
 
