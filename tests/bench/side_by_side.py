@@ -266,7 +266,7 @@ def main() -> int:
         ),
         ("silent failure -> new conns", "silent_conn", "same"),
         ("silent recovery -> route back", "silent_back", back_bound),
-        ("carrier loss -> route", "carrier_route", "netlink event (~0); loop: fall x interval"),
+        ("carrier loss -> route", "carrier_route", "agent: the netlink event (~0); loop: as silent"),
         ("carrier loss -> new conns", "carrier_conn", "same"),
         ("carrier back -> route back", "carrier_back", back_bound),
     ]
