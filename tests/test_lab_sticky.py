@@ -55,7 +55,7 @@ def test_a_connection_opened_on_the_backup_lives_through_the_failback(lab: Lab, 
     assert holder.stdout is not None
     assert holder.stdout.readline().strip() == f"# source {LTE_IP}"
     # status counts the tracked connections that stick to each uplink
-    agent.wait_for(lambda s: (s["uplinks"]["lte"]["connections"] or 0) >= 1, 6, "a connection on lte")
+    agent.wait_for(lambda s: (s["uplinks"]["lte"]["connections"] or 0) >= 1, 12, "a connection on lte")
     before = conntrack_count(lab)
     lab.silent_drop("isp1", False)
     agent.wait_selected("fibre", timeout=5)
