@@ -24,6 +24,7 @@ verbatim. Needs root; never touches the root namespace.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import subprocess
@@ -140,27 +141,39 @@ def run_cycles(
     for run in range(runs):
         # connector.py runs at most 120 s: one per cycle (a cycle takes under 60 s).
         connector = lab.start_connector(duration_s=90, period_ms=5, timeout_ms=20)
-        t0 = time.monotonic()
-        lab.silent_drop("isp1", True)
-        figures.silent_route.append(wait_route(monitor, t0, "wan1", table, bound_s + 10))
-        figures.silent_conn.append(conn_after(connector, LTE_IP, t0, 5))
-        t1 = time.monotonic()
-        lab.silent_drop("isp1", False)
-        back = wait_route(monitor, t1, "wan0", table, FAILBACK_GIVE_UP_S)
-        figures.silent_back.append(back)
-        if back is None:
-            reset()
-        time.sleep(LINK_QUIET_S)
-        t2 = time.monotonic()
-        lab.carrier("isp1", False)
-        figures.carrier_route.append(wait_route(monitor, t2, "wan1", table, bound_s + 10))
-        figures.carrier_conn.append(conn_after(connector, LTE_IP, t2, 5))
-        t3 = time.monotonic()
-        lab.carrier("isp1", True)
-        back = wait_route(monitor, t3, "wan0", table, FAILBACK_GIVE_UP_S)
-        figures.carrier_back.append(back)
-        if back is None:
-            reset()
+        # A silent failure, then a carrier loss: each timed to the route and new connections
+        # via lte, and its repair to the route back (a loop that never fails back is reset).
+        faults = (
+            (
+                functools.partial(lab.silent_drop, "isp1"),
+                True,
+                False,
+                figures.silent_route,
+                figures.silent_conn,
+                figures.silent_back,
+            ),
+            (
+                functools.partial(lab.carrier, "isp1"),
+                False,
+                True,
+                figures.carrier_route,
+                figures.carrier_conn,
+                figures.carrier_back,
+            ),
+        )
+        for index, (set_fault, broken, repaired, routes, conns, backs) in enumerate(faults):
+            if index:
+                time.sleep(LINK_QUIET_S)
+            started = time.monotonic()
+            set_fault(broken)
+            routes.append(wait_route(monitor, started, "wan1", table, bound_s + 10))
+            conns.append(conn_after(connector, LTE_IP, started, 5))
+            repaired_at = time.monotonic()
+            set_fault(repaired)
+            back = wait_route(monitor, repaired_at, "wan0", table, FAILBACK_GIVE_UP_S)
+            backs.append(back)
+            if back is None:
+                reset()
         conn_after(connector, FIBRE_IP, time.monotonic(), 10)  # traffic on fibre again before the next run
         time.sleep(LINK_QUIET_S)
         connector.stop()
