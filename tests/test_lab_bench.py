@@ -35,9 +35,17 @@ def test_shell_loop_fails_over_on_a_silent_failure(lab: Lab) -> None:
             lab.silent_drop("isp1", True)
             # Each failed ping waits its 1 s -W: fall x (interval + 1 s) = 3.6 s, plus slack.
             took = wait_route(monitor, t0, "wan1", "main", timeout_s=15)
-            log = (Path(tmp) / "shell.log").read_text()
+            log_path = Path(tmp) / "shell.log"
+            # The loop logs its switch after `ip route replace` returns, so the
+            # route can be seen before the line is written: wait for it, bounded.
+            log = log_path.read_text()
+            for _ in range(50):
+                if "failover: " in log:
+                    break
+                time.sleep(0.1)
+                log = log_path.read_text()
             assert took is not None, f"the shell loop did not fail over; its log:\n{log}"
-            assert "failover: 3 failures" in log
+            assert "failover: 3 failures" in log, log
         finally:
             loop.stop()
             lab.silent_drop("isp1", False)
