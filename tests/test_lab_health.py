@@ -40,22 +40,6 @@ def test_loss_degrades_the_uplink_moves_traffic_and_returns_after_hysteresis(
     assert back["updated_monotonic"] - back["uplinks"]["fibre"]["since_monotonic"] >= 1.0
 
 
-def test_5_percent_loss_never_flaps_over_60_seconds(lab: Lab, tmp_path: Path) -> None:
-    agent = AgentProcess(lab, tmp_path, lab_config(tmp_path / "state", interval="250ms", timeout="250ms"))
-    agent.wait_both_up()
-    lab.loss("isp1", 5)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # bounded: 60 s
-        status = agent.status()
-        assert status is not None and status["selected"] == "fibre", status
-        assert status["uplinks"]["fibre"]["state"] == "up", status["uplinks"]["fibre"]
-        time.sleep(0.5)
-    log = agent.log()
-    assert "uplink=fibre degraded" not in log and "uplink=fibre down" not in log
-    lost = log.count("=timeout")  # the -v round lines show each lost probe
-    assert 0 < lost < 0.15 * 2 * 240, lost  # about 5% of 2 targets x 240 rounds
-
-
 def test_http_check_fails_on_a_captive_portal_while_icmp_works(lab: Lab, tmp_path: Path) -> None:
     check = (
         'method = "http"\nurl = "http://check.example/generate_204"\n'
