@@ -4836,14 +4836,18 @@ class UplinkProber:
         self._tls: asyncio.Future[Any] | None = None
         #: Gateways that have answered a ping since the prober started.
         self._gateway_answered: set[str] = set()
+        #: The newest judged round failed (or none was judged yet): the next rounds also
+        #: ping the gateways, to tell where a failure is (see _wants_gateways).
+        self._in_doubt = True
         #: Bugs already logged with their traceback: (method, exception type).
         self._reported: set[tuple[str, str]] = set()
         self.plan = plan_start(uplink.check, 0.0)
         #: RFC 6298 state per ICMP target (gateways included), and the timeout it gives.
         self.estimates: dict[str, RttEstimate] = {}
         self._timeouts: dict[str, float] = {}
-        #: The round plan of the newest source (a source is a frozen value: compared, not rebuilt).
-        self._planned: tuple[ProbeSource, _RoundPlan] | None = None
+        #: The round plans of the newest source, with and without the gateway pings (a
+        #: source is a frozen value: compared, not rebuilt).
+        self._planned: tuple[ProbeSource, dict[bool, _RoundPlan]] | None = None
         #: Start time of the newest round whose result came back (older ones are stale).
         self._newest_started = -math.inf
         #: Set when run() starts; a bug in a callback sets its exception.
@@ -4934,7 +4938,7 @@ class UplinkProber:
         """Send a round's probes now; _round_done() judges it once all have ended."""
         started = asyncio.get_running_loop().time()
         try:
-            plan = self._round_plan(source)
+            plan = self._round_plan(source, self._wants_gateways(source, burst))
             timeouts = (
                 tuple((t, round(self.timeout_for(t) * 1000.0, 1)) for t in plan.targets)
                 if Method.ICMP in self.uplink.check.methods
@@ -4998,6 +5002,8 @@ class UplinkProber:
         stale = result.started_at <= self._newest_started
         self._newest_started = max(self._newest_started, result.started_at)
         outcome = None if stale or result.inconclusive else result.ok
+        if outcome is not None:
+            self._in_doubt = not outcome
         self.plan = plan_result(self.plan, outcome, burst is not None, check, loop.time())
         self._schedule()  # a burst starts or ends: the schedule may have changed
         if burst is not None or self.plan.burst is not None:
@@ -5021,9 +5027,30 @@ class UplinkProber:
             )
         self._deliver(result)
 
-    def _round_plan(self, source: ProbeSource) -> _RoundPlan:
-        if self._planned is not None and self._planned[0] == source:
-            return self._planned[1]
+    def _wants_gateways(self, source: ProbeSource, burst: Burst | None) -> bool:
+        """Whether this round pings the gateways too. Their answer only tells where a
+        failure is (gateway or upstream), so a healthy uplink's regular rounds send none:
+        at 64 uplinks they were a quarter of the probes. They go with every burst round
+        and every round after a failed one (the rounds that decide a down, and say why),
+        with every round while a gateway has not answered yet (whether it answers pings
+        at all is learnt), and with every round at fall 1 (its first failure decides)."""
+        check = self.uplink.check
+        if not check.gateway_check:
+            return False
+        if burst is not None or self._in_doubt or check.fall <= 1:
+            return True
+        return not self._gateway_answered.issuperset(self._round_plan(source, True).gateways)
+
+    def _round_plan(self, source: ProbeSource, gateways_too: bool = True) -> _RoundPlan:
+        if self._planned is None or self._planned[0] != source:
+            self._planned = (source, {})
+        plans = self._planned[1]
+        plan = plans.get(gateways_too)
+        if plan is None:
+            plan = plans[gateways_too] = self._make_round_plan(source, gateways_too)
+        return plan
+
+    def _make_round_plan(self, source: ProbeSource, gateways_too: bool) -> _RoundPlan:
         check = self.uplink.check
         # Only targets of a family the uplink can route now: an IPv4-only LTE
         # stick in a dual-stack config is judged on its IPv4 answers.
@@ -5032,10 +5059,10 @@ class UplinkProber:
         gateways = self._gateways(source) if check.gateway_check else []
         # A gateway that is also a target is answered by that probe (one ICMP id/seq slot each).
         pinged = [g for g in gateways if not (Method.ICMP in check.methods and g in targets)]
+        if not gateways_too:
+            pinged = []
         names += [(g, Method.ICMP) for g in pinged]
-        plan = _RoundPlan(tuple(names), targets, len(pinged), tuple(gateways))
-        self._planned = (source, plan)
-        return plan
+        return _RoundPlan(tuple(names), targets, len(pinged), tuple(gateways))
 
     def _collect(
         self, seq: int, started: float, round_: _Round, outcomes: Sequence[ProbeResult | BaseException | None]
