@@ -55,12 +55,27 @@ def test_a_silent_failure_is_confirmed_by_a_burst_inside_the_round_counting_boun
         lambda s: set(s["uplinks"]["fibre"]["timeouts_ms"].values()) == {200.0}, 10, "adaptive timeouts"
     )
     assert status["uplinks"]["fibre"]["burst"] is None
+    # A healthy uplink's regular rounds ping no gateway: only the targets, two rounds' worth.
+    lab.nft(
+        "isp1",
+        "table inet gw {\n counter pings { packets 0 bytes 0 }\n"
+        " chain input {\n  type filter hook input priority -20;\n"
+        '  iifname "cpe" icmp type echo-request counter name pings\n }\n}\n',
+    )
+    targets_before = lab.counter("isp1", "t1")
+    time.sleep(2.1)  # a measuring window of two rounds, not a wait for a condition
+    pings = lab.run("isp1", "nft", "-j", "list", "counter", "inet", "gw", "pings").stdout
+    gateway_pings = next(
+        int(i["counter"]["packets"]) for i in json.loads(pings)["nftables"] if "counter" in i
+    )
+    assert gateway_pings == 0 and lab.counter("isp1", "t1") - targets_before >= 2, gateway_pings
     fault_at = time.monotonic()
     lab.silent_drop("isp1", True)
     moved_at = wait_default_via(lab, "wan1", timeout=6)
     # Round counting needs fall x interval + timeout = 4 s at worst; a burst needs a round
     # (at most 1 s away), its 200 ms timeout and two more 200 ms confirmations.
     assert moved_at - fault_at < 2.5, moved_at - fault_at
+    # "upstream": the burst rounds pinged the gateway, and it answered.
     agent.wait_log("uplink=fibre down: burst confirmed 3/3 after a failed round: upstream unreachable")
     assert lab.connect_once() == LTE_IP
     lab.silent_drop("isp1", False)
