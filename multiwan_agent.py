@@ -202,6 +202,9 @@ PASSIVE_IDLE_TICK_S: Final = 0.5
 
 #: Status metrics (rtt, loss) are rewritten at most this often; transitions at once.
 STATUS_METRICS_PERIOD_S: Final = 1.0
+#: ... and less often when a write costs more than this share of a core: the document
+#: grows with the uplinks (58 KB at 64, 190 KB at 250), its refresh must not.
+STATUS_METRICS_CPU_SHARE: Final = 0.002
 #: How often status counts the tracked connections marked for each uplink (a conntrack dump).
 CONNTRACK_PERIOD_S: Final = 2.0
 #: How long a count of tracked connections waits for a reconcile to end (then goes on anyway).
@@ -4845,6 +4848,8 @@ class UplinkProber:
         #: RFC 6298 state per ICMP target (gateways included), and the timeout it gives.
         self.estimates: dict[str, RttEstimate] = {}
         self._timeouts: dict[str, float] = {}
+        #: The round's timeouts as status shows them, per targets probed, until one changes.
+        self._shown_timeouts: tuple[tuple[str, ...], tuple[tuple[str, float], ...]] | None = None
         #: The round plans of the newest source, with and without the gateway pings (a
         #: source is a frozen value: compared, not rebuilt).
         self._planned: tuple[ProbeSource, dict[bool, _RoundPlan]] | None = None
@@ -4939,12 +4944,7 @@ class UplinkProber:
         started = asyncio.get_running_loop().time()
         try:
             plan = self._round_plan(source, self._wants_gateways(source, burst))
-            timeouts = (
-                tuple((t, round(self.timeout_for(t) * 1000.0, 1)) for t in plan.targets)
-                if Method.ICMP in self.uplink.check.methods
-                else ()
-            )
-            round_ = _Round(seq, started, burst, plan, timeouts)
+            round_ = _Round(seq, started, burst, plan, self._round_timeouts(plan.targets))
         except Exception as err:  # the round's boundary: a bug here must not freeze the uplink
             self._finish_round(self._bug_round(seq, started, err), burst)
             return
@@ -5116,11 +5116,24 @@ class UplinkProber:
             )
         return timeout
 
+    def _round_timeouts(self, targets: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+        """(target, timeout in ms) of a round's ICMP probes, for status."""
+        if Method.ICMP not in self.uplink.check.methods:
+            return ()
+        shown = self._shown_timeouts
+        if shown is None or shown[0] != targets:
+            timeouts = tuple((t, round(self.timeout_for(t) * 1000.0, 1)) for t in targets)
+            shown = self._shown_timeouts = (targets, timeouts)
+        return shown[1]
+
     def _learn(self, target: str, rtt_ms: float) -> None:
         estimate = self.estimates[target] = rtt_sample(
             self.estimates.get(target, RttEstimate()), rtt_ms, self.uplink.check
         )
-        self._timeouts[target] = probe_timeout_s(estimate, self.uplink.check)
+        timeout = probe_timeout_s(estimate, self.uplink.check)
+        if self._timeouts.get(target) != timeout:
+            self._timeouts[target] = timeout
+            self._shown_timeouts = None
 
     def _on_late(self, target: str, seq: int, rtt_ms: float) -> None:
         # Karn's problem does not arise: the sequence number says which request was answered.
@@ -7135,6 +7148,8 @@ class StatusWriter:
         self._dirty = False
         self._now_pending = False
         self._written_at = float("-inf")
+        #: How long metric-only changes wait to be written (see STATUS_METRICS_CPU_SHARE).
+        self.metrics_period_s = STATUS_METRICS_PERIOD_S
         self._failing = False
 
     def note(self, urgency: StatusWrite) -> None:
@@ -7155,15 +7170,21 @@ class StatusWriter:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(STATUS_METRICS_PERIOD_S)
-            due = self._dirty or time.monotonic() - self._written_at >= STATUS_HEARTBEAT_S
+            since = time.monotonic() - self._written_at
+            due = (self._dirty and since >= self.metrics_period_s) or since >= STATUS_HEARTBEAT_S
             if due and not self._hold():
                 self.write()
 
     def write(self, running: bool = True) -> None:
         self._dirty = False
         self._written_at = time.monotonic()
+        cpu_before = time.thread_time()
         try:
             write_json_atomically(self.path, self._document(running))
+            cost_s = time.thread_time() - cpu_before
+            self.metrics_period_s = min(
+                max(cost_s / STATUS_METRICS_CPU_SHARE, STATUS_METRICS_PERIOD_S), STATUS_HEARTBEAT_S
+            )
         except OSError as err:
             if not self._failing:
                 log.warning("cannot write %s: %s; status stays stale until it can be written", self.path, err)
@@ -8504,6 +8525,32 @@ class ProberSet:
                 del self.probers[uplink.name]
 
 
+class ProbeSources:
+    """probe_source for the probers, worked out again only when what it reads changed: the
+    config, the interface dump and the uplink's link_usable (frozen values, compared by
+    identity). Every round asks, and at 64 uplinks working it out each time was a few
+    per cent of the event loop."""
+
+    def __init__(self, state: Callable[[], AgentState]) -> None:
+        self._state = state
+        self._config: Config | None = None
+        self._memo: dict[str, tuple[Mapping[str, Interface], bool, ProbeSource | None]] = {}
+
+    def __call__(self, name: str) -> ProbeSource | None:
+        state = self._state()
+        if state.config is not self._config:
+            self._config = state.config
+            self._memo.clear()
+        health = state.healths.get(name)
+        usable = health is not None and health.link_usable
+        hit = self._memo.get(name)
+        if hit is not None and hit[0] is state.interfaces and hit[1] == usable:
+            return hit[2]
+        source = probe_source(state, name)
+        self._memo[name] = (state.interfaces, usable, source)
+        return source
+
+
 def _probed_as(uplink: UplinkConfig) -> tuple[object, ...]:
     """What an uplink's prober depends on."""
     return (uplink.name, uplink.interface, uplink.gateway, uplink.gateway6, uplink.check)
@@ -9177,7 +9224,7 @@ async def run_daemon(
         status_writer = StatusWriter(status_path, document, lambda: pump.routes_settling())
         probers = ProberSet(
             supervisor,
-            lambda name: probe_source(pump.state, name),
+            ProbeSources(lambda: pump.state),
             lambda result: pump.post(RoundObserved(result)),
             options.verbose,
         )
