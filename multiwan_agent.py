@@ -209,6 +209,8 @@ STATUS_METRICS_CPU_SHARE: Final = 0.002
 CONNTRACK_PERIOD_S: Final = 2.0
 #: How long a count of tracked connections waits for a reconcile to end (then goes on anyway).
 CONNTRACK_PAUSE_MAX_S: Final = 2.0
+#: How soon a thread that wants the GIL gets it (Python's default is 5 ms): see run_agent.
+GIL_SWITCH_INTERVAL_S: Final = 0.0005
 #: A full netlink reconcile also runs this often, to repair what events missed.
 RESYNC_PERIOD_S: Final = 30.0
 #: Flap damping remembers this many of an uplink's newest failures: past the 20 that reach
@@ -7927,7 +7929,10 @@ class Metrics:
             labels = (("uplink", result.uplink), ("target", probe.target), ("method", probe.method.value))
             self.requests[labels] = self.requests.get(labels, 0) + 1
             if probe.ok and probe.rtt_ms is not None:
-                self.rtt.setdefault(labels, Histogram(RTT_BUCKETS)).observe(probe.rtt_ms / 1000)
+                histogram = self.rtt.get(labels)
+                if histogram is None:  # not setdefault: that would build one per probe
+                    histogram = self.rtt[labels] = Histogram(RTT_BUCKETS)
+                histogram.observe(probe.rtt_ms / 1000)
             elif not probe.ok:
                 failed = (*labels, ("reason", failure_reason(probe.reason)))
                 self.failures[failed] = self.failures.get(failed, 0) + 1
@@ -9450,6 +9455,10 @@ async def run_agent(config: Config, options: DaemonOptions) -> int:
         (reload if early == signal.SIGHUP else stop).set()
     _EARLY_SIGNALS.clear()
     loop.set_exception_handler(_log_loop_exception)
+    # Each probe's sendto gives up the GIL and takes it back: while the netlink worker
+    # decodes a dump (a resync at 64 uplinks is hundreds of messages), every take waited
+    # up to the default 5 ms switch interval, and a slot's probes left tens of ms late.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     died: list[str] = []
     threading.excepthook = functools.partial(_thread_died, loop, stop, died)
     code = await run_daemon(config, options, stop, reload)
