@@ -4565,6 +4565,11 @@ class IcmpEcho:
             else:
                 kind = "unreachable" if icmp_type == 3 else "ttl exceeded"
                 echo.done(ProbeResult(target, False, reason=f"{kind} (from {sender})"))
+            if not self._waiting and not self._late:
+                # Nothing more to wait for: spare the read that would only say EAGAIN (a
+                # system call and an exception per round); anything else queued on the
+                # socket wakes the loop again.
+                break
         if not self._waiting and self._expiry and not self._closed:
             # Everything was answered: the heap holds only answered probes; no timer needed.
             self._expiry.clear()

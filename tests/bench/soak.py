@@ -244,6 +244,9 @@ def main() -> int:
         "--sample", type=float, default=None, help="s between samples (default 30; 5 for runs under 10 min)"
     )
     args = parser.parse_args()
+    # SIGTERM (the suite stopping a soak it runs beside its tests) unwinds through the
+    # lab's context manager, so that no namespace is left behind.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     minutes = max(0.5, min(args.minutes, 1440.0))
     sample_s = args.sample if args.sample is not None else (30.0 if minutes >= 10 else 5.0)
     with tempfile.TemporaryDirectory(prefix="mwsoak-") as tmp:
