@@ -1789,6 +1789,10 @@ class Health:
     #: Passive health: the newest suspicion's evidence and when it was raised.
     suspicion: str | None = None
     suspected_at: float | None = None
+    #: The family this health judges when the uplink carries several (each has a health of
+    #: its own, see AgentState.family_healths); None when it carries one: then it is the
+    #: uplink's health, as it always was.
+    family: int | None = None
 
     @property
     def quality(self) -> Quality | None:
@@ -1807,13 +1811,64 @@ class Transition:
     new: State
     reason: str
     at: float
+    #: The family that changed, for an uplink that carries several (None: it carries one).
+    family: int | None = None
 
 
-def initial_health(uplink: UplinkConfig, now: float) -> Health:
-    """What to assume before the first rounds (mwan3's initial_state)."""
+def initial_health(uplink: UplinkConfig, now: float, family: int | None = None) -> Health:
+    """What to assume before the first rounds (mwan3's initial_state); `family` names the
+    family judged, for an uplink that carries several."""
     if uplink.initial_state == "up":
-        return Health(uplink.name, State.UP, since=now, reason="assumed up (initial_state = up)")
-    return Health(uplink.name, State.DOWN, since=now, reason="not yet confirmed")
+        return Health(
+            uplink.name, State.UP, since=now, reason="assumed up (initial_state = up)", family=family
+        )
+    return Health(uplink.name, State.DOWN, since=now, reason="not yet confirmed", family=family)
+
+
+def health_families(uplink: UplinkConfig) -> tuple[int, ...]:
+    """The families an uplink has a health for: those its targets are in (IPv4 for none)."""
+    return uplink.families or (4,)
+
+
+def split_round(result: RoundResult, families: Sequence[int]) -> dict[int, RoundResult]:
+    """One round of an uplink, as one round per family it carries: each family's health is
+    judged on that family's targets only, so a black-holed IPv6 leaves IPv4 alone.
+
+    The prober pings the gateways of all families in one go and reports whether any
+    answered: a family keeps that answer only if one of the gateways is its own.
+    """
+    if len(families) < 2:
+        return {families[0] if families else 4: result}
+    gateways = [g.strip() for g in result.gateway.split(",")] if result.gateway else []
+    split: dict[int, RoundResult] = {}
+    for family in families:
+        own = [g for g in gateways if family_of(g) == family]
+        split[family] = RoundResult(
+            result.uplink,
+            result.seq,
+            result.started_at,
+            tuple(p for p in result.probes if family_of(p.target) == family),
+            result.required,
+            gateway=", ".join(own) or None,
+            gateway_ok=result.gateway_ok if own else None,
+            burst_trigger=result.burst_trigger,
+            burst_state=result.burst_state,
+            timeouts_ms=tuple(t for t in result.timeouts_ms if family_of(t[0]) == family),
+        )
+    return split
+
+
+#: How an uplink's top-level state ranks its families' states: the best one speaks.
+_STATE_RANK: Final = {State.UP: 0, State.DEGRADED: 1, State.DOWN: 2}
+
+
+def uplink_health(healths: Sequence[Health]) -> Health:
+    """An uplink's health as a whole, from its families' healths (in family order): the best
+    one's (up, then degraded; IPv4 first on a tie). An uplink is up while it carries some
+    family; status and metrics show each family's own (see AgentState.family_healths)."""
+    if len(healths) == 1:
+        return healths[0]
+    return min(healths, key=lambda h: (_STATE_RANK[h.state], not h.link_usable))
 
 
 def observe_round(
@@ -1995,7 +2050,7 @@ def _transition(
         updated = evolve(updated, samples=(), has_failed=True)
     if state is State.DEGRADED:
         updated = evolve(updated, has_failed=True)
-    return updated, [Transition(health.name, health.state, state, reason, now)]
+    return updated, [Transition(health.name, health.state, state, reason, now, health.family)]
 
 
 def proof_start(health: Health) -> float:
@@ -2765,17 +2820,20 @@ def routable(uplink: UplinkConfig, interface: Interface | None, family: int) -> 
     return spec == "none" or uplink_gateway(uplink, interface, family) is not None
 
 
-def link_observation(uplink: UplinkConfig, interface: Interface | None) -> LinkObservation:
-    """Usable while at least one family the uplink is checked for can be routed."""
+def link_observation(
+    uplink: UplinkConfig, interface: Interface | None, family: int | None = None
+) -> LinkObservation:
+    """Usable while at least one family the uplink is checked for (or `family`) can be routed."""
+    families = uplink.families if family is None else (family,)
     if interface is None:
         return LinkObservation(False, f"interface {uplink.interface} is gone")
     if not interface.admin_up:
         return LinkObservation(False, f"interface {uplink.interface} is administratively down")
     if not interface.carrier:
         return LinkObservation(False, f"carrier lost on {uplink.interface}")
-    if any(routable(uplink, interface, family) for family in uplink.families):
+    if any(routable(uplink, interface, f) for f in families):
         return LinkObservation(True)
-    family = uplink.families[0]
+    family = families[0]
     if interface.source(family) is None:
         return LinkObservation(False, f"no {FAMILY_TITLE[family]} address on {uplink.interface}")
     client = "DHCP" if family == 4 else "RA"
@@ -3510,6 +3568,8 @@ class NftStatus:
 @dataclass(frozen=True, slots=True)
 class AgentState:
     config: Config
+    #: Per uplink, its health as a whole (see uplink_health): for an uplink that carries one
+    #: family, that family's health itself.
     healths: Mapping[str, Health]
     #: The last link/address dump, by interface name.
     interfaces: Mapping[str, Interface] = dataclasses.field(default_factory=dict)
@@ -3549,10 +3609,47 @@ class AgentState:
     routes_done: int = 0
     #: Passive health per uplink, as the conntrack events last showed it.
     passive: Mapping[str, PassiveView] = dataclasses.field(default_factory=dict)
+    #: Per family, the health of each uplink that carries it: what that family's selection,
+    #: balance group and policies judge by. (Empty: every health is in `healths`.)
+    family_healths: Mapping[int, Mapping[str, Health]] = dataclasses.field(default_factory=dict)
 
     def selected(self, family: int) -> str | None:
         decision = self.decisions.get(family)
         return decision.selected if decision is not None else None
+
+    def healths_for(self, family: int) -> Mapping[str, Health]:
+        """The healths this family's decisions judge by."""
+        return self.family_healths.get(family, self.healths)
+
+    def uplink_healths(self, name: str) -> dict[int, Health]:
+        """An uplink's health per family it carries (an uplink a reload removed: none)."""
+        uplink = _uplink(self.config, name)
+        if uplink is None:
+            return {}
+        found = {f: self.healths_for(f).get(name) for f in health_families(uplink)}
+        return {f: h for f, h in found.items() if h is not None}
+
+
+def with_healths(state: AgentState, name: str, healths: Mapping[int, Health]) -> AgentState:
+    """The state with these family healths of one uplink, and its health as a whole."""
+    family_healths = dict(state.family_healths)
+    for family, health in healths.items():
+        family_healths[family] = {**family_healths.get(family, {}), name: health}
+    merged = {**state.uplink_healths(name), **healths}
+    whole = uplink_health([merged[f] for f in sorted(merged)])
+    return evolve(state, healths={**state.healths, name: whole}, family_healths=family_healths)
+
+
+def _family_healths(
+    config: Config, healths: Mapping[str, Mapping[int, Health]]
+) -> tuple[dict[str, Health], dict[int, dict[str, Health]]]:
+    """(healths, family_healths) for AgentState from each uplink's healths per family."""
+    whole = {name: uplink_health([h[f] for f in sorted(h)]) for name, h in healths.items()}
+    per_family: dict[int, dict[str, Health]] = {f: {} for f in config.families or (4,)}
+    for name, by_family in healths.items():
+        for family, health in by_family.items():
+            per_family.setdefault(family, {})[name] = health
+    return whole, per_family
 
 
 def next_wake(state: AgentState) -> float:
@@ -3589,17 +3686,27 @@ def start_agent(
     """The state at start: adopt what a previous run left, owe what it owed, keep its
     drains, then take the first link dump as any later one."""
     adopted = adoptable(config, interfaces, routes)
-    healths: dict[str, Health] = {}
+    by_uplink: dict[str, dict[int, Health]] = {}
     for uplink in config.uplinks:
-        health = initial_health(uplink, now)
+        families = health_families(uplink)
         owes = owes_hysteresis(previous, uplink.name, boot_id, config.agent.hysteresis_s, now)
-        if uplink.name in adopted.values() and not owes:
-            health = evolve(health, state=State.UP, reason="adopted the route a previous run left")
-        elif owes:
-            # It failed before the restart, or was still proving itself:
-            # it owes the hysteresis again (a restart must not shortcut it).
-            health = evolve(health, state=State.DOWN, reason="failed in the previous run", has_failed=True)
-        healths[uplink.name] = health
+        by_uplink[uplink.name] = {}
+        for family in families:
+            health = initial_health(uplink, now, family if len(families) > 1 else None)
+            # A family is adopted on its own: the previous run's IPv6 route says nothing of IPv4.
+            adopted_here = (
+                adopted.get(family) == uplink.name if len(families) > 1 else uplink.name in adopted.values()
+            )
+            if adopted_here and not owes:
+                health = evolve(health, state=State.UP, reason="adopted the route a previous run left")
+            elif owes:
+                # It failed before the restart, or was still proving itself:
+                # it owes the hysteresis again (a restart must not shortcut it).
+                health = evolve(
+                    health, state=State.DOWN, reason="failed in the previous run", has_failed=True
+                )
+            by_uplink[uplink.name][family] = health
+    healths, family_healths = _family_healths(config, by_uplink)
     names = {iface.index: name for name, iface in interfaces.items()}
     applied = {
         # What the selection table holds now: the fast path must not re-send it (no flap).
@@ -3615,11 +3722,12 @@ def start_agent(
         managed_tables=config.tables,
         resync_at=now + RESYNC_PERIOD_S,
         drained={n: d for n, d in (drained or {}).items() if _uplink(config, n) is not None},
+        family_healths=family_healths,
     )
     events = tuple(
         Adopted(name, family, now)
         for family, name in sorted(adopted.items())
-        if healths[name].state is State.UP
+        if state.healths_for(family)[name].state is State.UP
     )
     state, intent = on_links(state, interfaces, now)
     return state, evolve(intent, events=events + intent.events, nft=SteeringWanted(config, state.steering))
@@ -3637,8 +3745,19 @@ def on_round(state: AgentState, result: RoundResult, now: float) -> tuple[AgentS
         state = evolve(state, probe_errors=errors)
     state, unjudged = _count_unjudged(state, result, uplink.check.fall, now)
     hysteresis = agent_hysteresis(state.config.agent)
-    updated, transitions = observe_round(health, result, uplink.check, now, hysteresis)
-    state = evolve(state, healths={**state.healths, result.uplink: updated})
+    families = health_families(uplink)
+    if len(families) == 1:
+        updated, transitions = observe_round(health, result, uplink.check, now, hysteresis)
+        state = with_healths(state, result.uplink, {families[0]: updated})
+    else:
+        # Each family is judged on its own targets: its own fall/rise, window and reasons.
+        healths = state.uplink_healths(result.uplink)
+        transitions = []
+        for family, part in split_round(result, families).items():
+            if family in healths:
+                healths[family], changed = observe_round(healths[family], part, uplink.check, now, hysteresis)
+                transitions += changed
+        state = with_healths(state, result.uplink, healths)
     if not transitions:
         status = StatusWrite.NOW if unjudged else StatusWrite.SOON
         return state, Intent(unjudged, status=status, wake_at=next_wake(state))
@@ -3651,24 +3770,31 @@ def on_round(state: AgentState, result: RoundResult, now: float) -> tuple[AgentS
     return _finish(state, intent)
 
 
-def on_late(state: AgentState, uplink: str, seq: int, rtt_ms: float, now: float) -> tuple[AgentState, Intent]:
-    """A reply came after its probe's adaptive timeout: late, not lost, in the quality window."""
-    health = state.healths.get(uplink)
-    if health is None:
+def on_late(
+    state: AgentState, uplink: str, seq: int, rtt_ms: float, now: float, family: int | None = None
+) -> tuple[AgentState, Intent]:
+    """A reply came after its probe's adaptive timeout: late, not lost, in the quality window
+    of its target's `family` (None: of every family the uplink carries)."""
+    healths = state.uplink_healths(uplink)
+    if not healths:
         return state, Intent(wake_at=next_wake(state))
-    updated = observe_late(health, seq, rtt_ms)
-    state = evolve(state, healths={**state.healths, uplink: updated})
+    updated = {f: observe_late(h, seq, rtt_ms) for f, h in healths.items() if family in (None, f)}
+    state = with_healths(state, uplink, updated)
     return state, Intent(status=StatusWrite.SOON, wake_at=next_wake(state))
 
 
 def on_suspect(state: AgentState, suspicion: Suspicion, now: float) -> tuple[AgentState, Intent]:
     """Passive health suspects an uplink: confirm with a burst, if it is up and probed.
     Suspicion alone never changes a state or a selection."""
-    health = state.healths.get(suspicion.uplink)
-    if health is None or health.state is State.DOWN or not health.link_usable:
+    healths = {
+        f: h
+        for f, h in state.uplink_healths(suspicion.uplink).items()
+        if h.state is not State.DOWN and h.link_usable
+    }
+    if not healths:
         return state, Intent(wake_at=next_wake(state))
-    updated = evolve(health, suspicion=suspicion.evidence, suspected_at=now)
-    state = evolve(state, healths={**state.healths, suspicion.uplink: updated})
+    updated = {f: evolve(h, suspicion=suspicion.evidence, suspected_at=now) for f, h in healths.items()}
+    state = with_healths(state, suspicion.uplink, updated)
     return state, Intent(
         (Suspected(suspicion.uplink, suspicion.evidence, now),),
         bursts=((suspicion.uplink, "after passive suspicion"),),
@@ -3681,8 +3807,8 @@ def on_links(state: AgentState, interfaces: Mapping[str, Interface], now: float)
     """A fresh link/address dump: renumberings, carrier and address losses at once; decide; reconcile."""
     events: list[Event] = []
     transitions: list[Transition] = []
-    healths = dict(state.healths)
     for uplink in state.config.uplinks:
+        healths = state.uplink_healths(uplink.name)
         before, after = state.interfaces.get(uplink.interface), interfaces.get(uplink.interface)
         if before is not None and after is not None:
             renumbered = describe_renumbering(uplink, before, after)
@@ -3691,16 +3817,19 @@ def on_links(state: AgentState, interfaces: Mapping[str, Interface], now: float)
                 # table and rules in this same reconcile. A round sent from the old
                 # address proves nothing about the new one.
                 events.append(Renumbered(uplink.name, renumbered, now))
-                health = healths[uplink.name]
-                healths[uplink.name] = evolve(health, last_round_at=max(health.last_round_at, now))
-        healths[uplink.name], changed = observe_link(
-            healths[uplink.name], link_observation(uplink, after), now
-        )
-        transitions += changed
+                healths = {f: evolve(h, last_round_at=max(h.last_round_at, now)) for f, h in healths.items()}
+        # Carrier loss (or a vanished interface) makes every family down at once; a lost
+        # address or gateway only its own family.
+        split = len(healths) > 1
+        for family, health in healths.items():
+            link = link_observation(uplink, after, family if split else None)
+            healths[family], changed = observe_link(health, link, now)
+            transitions += changed
+        state = with_healths(state, uplink.name, healths)
     status = StatusWrite.NOW if events or transitions else StatusWrite.NONE
     if status is StatusWrite.NONE and interfaces != state.interfaces:
         status = StatusWrite.SOON
-    state = evolve(state, interfaces=dict(interfaces), healths=healths)
+    state = evolve(state, interfaces=dict(interfaces))
     state = _owe_on_transitions(state, transitions, now)
     state, decided = _decide(state, now)
     if decided:
@@ -3832,22 +3961,25 @@ def on_reload(
     problem = reload_problem(old, new) or "; ".join(reload_collisions(old, new, rules, routes))
     if problem:
         return _finish(state, Intent((ReloadRejected(problem, now),)))
-    healths: dict[str, Health] = {}
+    by_uplink: dict[str, dict[int, Health]] = {}
     before = {u.name: u for u in old.uplinks}
     for uplink in new.uplinks:
         was = before.get(uplink.name)
-        health = state.healths.get(uplink.name)
+        healths_before = state.uplink_healths(uplink.name)
         same_path = was is not None and (was.interface, was.gateway, was.gateway6, was.families) == (
             uplink.interface,
             uplink.gateway,
             uplink.gateway6,
             uplink.families,
         )
-        healths[uplink.name] = (
-            remap_health(health, uplink.check)
-            if health is not None and same_path
-            else initial_health(uplink, now)
-        )
+        families = health_families(uplink)
+        by_uplink[uplink.name] = {
+            f: remap_health(healths_before[f], uplink.check)
+            if same_path and f in healths_before
+            else initial_health(uplink, now, f if len(families) > 1 else None)
+            for f in families
+        }
+    healths, family_healths = _family_healths(new, by_uplink)
     release_flows = {u.name: u.release_flows for u in new.uplinks}
     # The nft table is re-installed whole for the new config (per-host placements
     # start afresh). Until the next decision it keeps the steering that still applies.
@@ -3856,6 +3988,7 @@ def on_reload(
         state,
         config=new,
         healths=healths,
+        family_healths=family_healths,
         decisions={f: d for f, d in state.decisions.items() if f in new.families},
         policy_decisions={
             name: {f: d for f, d in decisions.items() if f in steering.policies.get(name, {})}
@@ -3921,9 +4054,9 @@ def on_command(state: AgentState, command: Command, now: float, wall_now: float)
             else tuple(
                 f
                 for f in uplink.families
-                if state.healths[name].state is not State.DOWN
+                if state.healths_for(f)[name].state is not State.DOWN
                 and not any(
-                    u.name != name and state.healths[u.name].state is not State.DOWN
+                    u.name != name and state.healths_for(f)[u.name].state is not State.DOWN
                     for u in _candidates(state, f)
                 )
             )
@@ -4052,12 +4185,14 @@ def _decide(state: AgentState, now: float) -> tuple[AgentState, tuple[Event, ...
     wakes: list[float] = []
     unavailable = {name: "is drained by the operator" for name in state.drained}
     for family in config.families:
+        # Each family judges by its own healths: a dead IPv6 moves IPv6 only.
+        healths = state.healths_for(family)
         candidates = _candidates(state, family)
         previous = decisions.get(family, Decision(None, "starting"))
-        decision = select(state.healths, candidates, previous.selected, hysteresis_s, now, unavailable)
-        events += _selection_events(family, previous, decision, state.healths, now)
+        decision = select(healths, candidates, previous.selected, hysteresis_s, now, unavailable)
+        events += _selection_events(family, previous, decision, healths, now)
         decisions[family] = decision
-        group = balance_group(state.healths, candidates, decision.selected, hysteresis_s, now)
+        group = balance_group(healths, candidates, decision.selected, hysteresis_s, now)
         balance[family] = group.members
         wakes += [w for w in (decision.wake_at, group.wake_at) if w is not None]
         for policy in config.policies:
@@ -4066,9 +4201,7 @@ def _decide(state: AgentState, now: float) -> tuple[AgentState, tuple[Event, ...
             chosen = policy_decisions.setdefault(policy.name, {})
             before = chosen.get(family)
             current = before.selected if before is not None else None
-            placed = select_for_policy(
-                policy, state.healths, candidates, current, hysteresis_s, now, unavailable
-            )
+            placed = select_for_policy(policy, healths, candidates, current, hysteresis_s, now, unavailable)
             if before is None or before.selected != placed.selected:
                 events.append(
                     PolicyChanged(
@@ -4089,13 +4222,13 @@ def _decide(state: AgentState, now: float) -> tuple[AgentState, tuple[Event, ...
         balance,
         {name: {f: d.selected for f, d in chosen.items()} for name, chosen in policy_decisions.items()},
     )
-    events += _balance_events(config, state.healths, state.steering, steering, now)
+    events += _balance_events(config, state, state.steering, steering, now)
     carrying = {(d.selected, f) for f, d in decisions.items() if d.selected is not None}
     carrying |= {(n, f) for f, members in steering.balance.items() for n, _ in members}
     carrying |= {(n, f) for chosen in steering.policies.values() for f, n in chosen.items() if n is not None}
     owed = dict(state.owed_releases)
     for name, family in sorted(state.carrying - carrying):
-        uplink, health = _uplink(config, name), state.healths.get(name)
+        uplink, health = _uplink(config, name), state.healths_for(family).get(name)
         if (
             uplink is not None
             and health is not None
@@ -4152,10 +4285,11 @@ def _selection_events(
 
 
 def _balance_events(
-    config: Config, healths: Mapping[str, Health], before: Steering, after: Steering, now: float
+    config: Config, state: AgentState, before: Steering, after: Steering, now: float
 ) -> list[Event]:
     events: list[Event] = []
     for family in config.families:
+        healths = state.healths_for(family)
         old, new = (dict(s.balance.get(family, ())) for s in (before, after))
         old, new = (members if len(members) > 1 else {} for members in (old, new))
         if old == new:
@@ -4176,11 +4310,18 @@ def _owe_on_transitions(state: AgentState, transitions: Iterable[Transition], no
         uplink = _uplink(state.config, t.uplink)
         if uplink is None:
             continue
+        # A family of an uplink that carries several owes (or is let off) its own flows only.
+        which = frozenset(uplink.families) if t.family is None else frozenset({t.family})
+        was = owed.get(t.uplink)
         if t.new is State.DOWN and "on_down" in uplink.release_flows:
-            families = frozenset(uplink.families)
+            families = which | (was.families if was is not None and was.kind == "down" else frozenset())
             owed[t.uplink] = OwedRelease("it went down", "down", families, state.routes_planned + 1, now)
-        elif t.new is State.UP:
-            owed.pop(t.uplink, None)  # back before its flows were released
+        elif t.new is State.UP and was is not None:
+            # Back before its flows were released.
+            if was.families - which and was.kind == "down":
+                owed[t.uplink] = evolve(was, families=was.families - which)
+            else:
+                owed.pop(t.uplink, None)
     return evolve(state, owed_releases=owed)
 
 
@@ -4216,11 +4357,14 @@ def _count_unjudged(
 
 
 def _release_still_wanted(state: AgentState, name: str, running: RunningRelease) -> bool:
-    health = state.healths.get(name)
     if running.kind == "drain":
         return name in state.drained
     if running.kind == "down":
-        return health is None or health.state is not State.UP
+        healths = state.uplink_healths(name)
+        return not healths or any(
+            f not in healths or healths[f].state is not State.UP
+            for f in (running.families if len(healths) > 1 else healths)
+        )
     return not any((name, f) in state.carrying for f in running.families)
 
 
@@ -6744,6 +6888,11 @@ def status_document(
             # passive health from its forwarded connections (null: off); the last suspicion
             "passive": _passive_status(state.passive.get(uplink.name)),
             "suspicion": health.suspicion,
+            # per family it carries, that family's own health (`state` above is the best of them)
+            "health": {
+                FAMILY_NAME[f]: _family_status(state, uplink, f, h, mono_now, wall_now)
+                for f, h in state.uplink_healths(uplink.name).items()
+            },
         }
     primary_decision = state.decisions.get(primary, Decision(None, "starting"))
     return {
@@ -6798,6 +6947,33 @@ def status_document(
     }
 
 
+def _family_status(
+    state: AgentState, uplink: UplinkConfig, family: int, health: Health, mono_now: float, wall_now: float
+) -> dict[str, Any]:
+    """One family's health of an uplink, for status."""
+    quality = health.quality
+    interface = state.interfaces.get(uplink.interface)
+    return {
+        "state": health.state.value,
+        "since": round(wall_now - (mono_now - health.since), 3),
+        "since_monotonic": round(health.since, 6),
+        "reason": health.reason,
+        "selected": state.selected(family) == uplink.name,
+        "ready": health.link_usable,
+        "ready_reason": None
+        if health.link_usable
+        else link_observation(uplink, interface, family if len(uplink.families) > 1 else None).reason,
+        "failure": health.failure if health.state is State.DOWN else None,
+        "rtt_ms": None if health.rtt_ms is None else round(health.rtt_ms, 3),
+        "loss_pct": None if quality is None else round(quality.loss_pct, 1),
+        "window_rounds": 0 if quality is None else quality.rounds,
+        "good_rounds": health.good_rounds,
+        "bad_rounds": health.bad_rounds,
+        "recovered": health.recovered,
+        "has_failed": health.has_failed,
+    }
+
+
 def _passive_status(view: PassiveView | None) -> dict[str, Any] | None:
     if view is None:
         return None
@@ -6836,13 +7012,26 @@ def _balancing(state: AgentState, family: int) -> dict[str, int]:
 def status_summary(state: AgentState) -> str:
     """One line for sd_notify's STATUS=."""
     config = state.config
-    states = ", ".join(f"{n} {h.state.value}" for n, h in state.healths.items())
+    states = ", ".join(f"{n} {h.state.value}{_family_note(state, n)}" for n, h in state.healths.items())
     selected = " ".join(
         f"selected{'' if f == primary_family(config) else '6'}={state.selected(f) or 'none'}"
         for f in config.families
     )
     stranded = any(d.stranded for d in state.decisions.values())
     return f"{selected}; {states}" + ("; NO UPLINK UP" if stranded else "")
+
+
+def _family_note(state: AgentState, name: str) -> str:
+    """' (ipv6 down)' for an uplink whose families' states differ; '' otherwise."""
+    healths = state.uplink_healths(name)
+    if len({h.state for h in healths.values()}) < 2:
+        return ""
+    whole = state.healths[name].state
+    return (
+        " ("
+        + ", ".join(f"{FAMILY_NAME[f]} {h.state.value}" for f, h in healths.items() if h.state is not whole)
+        + ")"
+    )
 
 
 def write_json_atomically(path: Path, document: Mapping[str, Any]) -> None:
@@ -7162,13 +7351,16 @@ def event_record(event: Event, wall_now: float, mono_now: float) -> dict[str, An
         "monotonic": round(event.at, 6),
     }
     match event:
-        case Transition(uplink, old, new, reason, _at):
+        case Transition(uplink, old, new, reason, _at, family):
             record |= {
                 "event": f"uplink_{new.value}",
                 "uplink": uplink,
                 "state": new.value,
                 "previous": old.value,
             }
+            if family is not None:
+                # An uplink that carries several families changes state per family.
+                record["family"] = FAMILY_NAME[family]
             record["reason"] = reason
         case SelectionChanged(family, old, new, reason, _at, _evidence):
             record |= {"event": "switch", "family": FAMILY_NAME[family], "selected": new, "previous": old}
@@ -7961,6 +8153,14 @@ class Metrics:
                     (("uplink", u.name), ("family", FAMILY_NAME[f])),
                     int(state.selected(f) == u.name),
                 )
+        family("multiwan_uplink_family_up", "gauge", "1 while the uplink is up for the family.")
+        for u in config.uplinks:
+            for f, h in state.uplink_healths(u.name).items():
+                sample(
+                    "multiwan_uplink_family_up",
+                    (("uplink", u.name), ("family", FAMILY_NAME[f])),
+                    int(h.state is State.UP),
+                )
         family("multiwan_uplink_drained", "gauge", "1 while an operator has drained the uplink.")
         for u in config.uplinks:
             sample("multiwan_uplink_drained", (("uplink", u.name),), int(u.name in state.drained))
@@ -8291,6 +8491,8 @@ class LateReplyObserved:
     uplink: str
     seq: int
     rtt_ms: float
+    #: Its target's family (each family has its own quality window).
+    family: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -8421,7 +8623,7 @@ class ProberSet:
         #: The probers running now (a restarted task makes a new one).
         self.probers: dict[str, UplinkProber] = {}
         #: Where late replies go: (uplink, seq, rtt_ms); set by the daemon.
-        self.late: Callable[[str, int, float], None] | None = None
+        self.late: Callable[[str, int, float, int], None] | None = None
 
     def suspect(self, name: str, trigger: str) -> None:
         prober = self.probers.get(name)
@@ -8456,9 +8658,9 @@ class ProberSet:
         # It probes as `uplink` says; the source (address, gateways) comes from the state.
         late = self.late
 
-        def deliver_late(_target: str, seq: int, rtt_ms: float) -> None:
+        def deliver_late(target: str, seq: int, rtt_ms: float) -> None:
             if late is not None:
-                late(uplink.name, seq, rtt_ms)
+                late(uplink.name, seq, rtt_ms, family_of(target))
 
         prober = UplinkProber(
             uplink,
@@ -8610,8 +8812,8 @@ class Pump:
                 state, intent = on_nft(state, report, now)
             case TaskDied(task, error):
                 state, intent = on_task_died(state, task, error, now)
-            case LateReplyObserved(uplink, seq, rtt_ms):
-                state, intent = on_late(state, uplink, seq, rtt_ms, now)
+            case LateReplyObserved(uplink, seq, rtt_ms, family):
+                state, intent = on_late(state, uplink, seq, rtt_ms, now, family)
             case SuspicionObserved(suspicion):
                 state, intent = on_suspect(state, suspicion, now)
             case PassiveObserved(views):
@@ -8900,11 +9102,12 @@ async def feed_watchdog(
 def log_event(event: Event) -> None:
     """One log line per decision, with its reason."""
     match event:
-        case Transition(uplink, _old, new, reason, _at):
+        case Transition(uplink, _old, new, reason, _at, family):
             log.log(
                 logging.WARNING if new is State.DOWN else logging.INFO,
-                "uplink=%s %s: %s",
+                "uplink=%s %s%s: %s",
                 uplink,
+                "" if family is None else f"family={FAMILY_NAME[family]} ",
                 new.value,
                 reason,
             )
@@ -9154,7 +9357,9 @@ async def run_daemon(
             lambda result: pump.post(RoundObserved(result)),
             options.verbose,
         )
-        probers.late = lambda name, seq, rtt_ms: pump.post(LateReplyObserved(name, seq, rtt_ms))
+        probers.late = lambda name, seq, rtt_ms, family: pump.post(
+            LateReplyObserved(name, seq, rtt_ms, family)
+        )
         passive = PassiveEdge(lambda: pump.state.config, lambda o: pump.post(o))
         pump = Pump(
             state,
