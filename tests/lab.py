@@ -112,6 +112,8 @@ PORTAL_URL: Final = "http://portal.example/"
 #: subscribed (it prints nothing when ready). Table id chosen to be far from
 #: anything an agent would own; its events are filtered out of the record.
 MONITOR_MARKER_DST: Final = "198.18.255.254"
+#: Its twin for a monitor of IPv6 events only.
+MONITOR_MARKER_DST6: Final = "2001:db8:ffff:ffff::fe"
 MONITOR_MARKER_TABLE: Final = "3999999"
 
 #: Upper bounds for polling loops; everything waits on a condition, never a
@@ -352,13 +354,15 @@ class RouteMonitor:
     in the kernel's order.
     """
 
-    def __init__(self, lab: Lab, role: str, *, rules: bool = False) -> None:
+    def __init__(self, lab: Lab, role: str, *, rules: bool = False, family: int | None = None) -> None:
         self._lab = lab
         self._role = role
         self._events: list[RouteEvent] = []
         self._cond = threading.Condition()
+        only = [f"-{_check_family(family)}"] if family is not None else []
+        self._marker = MONITOR_MARKER_DST6 if family == 6 else MONITOR_MARKER_DST
         self._proc: subprocess.Popen[str] = lab._popen_raw(
-            ["ip", "-n", lab.name(role), "monitor", "route", *(["rule"] if rules else [])],
+            ["ip", *only, "-n", lab.name(role), "monitor", "route", *(["rule"] if rules else [])],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -380,12 +384,13 @@ class RouteMonitor:
         # before that is simply never seen. So toggle a marker route (add, del,
         # add, ...) until one of its events shows up: from then on nothing can
         # be missed.
-        marker = ["blackhole", f"{MONITOR_MARKER_DST}/32", "table", MONITOR_MARKER_TABLE]
+        length = 128 if ":" in self._marker else 32
+        marker = ["blackhole", f"{self._marker}/{length}", "table", MONITOR_MARKER_TABLE]
         deadline = time.monotonic() + READY_TIMEOUT_S
         present = False
         try:
             with self._cond:
-                while not any(MONITOR_MARKER_DST in e.line for e in self._events):
+                while not any(self._marker in e.line for e in self._events):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or self._proc.poll() is not None:
                         raise LabError(f"ip monitor route in {self._role} did not start")
@@ -399,7 +404,7 @@ class RouteMonitor:
     def events(self) -> list[RouteEvent]:
         """Events so far, without the readiness marker's."""
         with self._cond:
-            return [e for e in self._events if MONITOR_MARKER_DST not in e.line]
+            return [e for e in self._events if self._marker not in e.line]
 
     def stop(self) -> list[RouteEvent]:
         """Stop recording; returns every (monotonic_t, line) seen."""
@@ -864,21 +869,23 @@ class Lab:
             script += f"table {family_table} {{\n{body}}}\n"
         self.nft(role, script)
 
-    def silent_drop(self, isp_role: str, on: bool) -> None:
-        """The ISP drops everything it forwards, IPv4 and IPv6.
+    def silent_drop(self, isp_role: str, on: bool, family: int | None = None) -> None:
+        """The ISP drops everything it forwards, IPv4 and IPv6 (or only `family`).
 
         Its gateway still answers ARP, neighbour solicitations and pings (to
         203.0.113.x, fe80::1 and 2001:db8:N::1): neighbour discovery and
-        pings to the gateway never cross the forward hook.
+        pings to the gateway never cross the forward hook. Each family's
+        fault is a table of its own, so the two are switched independently.
         """
         self._isp(isp_role)
+        match = "" if family is None else f"meta nfproto ipv{_check_family(family)} "
         body = (
             "  chain forward {\n"
             "    type filter hook forward priority -10; policy accept;\n"
-            "    counter drop\n"
+            f"    {match}counter drop\n"
             "  }\n"
         )
-        self._replace_table(isp_role, "inet fault", body if on else None)
+        self._replace_table(isp_role, f"inet fault{family or ''}", body if on else None)
 
     def gateway_dead(self, isp_role: str, on: bool, *, arp: bool = False) -> None:
         """The gateway neither answers (input) nor forwards, with the link up.
@@ -959,9 +966,12 @@ class Lab:
 
     # Observers and traffic ---------------------------------------------------
 
-    def monitor_routes(self, role: str = "router", *, rules: bool = False) -> RouteMonitor:
-        """Start recording route (and with `rules`, rule) events; returns once subscribed."""
-        monitor = RouteMonitor(self, role, rules=rules)
+    def monitor_routes(
+        self, role: str = "router", *, rules: bool = False, family: int | None = None
+    ) -> RouteMonitor:
+        """Start recording route (and with `rules`, rule) events, of `family` only if given
+        (`ip -4`/`-6 monitor`); returns once subscribed."""
+        monitor = RouteMonitor(self, role, rules=rules, family=family)
         self._stoppables.append(monitor)
         return monitor
 

@@ -1,0 +1,94 @@
+"""Dual stack in the netns lab: each family has its own health and fails over on its own.
+
+Both uplinks probe two targets in each family; a fault in one family at isp1
+must move that family only, with no route or rule change of the other family
+(watched with `ip -4`/`ip -6 monitor route rule`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_proc import AgentProcess, lab_config
+from lab import Lab, RouteEvent
+
+pytestmark = pytest.mark.lab
+
+DUAL_TARGETS = 'targets = ["198.18.1.1", "198.18.1.2", "2001:db8:ffff::1", "2001:db8:ffff::2"]'
+SOURCE = {("fibre", 4): "203.0.113.2", ("lte", 4): "203.0.113.6", ("fibre", 6): "2001:db8:1::2"}
+SOURCE[("lte", 6)] = "2001:db8:2::2"
+#: The bound on a silent failure's failover (fault to the selection table's new default),
+#: the same for both families: interval 100 ms, fall 3, confirmation bursts.
+FAILOVER_BOUND_S = 2.0
+OTHER = {4: 6, 6: 4}
+
+
+def family_name(family: int) -> str:
+    return f"ipv{family}"
+
+
+def selected(status: dict[str, Any], family: int) -> str | None:
+    return status["families"][family_name(family)]["selected"]  # type: ignore[no-any-return]
+
+
+def start_dual(lab: Lab, tmp_path: Path) -> AgentProcess:
+    config = lab_config(tmp_path / "state").replace('targets = ["198.18.1.1", "198.18.1.2"]', DUAL_TARGETS)
+    agent = AgentProcess(lab, tmp_path, config)
+    agent.wait_for(
+        lambda s: all(
+            selected(s, f) == "fibre" and s["uplinks"]["lte"]["health"][family_name(f)]["state"] == "up"
+            for f in (4, 6)
+        ),
+        10,
+        "both uplinks up in both families",
+    )
+    return agent
+
+
+def switched_at(events: list[RouteEvent], family: int) -> float:
+    """When the selection table (200) got its new default of this family."""
+    times = [
+        e.t for e in events if e.is_default and e.table == "200" and e.family == family and not e.deleted
+    ]
+    assert times, events
+    return times[0]
+
+
+@pytest.mark.parametrize("dead", [6, 4])
+def test_one_family_failing_moves_it_alone_then_both_move(
+    lab: Lab, tmp_path: Path, dead: int, record_property: Any
+) -> None:
+    """A silent failure of one family at isp1 moves that family to lte within the same bound
+    for IPv4 and IPv6, with no route or rule event of the other family; then the other fails
+    too and moves as well."""
+    alive = OTHER[dead]
+    agent = start_dual(lab, tmp_path)
+    assert lab.connect_once(family=dead) == SOURCE[("fibre", dead)]
+    moved = lab.monitor_routes(rules=True, family=dead)
+    quiet = lab.monitor_routes(rules=True, family=alive)
+
+    fault_at = time.monotonic()
+    lab.silent_drop("isp1", True, family=dead)
+    status = agent.wait_for(lambda s: selected(s, dead) == "lte", 5, f"{family_name(dead)} on lte")
+    fibre = status["uplinks"]["fibre"]
+    assert selected(status, alive) == "fibre"
+    assert fibre["state"] == "up"  # the best family speaks for the uplink
+    assert fibre["health"][family_name(dead)]["state"] == "down"
+    assert "upstream unreachable" in fibre["health"][family_name(dead)]["reason"]
+    assert fibre["health"][family_name(alive)]["state"] == "up"
+    failover_s = switched_at(moved.events(), dead) - fault_at
+    record_property(f"failover_ipv{dead}_s", round(failover_s, 3))
+    print(f"silent failure of IPv{dead}: failover in {failover_s:.3f}s")
+    assert failover_s < FAILOVER_BOUND_S
+    assert lab.connect_once(family=dead) == SOURCE[("lte", dead)]
+    assert lab.connect_once(family=alive) == SOURCE[("fibre", alive)]
+    agent.wait_log(f"uplink=fibre family={family_name(dead)} down:")
+    assert quiet.stop() == []  # not one route or rule of the other family changed
+
+    lab.silent_drop("isp1", True, family=alive)
+    status = agent.wait_for(lambda s: selected(s, alive) == "lte", 5, "both families on lte")
+    assert selected(status, dead) == "lte" and status["uplinks"]["fibre"]["state"] == "down"
+    assert lab.connect_once(family=alive) == SOURCE[("lte", alive)]
