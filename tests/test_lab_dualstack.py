@@ -7,13 +7,15 @@ must move that family only, with no route or rule change of the other family
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from agent_proc import AgentProcess, lab_config
-from lab import Lab, RouteEvent
+from lab import LAB_TOOLS, SERVER_IP6, SERVER_PORT, Lab, RouteEvent
 
 pytestmark = pytest.mark.lab
 
@@ -92,3 +94,40 @@ def test_one_family_failing_moves_it_alone_then_both_move(
     status = agent.wait_for(lambda s: selected(s, alive) == "lte", 5, "both families on lte")
     assert selected(status, dead) == "lte" and status["uplinks"]["fibre"]["state"] == "down"
     assert lab.connect_once(family=alive) == SOURCE[("lte", alive)]
+
+
+def test_the_routers_own_ipv6_follows_the_ipv6_selection_and_sticks(lab: Lab, tmp_path: Path) -> None:
+    """IPv6 dies at isp1 while IPv4 stays: the router's own new IPv6 connections leave by
+    lte, one held on lte lives through the failback, IPv4 stays on fibre all along."""
+    agent = start_dual(lab, tmp_path)
+    agent.wait_log("nft: installed table inet multiwan")
+    assert lab.connect_once(role="router", family=6) == SOURCE[("fibre", 6)]
+    lab.silent_drop("isp1", True, family=6)
+    agent.wait_for(lambda s: selected(s, 6) == "lte", 5, "ipv6 on lte")
+    assert lab.connect_once(role="router", family=6) == SOURCE[("lte", 6)]
+    assert lab.connect_once(role="router", family=4) == SOURCE[("fibre", 4)]
+    holder = lab.popen(
+        "router",
+        [sys.executable, str(LAB_TOOLS / "holder.py"), "--host", SERVER_IP6, "--port", str(SERVER_PORT)]
+        + ["--duration-s", "10"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == f"# source {SOURCE[('lte', 6)]}"
+    lab.silent_drop("isp1", False, family=6)
+    agent.wait_for(lambda s: selected(s, 6) == "fibre", 5, "ipv6 back on fibre")
+    back_at = time.monotonic()
+    assert lab.connect_once(role="router", family=6) == SOURCE[("fibre", 6)]
+    # The held connection keeps talking after the failback: every exchange ok, up to
+    # 5 after it (read as they come, bounded by the holder's 10 s and a deadline).
+    deadline = back_at + 5
+    exchanges: list[list[str]] = []
+    while time.monotonic() < deadline and sum(float(w[0]) > back_at for w in exchanges) < 5:
+        line = holder.stdout.readline()
+        if not line:
+            break
+        exchanges.append(line.split())
+    holder.terminate()
+    holder.wait(timeout=5)
+    assert sum(float(w[0]) > back_at for w in exchanges) >= 5, exchanges
+    assert all(w[1] == "ok" for w in exchanges), exchanges
