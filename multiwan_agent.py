@@ -75,7 +75,7 @@ import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import urllib.parse  # noqa: E402
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence  # noqa: E402
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Iterator, Mapping, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from enum import Enum  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -157,14 +157,20 @@ FIRST_FREE_PROTOCOL: Final = 5
 #: The rule priority block the agent owns: `rule_priority` to `rule_priority + RULE_BLOCK - 1`.
 RULE_BLOCK: Final = 1024
 #: Offsets inside that block (see plan_network for why this order), 256 slots per kind:
-#: oif 100-355, source 356-611, fwmark 612-867, 868-1022 free. Agents before it owned a
-#: 100-long block (oif 10, source 40, fwmark 70, selection 99) that the new one covers and
-#: shares only main's rule with: a restart over an old agent's rules adds the new ones
-#: beside them, then deletes the old ones, highest first (see diff_network).
+#: oif 100-355, source 356-611, fwmark 612-867, LAN prefixes 1000 (868-999, 1001-1022 free).
+#: Agents before it owned a 100-long block (oif 10, source 40, fwmark 70, selection 99)
+#: that the new one covers and shares only main's rule with: a restart over an old agent's
+#: rules adds the new ones beside them, then deletes the old ones, highest first (see
+#: diff_network).
 RULE_MAIN_OFFSET: Final = 0
 RULE_OIF_OFFSET: Final = 100
 RULE_SOURCE_OFFSET: Final = 356
 RULE_MARK_OFFSET: Final = 612
+#: Every `from <LAN prefix> lookup <its uplink's table>` rule shares this one priority (they
+#: differ by source): an uplink may have several prefixes, so a slot per uplink would not do.
+RULE_PREFIX_OFFSET: Final = 1000
+#: What happens to packets from an uplink's LAN prefixes while it cannot carry IPv6.
+LAN_PREFIX_FAILOVER: Final = ("none", "nat66")
 RULE_DEFAULT_OFFSET: Final = 1023
 #: One rule slot per uplink and kind bounds the number of uplinks (mark_mask may bound it lower:
 #: the default 0xff00 has room for 255 marks).
@@ -539,6 +545,12 @@ class UplinkConfig:
     weight: int = 1
     #: When its marked conntrack entries are deleted: a subset of RELEASE_EVENTS.
     release_flows: frozenset[str] = frozenset()
+    #: IPv6 prefixes its ISP delegated, in use on the LAN: packets from them leave through
+    #: this uplink while it is usable for IPv6 (its ISP drops them anywhere else, BCP38).
+    lan_prefixes6: tuple[str, ...] = ()
+    #: While it is not: "nat66" masquerades them to the uplink that carries IPv6 instead;
+    #: "none" keeps them on this uplink (LAN hosts must move to another prefix's address).
+    lan_prefix_failover: str = "none"
     #: The families this uplink carries: those its check has targets in (computed once:
     #: every decision asks, and parsing addresses each time cost a status 10 ms at 16 uplinks).
     families: tuple[int, ...] = dataclasses.field(init=False, repr=False, compare=False)
@@ -1097,6 +1109,8 @@ def parse_config(text: str, source: str) -> Config:
     }
     uplinks: list[UplinkConfig] = []
     seen: dict[str, dict[object, int]] = {"name": {}, "interface": {}, "table": {}, "mark": {}}
+    #: Every uplink's LAN prefixes so far, with the key path that named each.
+    lan_prefixes: list[tuple[ipaddress.IPv6Network, str]] = []
     for index, raw in enumerate(raw_uplinks):
         path = f"uplink[{index}]"
         if not isinstance(raw, dict):
@@ -1131,6 +1145,10 @@ def parse_config(text: str, source: str) -> Config:
         initial_state = reader.choice("initial_state", ("up", "down"), "down")
         weight = reader.integer("weight", 1, 1, 1000)
         release_flows = _read_release_flows(reader)
+        lan_prefixes6 = _read_lan_prefixes(reader, lan_prefixes)
+        lan_prefix_failover = reader.choice("lan_prefix_failover", LAN_PREFIX_FAILOVER, "none")
+        if reader.has("lan_prefix_failover") and not lan_prefixes6:
+            raise ConfigError(source, f"{path}.lan_prefix_failover", "applies only with lan_prefixes6")
         priority = reader.integer("priority", 1, 0, 1_000_000)
         if reader.has("table"):
             table = reader.integer("table", None, 1, 2**31 - 1)
@@ -1161,6 +1179,12 @@ def parse_config(text: str, source: str) -> Config:
         check = _read_check(check_reader, base_check)
         reader.finish()
         _validate_check(source, f"{path}.check", check)
+        if lan_prefixes6 and not any(family_of(t) == 6 for t in check.targets):
+            raise ConfigError(
+                source,
+                f"{path}.lan_prefixes6",
+                "needs IPv6 targets in the uplink's check (its IPv6 health decides where they leave)",
+            )
         for key, value in (("name", name), ("interface", interface), ("table", table), ("mark", mark)):
             if value in seen[key]:
                 other = seen[key][value]
@@ -1183,6 +1207,8 @@ def parse_config(text: str, source: str) -> Config:
                 nat_exclude=tuple(nat_exclude),
                 weight=weight,
                 release_flows=release_flows,
+                lan_prefixes6=lan_prefixes6,
+                lan_prefix_failover=lan_prefix_failover,
             )
         )
     policies = _read_policies(root, uplinks)
@@ -1382,6 +1408,37 @@ def _one_or_many(reader: _Reader, key: str, expected: str) -> list[tuple[str, An
     if not value or len(value) > MAX_LIST:
         raise reader.error(key, f"{expected}, or a non-empty array of at most {MAX_LIST} of them", value)
     return [(f"{key}[{i}]", item) for i, item in enumerate(value)]
+
+
+def _read_lan_prefixes(reader: _Reader, taken: list[tuple[ipaddress.IPv6Network, str]]) -> tuple[str, ...]:
+    """`lan_prefixes6 = ["2001:db8:10::/56", ...]`: IPv6 networks without host bits, none
+    overlapping another's (`taken`, which this extends)."""
+    if not reader.has("lan_prefixes6"):
+        return ()
+    expected = 'an IPv6 network such as "2001:db8:10::/56"'
+    if reader.table["lan_prefixes6"] == "auto":
+        # A DHCPv6-PD client's prefix shows (an `unreachable` route on lo) without the uplink
+        # it came from; guessing that would route a LAN the wrong way.
+        raise ConfigError(
+            reader.source,
+            reader.key("lan_prefixes6"),
+            '"auto" is not supported: list the prefixes delegated by this uplink\'s ISP',
+        )
+    prefixes: list[str] = []
+    for index, item in enumerate(reader.array("lan_prefixes6", "IPv6 networks")):
+        where = f"lan_prefixes6[{index}]"
+        try:
+            network = ipaddress.ip_network(item) if isinstance(item, str) else None
+        except ValueError:
+            network = None
+        if not isinstance(network, ipaddress.IPv6Network) or network.prefixlen == 0:
+            raise reader.error(where, expected, item)
+        for other, named in taken:
+            if network.overlaps(other):
+                raise ConfigError(reader.source, reader.key(where), f"{network} overlaps {named} ({other})")
+        taken.append((network, reader.key(where)))
+        prefixes.append(str(network))
+    return tuple(prefixes)
 
 
 def _read_release_flows(reader: _Reader) -> frozenset[str]:
@@ -2841,7 +2898,10 @@ def link_observation(
 
 
 def plan_network(
-    config: Config, interfaces: Mapping[str, Interface], selected: Mapping[int, str | None]
+    config: Config,
+    interfaces: Mapping[str, Interface],
+    selected: Mapping[int, str | None],
+    lan_routed: Collection[str] | None = None,
 ) -> NetPlan:
     """The desired routes and rules for these interfaces and this selection.
 
@@ -2853,6 +2913,9 @@ def plan_network(
     - 100+i `oif X lookup T`: sockets bound to an uplink (our probes) use its table;
     - 356+i `from ADDR lookup T`: traffic sourced from an uplink's address leaves by it;
     - 612+i `fwmark M/MASK lookup T`: marked traffic (policy, stickiness) uses it;
+    - 1000 `from PREFIX lookup T` (IPv6): a LAN prefix the uplink's ISP delegated leaves
+      by it, for the uplinks in `lan_routed` (None: all). After the fwmark rules, so a
+      connection that was masqueraded elsewhere while the uplink was down keeps its path;
     - 1023 `lookup <default_table>`: everything else takes the selected uplink.
     An empty selection table falls through, so at worst main's own default
     applies; an uplink table never does (see its `unreachable` route).
@@ -2900,6 +2963,11 @@ def plan_network(
                     family=family,
                 )
             )
+            if family == 6 and (lan_routed is None or uplink.name in lan_routed):
+                rules += [
+                    RuleSpec(base + RULE_PREFIX_OFFSET, uplink.table, source=prefix, family=6)
+                    for prefix in uplink.lan_prefixes6
+                ]
         rules.append(RuleSpec(base + RULE_DEFAULT_OFFSET, agent.default_table, family=family))
     return NetPlan(
         tuple(routes),
@@ -4159,7 +4227,7 @@ def _route_work(state: AgentState) -> tuple[AgentState, RouteWork]:
     """The route work for the state's decisions, numbered (see OwedRelease.after)."""
     state = evolve(state, routes_planned=state.routes_planned + 1)
     selected = {f: state.selected(f) for f in state.config.families}
-    plan = plan_network(state.config, state.interfaces, selected)
+    plan = plan_network(state.config, state.interfaces, selected, lan_routed(state))
     # Fast path: a new selection is one replace, sent before the verifying dumps.
     urgent = tuple(
         Change("replace_route", route=route)
@@ -4168,6 +4236,25 @@ def _route_work(state: AgentState) -> tuple[AgentState, RouteWork]:
     )
     indexes = {name: iface.index for name, iface in state.interfaces.items()}
     return state, RouteWork(state.config, plan, urgent, state.managed_tables, indexes, state.routes_planned)
+
+
+def lan_routed(state: AgentState) -> frozenset[str]:
+    """The uplinks whose LAN prefixes leave through them now: all with lan_prefix_failover
+    "none"; with "nat66" those usable for IPv6 (not down, routable, not drained). The others'
+    prefixes take the IPv6 selection and are masqueraded there (see _render_nat)."""
+    routed = set()
+    for uplink in state.config.uplinks:
+        if not uplink.lan_prefixes6:
+            continue
+        health = state.healths_for(6).get(uplink.name)
+        if uplink.lan_prefix_failover == "none" or (
+            health is not None
+            and health.state is not State.DOWN
+            and routable(uplink, state.interfaces.get(uplink.interface), 6)
+            and uplink.name not in state.drained
+        ):
+            routed.add(uplink.name)
+    return frozenset(routed)
 
 
 def _steering_wanted(state: AgentState) -> SteeringWanted:
@@ -5519,7 +5606,7 @@ def nl_rules(ipr: Any, families: Sequence[int] = FAMILIES) -> list[RuleEntry]:
                     protocol=int(msg.get_attr("FRA_PROTOCOL") or 0),
                     fwmark=msg.get_attr("FRA_FWMARK"),
                     fwmask=msg.get_attr("FRA_FWMASK") if msg.get_attr("FRA_FWMARK") is not None else None,
-                    source=msg.get_attr("FRA_SRC") if msg["src_len"] else None,
+                    source=_rule_source(msg.get_attr("FRA_SRC"), msg["src_len"], family),
                     oifname=msg.get_attr("FRA_OIFNAME"),
                     # 0xFFFFFFFF is the kernel's "not set".
                     suppress_prefixlength=None if suppress in (None, 0xFFFFFFFF) else int(suppress),
@@ -5623,6 +5710,13 @@ def _delete_default(ipr: Any, table: int, family: int, protocol: int, unreachabl
     )
 
 
+def _rule_source(address: str | None, length: int, family: int) -> str | None:
+    """A rule's source as RuleSpec spells it: an address, or a network ("2001:db8:10::/56")."""
+    if not length or address is None:
+        return None
+    return address if length == HOST_PREFIX[family] else f"{address}/{length}"
+
+
 def _rule_args(rule: RuleSpec, protocol: int) -> dict[str, Any]:
     args: dict[str, Any] = dict(
         family=ADDRESS_FAMILY[rule.family], priority=rule.priority, table=rule.table, protocol=protocol
@@ -5631,8 +5725,9 @@ def _rule_args(rule: RuleSpec, protocol: int) -> dict[str, Any]:
         args["fwmark"] = rule.fwmark
         args["fwmask"] = rule.fwmask if rule.fwmask is not None else 0xFFFFFFFF
     if rule.source is not None:
-        args["src"] = rule.source
-        args["src_len"] = HOST_PREFIX[rule.family]
+        address, _, length = rule.source.partition("/")
+        args["src"] = address
+        args["src_len"] = int(length) if length else HOST_PREFIX[rule.family]
     if rule.oifname is not None:
         args["oifname"] = rule.oifname
     if rule.suppress_prefixlength is not None:
@@ -6381,6 +6476,13 @@ def render_nft(config: Config, steering: Steering | None = None, labels: bool = 
         f"\t\tct state new ct mark and {mask} == 0 iifname vmap {{ {by_iif} }}",
         "\t}",
         "\tchain steer {",
+        # A LAN prefix leaves by its own uplink (a rule), or by the selection: never balanced
+        # or placed, which would send it to an ISP that drops it (BCP38).
+        *(
+            f"\t\tip6 saddr {{ {', '.join(prefixes)} }} return"
+            for prefixes in [_lan_prefixes(config)]
+            if prefixes
+        ),
         *(f"\t\t{_policy_match(policy, f)} jump policy_{policy.name}" for policy, f in _policy_rows(config)),
         "\t\tjump balance",
         "\t}",
@@ -6421,6 +6523,10 @@ def render_nft(config: Config, steering: Steering | None = None, labels: bool = 
         "\t}",
     ]
     return "\n".join(out) + "\n" + _render_nat(config) + "}\n"
+
+
+def _lan_prefixes(config: Config) -> list[str]:
+    return [p for u in config.uplinks for p in u.lan_prefixes6]
 
 
 def _uplink_interfaces(config: Config) -> str:
@@ -6520,8 +6626,15 @@ def _balance_rules(config: Config, steering: Steering) -> list[str]:
 
 
 def _render_nat(config: Config) -> str:
-    """Masquerade on the uplinks with `nat = true`, but not towards their `nat_exclude`."""
+    """Masquerade on the uplinks with `nat = true`, but not towards their `nat_exclude`; and
+    the LAN prefixes of uplinks with lan_prefix_failover = "nat66" wherever else they leave."""
     rules: list[str] = []
+    for uplink in config.uplinks:
+        others = [f'"{u.interface}"' for u in config.uplinks if u is not uplink and 6 in u.families]
+        if uplink.lan_prefix_failover == "nat66" and others:
+            # masquerade, not NPTv6: the other uplink's address is all its ISP lets out.
+            prefixes = ", ".join(uplink.lan_prefixes6)
+            rules.append(f"oifname {{ {', '.join(others)} }} ip6 saddr {{ {prefixes} }} masquerade")
     for uplink in config.uplinks:
         if not uplink.nat:
             continue
@@ -6824,6 +6937,7 @@ def status_document(
     primary = primary_family(config)
     hysteresis = agent_hysteresis(config.agent)
     balancing = {f: _balancing(state, f) for f in config.families}
+    routed_prefixes = lan_routed(state)
     uplinks: dict[str, Any] = {}
     for uplink in config.uplinks:
         health = state.healths[uplink.name]
@@ -6888,6 +7002,10 @@ def status_document(
             # passive health from its forwarded connections (null: off); the last suspicion
             "passive": _passive_status(state.passive.get(uplink.name)),
             "suspicion": health.suspicion,
+            # IPv6 prefixes of the LAN its ISP delegated, and whether they leave through it now
+            # (else, with lan_prefix_failover = "nat66", masqueraded by the IPv6 selection)
+            "lan_prefixes6": list(uplink.lan_prefixes6),
+            "lan_prefixes_here": bool(uplink.lan_prefixes6) and uplink.name in routed_prefixes,
             # per family it carries, that family's own health (`state` above is the best of them)
             "health": {
                 FAMILY_NAME[f]: _family_status(state, uplink, f, h, mono_now, wall_now)

@@ -1069,6 +1069,51 @@ class Lab:
         """The echo server on the LAN host (LAN_HOST:port), e.g. behind a port forward."""
         self._start_echo_server("lan", (LAN_HOST,), port)
 
+    def delegate_prefixes6(self) -> dict[str, tuple[str, str]]:
+        """Each ISP delegates the router a /56 (DHCPv6-PD, as it would be left in place): the
+        LAN gets a /64 of each, the LAN host an address in each, and per ISP role this
+        returns (prefix, the host's address in it).
+
+        isp1 delegates 2001:db8:10::/56, isp2 2001:db8:20::/56: each routes its prefix to
+        the router's address on its customer link, inet routes it to that ISP, and its IPv6
+        BCP38 accepts the customer /64 and the prefix (so a packet from one ISP's prefix
+        leaving through the other is counted as spoofed_6 and dropped). The lab's own NAT66
+        (table ip6 labnat6) goes: the router does not translate these sources by itself.
+        """
+        delegated = {"isp1": "2001:db8:10::/56", "isp2": "2001:db8:20::/56"}
+        hosts: dict[str, tuple[str, str]] = {}
+        for role, prefix in delegated.items():
+            isp = ISPS[role]
+            network = ipaddress.IPv6Network(prefix)
+            gateway, host = network[1], network[0x10]
+            self._ip_batch("router", [f"addr add {gateway}/64 dev lan0 nodad"])
+            self._ip_batch("lan", [f"addr add {host}/64 dev eth0 nodad"])
+            self._ip_batch(role, [f"route add {prefix} via {isp.router_ip6} dev cpe"])
+            self._ip_batch("inet", [f"route add {prefix} via {isp.isp_transit_ip6}"])
+            self._set_bcp38_nets6(role, [isp.customer_net6, prefix])
+            hosts[role] = (prefix, str(host))
+        self.run("router", "nft", "delete", "table", "ip6", "labnat6")
+        return hosts
+
+    def _set_bcp38_nets6(self, isp_role: str, nets: Sequence[str]) -> None:
+        """_set_bcp38_nets for IPv6: the rule counting spoofed_6 matches set customer6."""
+        listing = self.run(isp_role, "nft", "-j", "-a", "list", "chain", "inet", "isp", "forward").stdout
+        handles = [
+            item["rule"]["handle"]
+            for item in json.loads(listing)["nftables"]
+            if "rule" in item and {"counter": "spoofed_6"} in item["rule"]["expr"]
+        ]
+        if len(handles) != 1:
+            raise LabError(f"expected one IPv6 BCP38 rule in {isp_role}, found {len(handles)}")
+        self.nft(
+            isp_role,
+            "add set inet isp customer6 { type ipv6_addr; flags interval; }\n"
+            "flush set inet isp customer6\n"
+            f"add element inet isp customer6 {{ {', '.join(nets)} }}\n"
+            f"replace rule inet isp forward handle {handles[0]} "
+            'iifname "cpe" ip6 saddr != @customer6 counter name spoofed_6 drop\n',
+        )
+
     def add_second_lan(self) -> str:
         """A second LAN behind the router, reached through main's connected route only.
 

@@ -798,3 +798,33 @@ def test_an_ipv4_only_uplink_reports_as_before() -> None:
     assert transition.family is None
     assert "family" not in mwa.event_record(transition, 1000.0, clock.now)
     assert clock.state.uplink_healths("fibre") == {4: clock.state.healths["fibre"]}
+
+
+def test_a_lan_prefix_leaves_by_its_uplink_only_while_it_carries_ipv6() -> None:
+    cfg = mwa.parse_config(
+        '[agent]\nhysteresis = "5s"\n'
+        f"[check]\ntargets = {json.dumps(DUAL)}\nfall = 3\nrise = 3\n"
+        '[[uplink]]\nname = "fibre"\ninterface = "wan0"\npriority = 1\n'
+        'lan_prefixes6 = ["2001:db8:10::/56"]\nlan_prefix_failover = "nat66"\n'
+        '[[uplink]]\nname = "lte"\ninterface = "wan1"\npriority = 2\nlan_prefixes6 = ["2001:db8:20::/56"]\n',
+        "agent.toml",
+    )
+    clock = Clock(cfg)
+    clock.targets = {"fibre": DUAL, "lte": DUAL}
+    clock.apply(mwa.on_links(clock.state, DUAL_INTERFACES, clock.now))
+    clock.reconcile()
+    clock.both(True, True, 3)
+    assert mwa.lan_routed(clock.state) == {"fibre", "lte"}
+    intents = clock.rounds("fibre", (True, False), 3)
+    # fibre's IPv6 died: its prefix now takes the IPv6 selection (lte, masqueraded there);
+    # lte's ("none") always stays on lte; IPv4 is not concerned
+    assert mwa.lan_routed(clock.state) == {"lte"}
+    work = next(i.routes for i in intents if i.routes is not None)
+    assert [r.source for r in work.plan.rules if r.priority == 6000] == ["2001:db8:20::/56"]
+    doc = mwa.status_document(
+        clock.state, running=True, dry_run=False, boot_id=None, mono_now=clock.now, wall_now=1000.0
+    )
+    assert doc["uplinks"]["fibre"]["lan_prefixes_here"] is False
+    assert doc["uplinks"]["lte"]["lan_prefixes6"] == ["2001:db8:20::/56"]
+    clock.rounds("fibre", True, 3)
+    assert mwa.lan_routed(clock.state) == {"fibre", "lte"}  # back as soon as it is up again

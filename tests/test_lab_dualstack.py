@@ -131,3 +131,81 @@ def test_the_routers_own_ipv6_follows_the_ipv6_selection_and_sticks(lab: Lab, tm
     holder.wait(timeout=5)
     assert sum(float(w[0]) > back_at for w in exchanges) >= 5, exchanges
     assert all(w[1] == "ok" for w in exchanges), exchanges
+
+
+def prefix_rules(lab: Lab) -> list[str]:
+    """The sources of the router's IPv6 LAN prefix rules."""
+    return [f"{r['src']}/{r['srclen']}" for r in lab.rules(family=6) if r.get("srclen", 128) < 128]
+
+
+def test_lan_prefixes_leave_by_their_uplink_and_fail_over_with_nat66(lab: Lab, tmp_path: Path) -> None:
+    """A LAN host with an address from each ISP's prefix: each source leaves by its own ISP
+    (BCP38 at both); when fibre's IPv6 dies, new connections from its prefix leave by lte,
+    masqueraded (nat66), one opened then keeps its path through the failback, and no ISP
+    ever drops a packet as spoofed."""
+    delegated = lab.delegate_prefixes6()
+    (prefix1, host1), (prefix2, host2) = delegated["isp1"], delegated["isp2"]
+    config = (
+        lab_config(tmp_path / "state")
+        .replace('targets = ["198.18.1.1", "198.18.1.2"]', DUAL_TARGETS)
+        .replace(
+            "priority = 1\n", f'priority = 1\nlan_prefixes6 = ["{prefix1}"]\nlan_prefix_failover = "nat66"\n'
+        )
+        .replace(
+            "priority = 2\n", f'priority = 2\nlan_prefixes6 = ["{prefix2}"]\nlan_prefix_failover = "nat66"\n'
+        )
+    )
+    # Without the agent, main's RA default (wan0 first) sends isp2's prefix to isp1: dropped.
+    assert lab.connect_once(family=6, source=host2, timeout=0.5) is None
+    spoofed = [lab.counter(isp, "spoofed_6") for isp in ("isp1", "isp2")]
+    assert spoofed[0] > 0  # BCP38 bites
+    agent = AgentProcess(lab, tmp_path, config)
+    agent.wait_for(
+        lambda s: selected(s, 6) == "fibre" and s["uplinks"]["lte"]["health"]["ipv6"]["state"] == "up",
+        10,
+        "both up for IPv6",
+    )
+    agent.wait_log("nft: installed table inet multiwan")
+    assert sorted(prefix_rules(lab)) == [prefix1, prefix2]
+    # Each source leaves by its own ISP, untranslated (the other ISP would drop it).
+    assert lab.connect_many(3, family=6, source=host1) == [host1] * 3
+    assert lab.connect_many(3, family=6, source=host2) == [host2] * 3
+
+    lab.silent_drop("isp1", True, family=6)
+    agent.wait_for(lambda s: not s["uplinks"]["fibre"]["lan_prefixes_here"], 5, "fibre's prefix moved")
+    assert selected(agent.status() or {}, 4) == "fibre"
+    deadline = time.monotonic() + 5
+    while prefix1 in prefix_rules(lab) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert prefix_rules(lab) == [prefix2]
+    # New connections from fibre's prefix now leave by lte, masqueraded to lte's address.
+    assert lab.connect_many(3, family=6, source=host1) == [SOURCE[("lte", 6)]] * 3
+    assert lab.connect_many(2, family=6, source=host2) == [host2] * 2
+    holder = lab.popen(
+        "lan",
+        [sys.executable, str(LAB_TOOLS / "holder.py"), "--host", SERVER_IP6, "--port", str(SERVER_PORT)]
+        + ["--duration-s", "10", "--source", host1],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == f"# source {SOURCE[('lte', 6)]}"
+
+    lab.silent_drop("isp1", False, family=6)
+    agent.wait_for(lambda s: selected(s, 6) == "fibre", 5, "ipv6 back on fibre")
+    back_at = time.monotonic()
+    deadline = back_at + 5
+    while prefix1 not in prefix_rules(lab) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert lab.connect_many(3, family=6, source=host1) == [host1] * 3  # its own path again
+    # The connection masqueraded by lte keeps lte (its mark beats the prefix rule).
+    exchanges: list[list[str]] = []
+    while time.monotonic() < deadline and sum(float(w[0]) > back_at for w in exchanges) < 5:
+        line = holder.stdout.readline()
+        if not line:
+            break
+        exchanges.append(line.split())
+    holder.terminate()
+    holder.wait(timeout=5)
+    assert sum(float(w[0]) > back_at for w in exchanges) >= 5, exchanges
+    assert all(w[1] == "ok" for w in exchanges), exchanges
+    assert [lab.counter(isp, "spoofed_6") for isp in ("isp1", "isp2")] == spoofed  # none since
