@@ -209,3 +209,24 @@ def test_lan_prefixes_leave_by_their_uplink_and_fail_over_with_nat66(lab: Lab, t
     assert sum(float(w[0]) > back_at for w in exchanges) >= 5, exchanges
     assert all(w[1] == "ok" for w in exchanges), exchanges
     assert [lab.counter(isp, "spoofed_6") for isp in ("isp1", "isp2")] == spoofed  # none since
+
+
+def test_an_ra_gateway_change_is_followed_in_ipv6_alone(lab: Lab, tmp_path: Path) -> None:
+    """isp1's router moves to fe80::2 (a new RA): fibre's IPv6 table follows, IPv6 still
+    leaves by fibre once fe80::1 is gone, and IPv4 sees no route or rule event."""
+    agent = start_dual(lab, tmp_path)
+    quiet = lab.monitor_routes(rules=True, family=4)
+    lab.ip("isp1", "-6", "addr", "add", "fe80::2/64", "dev", "cpe", "nodad")
+    ra = ["::/0", "via", "fe80::2", "dev", "wan0", "proto", "ra", "metric", "1024"]
+    lab.ip("router", "-6", "route", "replace", *ra)
+    agent.wait_log("gateway6 fe80::1 -> fe80::2")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and lab.uplink_default("201", family=6)[0].get("gateway") != "fe80::2":
+        time.sleep(0.02)
+    assert lab.uplink_default("201", family=6)[0]["gateway"] == "fe80::2"
+    assert lab.default_routes("router", "200", family=6)[0]["gateway"] == "fe80::2"
+    lab.ip("isp1", "-6", "addr", "del", "fe80::1/64", "dev", "cpe")
+    assert lab.connect_once(family=6) == SOURCE[("fibre", 6)]
+    status = agent.status() or {}
+    assert selected(status, 6) == "fibre" and status["uplinks"]["fibre"]["health"]["ipv6"]["state"] == "up"
+    assert quiet.stop() == []
