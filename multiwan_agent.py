@@ -9771,6 +9771,8 @@ def describe_plan(config: Config) -> str:
             f"up after {check.rise} good rounds, round ok with {check.reliability} answer(s); "
             f"bound to {uplink.interface}"
         )
+    if 6 in config.families:
+        lines += ["", *describe_ipv6_plan(config, agent.rule_priority + RULE_PREFIX_OFFSET)]
     for family in config.families:
         lines += [
             "",
@@ -9817,6 +9819,34 @@ def describe_plan(config: Config) -> str:
     lines += ["", f"nft table {NFT_TABLE} (one transaction; shown with every uplink up):"]
     lines += ["  " + line for line in render_nft(config, steering_when_all_up(config)).splitlines()]
     return "\n".join(lines)
+
+
+def describe_ipv6_plan(config: Config, prefix_priority: int) -> list[str]:
+    """`check`: what IPv6 does, per uplink: its own health, the selection, the LAN prefixes."""
+    carrying = [u for u in config.uplinks if 6 in u.families]
+    lines = ["ipv6 plan:"]
+    for uplink in carrying:
+        others = "; its IPv4 is judged apart" if 4 in uplink.families else ""
+        targets = ", ".join(t for t in uplink.check.targets if family_of(t) == 6)
+        lines.append(f"  {uplink.name}: IPv6 health from {targets}{others}")
+    lines.append(
+        f"  new IPv6 traffic (the router's own too) takes the IPv6 selection among "
+        f"{', '.join(u.name for u in carrying)}; a connection keeps its uplink"
+    )
+    for uplink in carrying:
+        for prefix in uplink.lan_prefixes6:
+            when_down = (
+                "masqueraded (nat66) out of the uplink the IPv6 selection picks"
+                if uplink.lan_prefix_failover == "nat66"
+                else "kept on it (lan_prefix_failover = none: hosts must use another prefix)"
+            )
+            lines.append(
+                f"  LAN prefix {prefix}: leaves by {uplink.name} (rule {prefix_priority}: from {prefix} "
+                f"lookup {uplink.table}) while it carries IPv6; else {when_down}; never balanced"
+            )
+    if not any(u.lan_prefixes6 for u in carrying):
+        lines.append("  no lan_prefixes6: LAN sources are routed by the selection like any other")
+    return lines
 
 
 def steering_when_all_up(config: Config) -> Steering:

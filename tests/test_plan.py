@@ -596,3 +596,16 @@ def test_lan_prefixes_are_never_balanced_and_nat66_masquerades_them_elsewhere() 
     # fibre's prefixes are masqueraded wherever else they leave; lte's ("none") never
     assert 'oifname { "wan1" } ip6 saddr { 2001:db8:10::/56, 2001:db8:11::/56 } masquerade' in nat
     assert "2001:db8:20::/56 } masquerade" not in nat
+
+
+def test_check_prints_the_ipv6_plan() -> None:
+    text = mwa.describe_plan(LAN_PREFIXES)
+    plan = text[text.index("ipv6 plan:") : text.index("ipv4 rules")]
+    assert "  fibre: IPv6 health from 2001:db8:ffff::1; its IPv4 is judged apart" in plan
+    assert (
+        "  LAN prefix 2001:db8:10::/56: leaves by fibre (rule 6000: from 2001:db8:10::/56 lookup 201) "
+        "while it carries IPv6; else masqueraded (nat66)" in plan
+    )
+    assert "LAN prefix 2001:db8:20::/56: leaves by lte" in plan and "lan_prefix_failover = none" in plan
+    assert "6000: from 2001:db8:10::/56 lookup 201" in text[text.index("ipv6 rules") :]
+    assert "ipv6 plan" not in mwa.describe_plan(CONFIG)  # IPv4 only: as before
