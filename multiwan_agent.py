@@ -75,7 +75,7 @@ import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import urllib.parse  # noqa: E402
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence  # noqa: E402
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Iterator, Mapping, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from enum import Enum  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -157,14 +157,20 @@ FIRST_FREE_PROTOCOL: Final = 5
 #: The rule priority block the agent owns: `rule_priority` to `rule_priority + RULE_BLOCK - 1`.
 RULE_BLOCK: Final = 1024
 #: Offsets inside that block (see plan_network for why this order), 256 slots per kind:
-#: oif 100-355, source 356-611, fwmark 612-867, 868-1022 free. Agents before it owned a
-#: 100-long block (oif 10, source 40, fwmark 70, selection 99) that the new one covers and
-#: shares only main's rule with: a restart over an old agent's rules adds the new ones
-#: beside them, then deletes the old ones, highest first (see diff_network).
+#: oif 100-355, source 356-611, fwmark 612-867, LAN prefixes 1000 (868-999, 1001-1022 free).
+#: Agents before it owned a 100-long block (oif 10, source 40, fwmark 70, selection 99)
+#: that the new one covers and shares only main's rule with: a restart over an old agent's
+#: rules adds the new ones beside them, then deletes the old ones, highest first (see
+#: diff_network).
 RULE_MAIN_OFFSET: Final = 0
 RULE_OIF_OFFSET: Final = 100
 RULE_SOURCE_OFFSET: Final = 356
 RULE_MARK_OFFSET: Final = 612
+#: Every `from <LAN prefix> lookup <its uplink's table>` rule shares this one priority (they
+#: differ by source): an uplink may have several prefixes, so a slot per uplink would not do.
+RULE_PREFIX_OFFSET: Final = 1000
+#: What happens to packets from an uplink's LAN prefixes while it cannot carry IPv6.
+LAN_PREFIX_FAILOVER: Final = ("none", "nat66")
 RULE_DEFAULT_OFFSET: Final = 1023
 #: One rule slot per uplink and kind bounds the number of uplinks (mark_mask may bound it lower:
 #: the default 0xff00 has room for 255 marks).
@@ -544,6 +550,12 @@ class UplinkConfig:
     weight: int = 1
     #: When its marked conntrack entries are deleted: a subset of RELEASE_EVENTS.
     release_flows: frozenset[str] = frozenset()
+    #: IPv6 prefixes its ISP delegated, in use on the LAN: packets from them leave through
+    #: this uplink while it is usable for IPv6 (its ISP drops them anywhere else, BCP38).
+    lan_prefixes6: tuple[str, ...] = ()
+    #: While it is not: "nat66" masquerades them to the uplink that carries IPv6 instead;
+    #: "none" keeps them on this uplink (LAN hosts must move to another prefix's address).
+    lan_prefix_failover: str = "none"
     #: The families this uplink carries: those its check has targets in (computed once:
     #: every decision asks, and parsing addresses each time cost a status 10 ms at 16 uplinks).
     families: tuple[int, ...] = dataclasses.field(init=False, repr=False, compare=False)
@@ -1102,6 +1114,8 @@ def parse_config(text: str, source: str) -> Config:
     }
     uplinks: list[UplinkConfig] = []
     seen: dict[str, dict[object, int]] = {"name": {}, "interface": {}, "table": {}, "mark": {}}
+    #: Every uplink's LAN prefixes so far, with the key path that named each.
+    lan_prefixes: list[tuple[ipaddress.IPv6Network, str]] = []
     for index, raw in enumerate(raw_uplinks):
         path = f"uplink[{index}]"
         if not isinstance(raw, dict):
@@ -1136,6 +1150,10 @@ def parse_config(text: str, source: str) -> Config:
         initial_state = reader.choice("initial_state", ("up", "down"), "down")
         weight = reader.integer("weight", 1, 1, 1000)
         release_flows = _read_release_flows(reader)
+        lan_prefixes6 = _read_lan_prefixes(reader, lan_prefixes)
+        lan_prefix_failover = reader.choice("lan_prefix_failover", LAN_PREFIX_FAILOVER, "none")
+        if reader.has("lan_prefix_failover") and not lan_prefixes6:
+            raise ConfigError(source, f"{path}.lan_prefix_failover", "applies only with lan_prefixes6")
         priority = reader.integer("priority", 1, 0, 1_000_000)
         if reader.has("table"):
             table = reader.integer("table", None, 1, 2**31 - 1)
@@ -1166,6 +1184,12 @@ def parse_config(text: str, source: str) -> Config:
         check = _read_check(check_reader, base_check)
         reader.finish()
         _validate_check(source, f"{path}.check", check)
+        if lan_prefixes6 and not any(family_of(t) == 6 for t in check.targets):
+            raise ConfigError(
+                source,
+                f"{path}.lan_prefixes6",
+                "needs IPv6 targets in the uplink's check (its IPv6 health decides where they leave)",
+            )
         for key, value in (("name", name), ("interface", interface), ("table", table), ("mark", mark)):
             if value in seen[key]:
                 other = seen[key][value]
@@ -1188,6 +1212,8 @@ def parse_config(text: str, source: str) -> Config:
                 nat_exclude=tuple(nat_exclude),
                 weight=weight,
                 release_flows=release_flows,
+                lan_prefixes6=lan_prefixes6,
+                lan_prefix_failover=lan_prefix_failover,
             )
         )
     policies = _read_policies(root, uplinks)
@@ -1387,6 +1413,37 @@ def _one_or_many(reader: _Reader, key: str, expected: str) -> list[tuple[str, An
     if not value or len(value) > MAX_LIST:
         raise reader.error(key, f"{expected}, or a non-empty array of at most {MAX_LIST} of them", value)
     return [(f"{key}[{i}]", item) for i, item in enumerate(value)]
+
+
+def _read_lan_prefixes(reader: _Reader, taken: list[tuple[ipaddress.IPv6Network, str]]) -> tuple[str, ...]:
+    """`lan_prefixes6 = ["2001:db8:10::/56", ...]`: IPv6 networks without host bits, none
+    overlapping another's (`taken`, which this extends)."""
+    if not reader.has("lan_prefixes6"):
+        return ()
+    expected = 'an IPv6 network such as "2001:db8:10::/56"'
+    if reader.table["lan_prefixes6"] == "auto":
+        # A DHCPv6-PD client's prefix shows (an `unreachable` route on lo) without the uplink
+        # it came from; guessing that would route a LAN the wrong way.
+        raise ConfigError(
+            reader.source,
+            reader.key("lan_prefixes6"),
+            '"auto" is not supported: list the prefixes delegated by this uplink\'s ISP',
+        )
+    prefixes: list[str] = []
+    for index, item in enumerate(reader.array("lan_prefixes6", "IPv6 networks")):
+        where = f"lan_prefixes6[{index}]"
+        try:
+            network = ipaddress.ip_network(item) if isinstance(item, str) else None
+        except ValueError:
+            network = None
+        if not isinstance(network, ipaddress.IPv6Network) or network.prefixlen == 0:
+            raise reader.error(where, expected, item)
+        for other, named in taken:
+            if network.overlaps(other):
+                raise ConfigError(reader.source, reader.key(where), f"{network} overlaps {named} ({other})")
+        taken.append((network, reader.key(where)))
+        prefixes.append(str(network))
+    return tuple(prefixes)
 
 
 def _read_release_flows(reader: _Reader) -> frozenset[str]:
@@ -1794,6 +1851,10 @@ class Health:
     #: Passive health: the newest suspicion's evidence and when it was raised.
     suspicion: str | None = None
     suspected_at: float | None = None
+    #: The family this health judges when the uplink carries several (each has a health of
+    #: its own, see AgentState.family_healths); None when it carries one: then it is the
+    #: uplink's health, as it always was.
+    family: int | None = None
 
     @property
     def quality(self) -> Quality | None:
@@ -1812,13 +1873,64 @@ class Transition:
     new: State
     reason: str
     at: float
+    #: The family that changed, for an uplink that carries several (None: it carries one).
+    family: int | None = None
 
 
-def initial_health(uplink: UplinkConfig, now: float) -> Health:
-    """What to assume before the first rounds (mwan3's initial_state)."""
+def initial_health(uplink: UplinkConfig, now: float, family: int | None = None) -> Health:
+    """What to assume before the first rounds (mwan3's initial_state); `family` names the
+    family judged, for an uplink that carries several."""
     if uplink.initial_state == "up":
-        return Health(uplink.name, State.UP, since=now, reason="assumed up (initial_state = up)")
-    return Health(uplink.name, State.DOWN, since=now, reason="not yet confirmed")
+        return Health(
+            uplink.name, State.UP, since=now, reason="assumed up (initial_state = up)", family=family
+        )
+    return Health(uplink.name, State.DOWN, since=now, reason="not yet confirmed", family=family)
+
+
+def health_families(uplink: UplinkConfig) -> tuple[int, ...]:
+    """The families an uplink has a health for: those its targets are in (IPv4 for none)."""
+    return uplink.families or (4,)
+
+
+def split_round(result: RoundResult, families: Sequence[int]) -> dict[int, RoundResult]:
+    """One round of an uplink, as one round per family it carries: each family's health is
+    judged on that family's targets only, so a black-holed IPv6 leaves IPv4 alone.
+
+    The prober pings the gateways of all families in one go and reports whether any
+    answered: a family keeps that answer only if one of the gateways is its own.
+    """
+    if len(families) < 2:
+        return {families[0] if families else 4: result}
+    gateways = [g.strip() for g in result.gateway.split(",")] if result.gateway else []
+    split: dict[int, RoundResult] = {}
+    for family in families:
+        own = [g for g in gateways if family_of(g) == family]
+        split[family] = RoundResult(
+            result.uplink,
+            result.seq,
+            result.started_at,
+            tuple(p for p in result.probes if family_of(p.target) == family),
+            result.required,
+            gateway=", ".join(own) or None,
+            gateway_ok=result.gateway_ok if own else None,
+            burst_trigger=result.burst_trigger,
+            burst_state=result.burst_state,
+            timeouts_ms=tuple(t for t in result.timeouts_ms if family_of(t[0]) == family),
+        )
+    return split
+
+
+#: How an uplink's top-level state ranks its families' states: the best one speaks.
+_STATE_RANK: Final = {State.UP: 0, State.DEGRADED: 1, State.DOWN: 2}
+
+
+def uplink_health(healths: Sequence[Health]) -> Health:
+    """An uplink's health as a whole, from its families' healths (in family order): the best
+    one's (up, then degraded; IPv4 first on a tie). An uplink is up while it carries some
+    family; status and metrics show each family's own (see AgentState.family_healths)."""
+    if len(healths) == 1:
+        return healths[0]
+    return min(healths, key=lambda h: (_STATE_RANK[h.state], not h.link_usable))
 
 
 def observe_round(
@@ -2000,7 +2112,7 @@ def _transition(
         updated = evolve(updated, samples=(), has_failed=True)
     if state is State.DEGRADED:
         updated = evolve(updated, has_failed=True)
-    return updated, [Transition(health.name, health.state, state, reason, now)]
+    return updated, [Transition(health.name, health.state, state, reason, now, health.family)]
 
 
 def proof_start(health: Health) -> float:
@@ -2770,17 +2882,20 @@ def routable(uplink: UplinkConfig, interface: Interface | None, family: int) -> 
     return spec == "none" or uplink_gateway(uplink, interface, family) is not None
 
 
-def link_observation(uplink: UplinkConfig, interface: Interface | None) -> LinkObservation:
-    """Usable while at least one family the uplink is checked for can be routed."""
+def link_observation(
+    uplink: UplinkConfig, interface: Interface | None, family: int | None = None
+) -> LinkObservation:
+    """Usable while at least one family the uplink is checked for (or `family`) can be routed."""
+    families = uplink.families if family is None else (family,)
     if interface is None:
         return LinkObservation(False, f"interface {uplink.interface} is gone")
     if not interface.admin_up:
         return LinkObservation(False, f"interface {uplink.interface} is administratively down")
     if not interface.carrier:
         return LinkObservation(False, f"carrier lost on {uplink.interface}")
-    if any(routable(uplink, interface, family) for family in uplink.families):
+    if any(routable(uplink, interface, f) for f in families):
         return LinkObservation(True)
-    family = uplink.families[0]
+    family = families[0]
     if interface.source(family) is None:
         return LinkObservation(False, f"no {FAMILY_TITLE[family]} address on {uplink.interface}")
     client = "DHCP" if family == 4 else "RA"
@@ -2788,7 +2903,10 @@ def link_observation(uplink: UplinkConfig, interface: Interface | None) -> LinkO
 
 
 def plan_network(
-    config: Config, interfaces: Mapping[str, Interface], selected: Mapping[int, str | None]
+    config: Config,
+    interfaces: Mapping[str, Interface],
+    selected: Mapping[int, str | None],
+    lan_routed: Collection[str] | None = None,
 ) -> NetPlan:
     """The desired routes and rules for these interfaces and this selection.
 
@@ -2800,6 +2918,9 @@ def plan_network(
     - 100+i `oif X lookup T`: sockets bound to an uplink (our probes) use its table;
     - 356+i `from ADDR lookup T`: traffic sourced from an uplink's address leaves by it;
     - 612+i `fwmark M/MASK lookup T`: marked traffic (policy, stickiness) uses it;
+    - 1000 `from PREFIX lookup T` (IPv6): a LAN prefix the uplink's ISP delegated leaves
+      by it, for the uplinks in `lan_routed` (None: all). After the fwmark rules, so a
+      connection that was masqueraded elsewhere while the uplink was down keeps its path;
     - 1023 `lookup <default_table>`: everything else takes the selected uplink.
     An empty selection table falls through, so at worst main's own default
     applies; an uplink table never does (see its `unreachable` route).
@@ -2847,6 +2968,11 @@ def plan_network(
                     family=family,
                 )
             )
+            if family == 6 and (lan_routed is None or uplink.name in lan_routed):
+                rules += [
+                    RuleSpec(base + RULE_PREFIX_OFFSET, uplink.table, source=prefix, family=6)
+                    for prefix in uplink.lan_prefixes6
+                ]
         rules.append(RuleSpec(base + RULE_DEFAULT_OFFSET, agent.default_table, family=family))
     return NetPlan(
         tuple(routes),
@@ -3515,6 +3641,8 @@ class NftStatus:
 @dataclass(frozen=True, slots=True)
 class AgentState:
     config: Config
+    #: Per uplink, its health as a whole (see uplink_health): for an uplink that carries one
+    #: family, that family's health itself.
     healths: Mapping[str, Health]
     #: The last link/address dump, by interface name.
     interfaces: Mapping[str, Interface] = dataclasses.field(default_factory=dict)
@@ -3554,10 +3682,47 @@ class AgentState:
     routes_done: int = 0
     #: Passive health per uplink, as the conntrack events last showed it.
     passive: Mapping[str, PassiveView] = dataclasses.field(default_factory=dict)
+    #: Per family, the health of each uplink that carries it: what that family's selection,
+    #: balance group and policies judge by. (Empty: every health is in `healths`.)
+    family_healths: Mapping[int, Mapping[str, Health]] = dataclasses.field(default_factory=dict)
 
     def selected(self, family: int) -> str | None:
         decision = self.decisions.get(family)
         return decision.selected if decision is not None else None
+
+    def healths_for(self, family: int) -> Mapping[str, Health]:
+        """The healths this family's decisions judge by."""
+        return self.family_healths.get(family, self.healths)
+
+    def uplink_healths(self, name: str) -> dict[int, Health]:
+        """An uplink's health per family it carries (an uplink a reload removed: none)."""
+        uplink = _uplink(self.config, name)
+        if uplink is None:
+            return {}
+        found = {f: self.healths_for(f).get(name) for f in health_families(uplink)}
+        return {f: h for f, h in found.items() if h is not None}
+
+
+def with_healths(state: AgentState, name: str, healths: Mapping[int, Health]) -> AgentState:
+    """The state with these family healths of one uplink, and its health as a whole."""
+    family_healths = dict(state.family_healths)
+    for family, health in healths.items():
+        family_healths[family] = {**family_healths.get(family, {}), name: health}
+    merged = {**state.uplink_healths(name), **healths}
+    whole = uplink_health([merged[f] for f in sorted(merged)])
+    return evolve(state, healths={**state.healths, name: whole}, family_healths=family_healths)
+
+
+def _family_healths(
+    config: Config, healths: Mapping[str, Mapping[int, Health]]
+) -> tuple[dict[str, Health], dict[int, dict[str, Health]]]:
+    """(healths, family_healths) for AgentState from each uplink's healths per family."""
+    whole = {name: uplink_health([h[f] for f in sorted(h)]) for name, h in healths.items()}
+    per_family: dict[int, dict[str, Health]] = {f: {} for f in config.families or (4,)}
+    for name, by_family in healths.items():
+        for family, health in by_family.items():
+            per_family.setdefault(family, {})[name] = health
+    return whole, per_family
 
 
 def next_wake(state: AgentState) -> float:
@@ -3594,17 +3759,27 @@ def start_agent(
     """The state at start: adopt what a previous run left, owe what it owed, keep its
     drains, then take the first link dump as any later one."""
     adopted = adoptable(config, interfaces, routes)
-    healths: dict[str, Health] = {}
+    by_uplink: dict[str, dict[int, Health]] = {}
     for uplink in config.uplinks:
-        health = initial_health(uplink, now)
+        families = health_families(uplink)
         owes = owes_hysteresis(previous, uplink.name, boot_id, config.agent.hysteresis_s, now)
-        if uplink.name in adopted.values() and not owes:
-            health = evolve(health, state=State.UP, reason="adopted the route a previous run left")
-        elif owes:
-            # It failed before the restart, or was still proving itself:
-            # it owes the hysteresis again (a restart must not shortcut it).
-            health = evolve(health, state=State.DOWN, reason="failed in the previous run", has_failed=True)
-        healths[uplink.name] = health
+        by_uplink[uplink.name] = {}
+        for family in families:
+            health = initial_health(uplink, now, family if len(families) > 1 else None)
+            # A family is adopted on its own: the previous run's IPv6 route says nothing of IPv4.
+            adopted_here = (
+                adopted.get(family) == uplink.name if len(families) > 1 else uplink.name in adopted.values()
+            )
+            if adopted_here and not owes:
+                health = evolve(health, state=State.UP, reason="adopted the route a previous run left")
+            elif owes:
+                # It failed before the restart, or was still proving itself:
+                # it owes the hysteresis again (a restart must not shortcut it).
+                health = evolve(
+                    health, state=State.DOWN, reason="failed in the previous run", has_failed=True
+                )
+            by_uplink[uplink.name][family] = health
+    healths, family_healths = _family_healths(config, by_uplink)
     names = {iface.index: name for name, iface in interfaces.items()}
     applied = {
         # What the selection table holds now: the fast path must not re-send it (no flap).
@@ -3620,11 +3795,12 @@ def start_agent(
         managed_tables=config.tables,
         resync_at=now + RESYNC_PERIOD_S,
         drained={n: d for n, d in (drained or {}).items() if _uplink(config, n) is not None},
+        family_healths=family_healths,
     )
     events = tuple(
         Adopted(name, family, now)
         for family, name in sorted(adopted.items())
-        if healths[name].state is State.UP
+        if state.healths_for(family)[name].state is State.UP
     )
     state, intent = on_links(state, interfaces, now)
     return state, evolve(intent, events=events + intent.events, nft=SteeringWanted(config, state.steering))
@@ -3642,8 +3818,19 @@ def on_round(state: AgentState, result: RoundResult, now: float) -> tuple[AgentS
         state = evolve(state, probe_errors=errors)
     state, unjudged = _count_unjudged(state, result, uplink.check.fall, now)
     hysteresis = agent_hysteresis(state.config.agent)
-    updated, transitions = observe_round(health, result, uplink.check, now, hysteresis)
-    state = evolve(state, healths={**state.healths, result.uplink: updated})
+    families = health_families(uplink)
+    if len(families) == 1:
+        updated, transitions = observe_round(health, result, uplink.check, now, hysteresis)
+        state = with_healths(state, result.uplink, {families[0]: updated})
+    else:
+        # Each family is judged on its own targets: its own fall/rise, window and reasons.
+        healths = state.uplink_healths(result.uplink)
+        transitions = []
+        for family, part in split_round(result, families).items():
+            if family in healths:
+                healths[family], changed = observe_round(healths[family], part, uplink.check, now, hysteresis)
+                transitions += changed
+        state = with_healths(state, result.uplink, healths)
     if not transitions:
         status = StatusWrite.NOW if unjudged else StatusWrite.SOON
         return state, Intent(unjudged, status=status, wake_at=next_wake(state))
@@ -3656,24 +3843,31 @@ def on_round(state: AgentState, result: RoundResult, now: float) -> tuple[AgentS
     return _finish(state, intent)
 
 
-def on_late(state: AgentState, uplink: str, seq: int, rtt_ms: float, now: float) -> tuple[AgentState, Intent]:
-    """A reply came after its probe's adaptive timeout: late, not lost, in the quality window."""
-    health = state.healths.get(uplink)
-    if health is None:
+def on_late(
+    state: AgentState, uplink: str, seq: int, rtt_ms: float, now: float, family: int | None = None
+) -> tuple[AgentState, Intent]:
+    """A reply came after its probe's adaptive timeout: late, not lost, in the quality window
+    of its target's `family` (None: of every family the uplink carries)."""
+    healths = state.uplink_healths(uplink)
+    if not healths:
         return state, Intent(wake_at=next_wake(state))
-    updated = observe_late(health, seq, rtt_ms)
-    state = evolve(state, healths={**state.healths, uplink: updated})
+    updated = {f: observe_late(h, seq, rtt_ms) for f, h in healths.items() if family in (None, f)}
+    state = with_healths(state, uplink, updated)
     return state, Intent(status=StatusWrite.SOON, wake_at=next_wake(state))
 
 
 def on_suspect(state: AgentState, suspicion: Suspicion, now: float) -> tuple[AgentState, Intent]:
     """Passive health suspects an uplink: confirm with a burst, if it is up and probed.
     Suspicion alone never changes a state or a selection."""
-    health = state.healths.get(suspicion.uplink)
-    if health is None or health.state is State.DOWN or not health.link_usable:
+    healths = {
+        f: h
+        for f, h in state.uplink_healths(suspicion.uplink).items()
+        if h.state is not State.DOWN and h.link_usable
+    }
+    if not healths:
         return state, Intent(wake_at=next_wake(state))
-    updated = evolve(health, suspicion=suspicion.evidence, suspected_at=now)
-    state = evolve(state, healths={**state.healths, suspicion.uplink: updated})
+    updated = {f: evolve(h, suspicion=suspicion.evidence, suspected_at=now) for f, h in healths.items()}
+    state = with_healths(state, suspicion.uplink, updated)
     return state, Intent(
         (Suspected(suspicion.uplink, suspicion.evidence, now),),
         bursts=((suspicion.uplink, "after passive suspicion"),),
@@ -3686,8 +3880,8 @@ def on_links(state: AgentState, interfaces: Mapping[str, Interface], now: float)
     """A fresh link/address dump: renumberings, carrier and address losses at once; decide; reconcile."""
     events: list[Event] = []
     transitions: list[Transition] = []
-    healths = dict(state.healths)
     for uplink in state.config.uplinks:
+        healths = state.uplink_healths(uplink.name)
         before, after = state.interfaces.get(uplink.interface), interfaces.get(uplink.interface)
         if before is not None and after is not None:
             renumbered = describe_renumbering(uplink, before, after)
@@ -3696,16 +3890,19 @@ def on_links(state: AgentState, interfaces: Mapping[str, Interface], now: float)
                 # table and rules in this same reconcile. A round sent from the old
                 # address proves nothing about the new one.
                 events.append(Renumbered(uplink.name, renumbered, now))
-                health = healths[uplink.name]
-                healths[uplink.name] = evolve(health, last_round_at=max(health.last_round_at, now))
-        healths[uplink.name], changed = observe_link(
-            healths[uplink.name], link_observation(uplink, after), now
-        )
-        transitions += changed
+                healths = {f: evolve(h, last_round_at=max(h.last_round_at, now)) for f, h in healths.items()}
+        # Carrier loss (or a vanished interface) makes every family down at once; a lost
+        # address or gateway only its own family.
+        split = len(healths) > 1
+        for family, health in healths.items():
+            link = link_observation(uplink, after, family if split else None)
+            healths[family], changed = observe_link(health, link, now)
+            transitions += changed
+        state = with_healths(state, uplink.name, healths)
     status = StatusWrite.NOW if events or transitions else StatusWrite.NONE
     if status is StatusWrite.NONE and interfaces != state.interfaces:
         status = StatusWrite.SOON
-    state = evolve(state, interfaces=dict(interfaces), healths=healths)
+    state = evolve(state, interfaces=dict(interfaces))
     state = _owe_on_transitions(state, transitions, now)
     state, decided = _decide(state, now)
     if decided:
@@ -3837,22 +4034,25 @@ def on_reload(
     problem = reload_problem(old, new) or "; ".join(reload_collisions(old, new, rules, routes))
     if problem:
         return _finish(state, Intent((ReloadRejected(problem, now),)))
-    healths: dict[str, Health] = {}
+    by_uplink: dict[str, dict[int, Health]] = {}
     before = {u.name: u for u in old.uplinks}
     for uplink in new.uplinks:
         was = before.get(uplink.name)
-        health = state.healths.get(uplink.name)
+        healths_before = state.uplink_healths(uplink.name)
         same_path = was is not None and (was.interface, was.gateway, was.gateway6, was.families) == (
             uplink.interface,
             uplink.gateway,
             uplink.gateway6,
             uplink.families,
         )
-        healths[uplink.name] = (
-            remap_health(health, uplink.check)
-            if health is not None and same_path
-            else initial_health(uplink, now)
-        )
+        families = health_families(uplink)
+        by_uplink[uplink.name] = {
+            f: remap_health(healths_before[f], uplink.check)
+            if same_path and f in healths_before
+            else initial_health(uplink, now, f if len(families) > 1 else None)
+            for f in families
+        }
+    healths, family_healths = _family_healths(new, by_uplink)
     release_flows = {u.name: u.release_flows for u in new.uplinks}
     # The nft table is re-installed whole for the new config (per-host placements
     # start afresh). Until the next decision it keeps the steering that still applies.
@@ -3861,6 +4061,7 @@ def on_reload(
         state,
         config=new,
         healths=healths,
+        family_healths=family_healths,
         decisions={f: d for f, d in state.decisions.items() if f in new.families},
         policy_decisions={
             name: {f: d for f, d in decisions.items() if f in steering.policies.get(name, {})}
@@ -3926,9 +4127,9 @@ def on_command(state: AgentState, command: Command, now: float, wall_now: float)
             else tuple(
                 f
                 for f in uplink.families
-                if state.healths[name].state is not State.DOWN
+                if state.healths_for(f)[name].state is not State.DOWN
                 and not any(
-                    u.name != name and state.healths[u.name].state is not State.DOWN
+                    u.name != name and state.healths_for(f)[u.name].state is not State.DOWN
                     for u in _candidates(state, f)
                 )
             )
@@ -4031,7 +4232,7 @@ def _route_work(state: AgentState) -> tuple[AgentState, RouteWork]:
     """The route work for the state's decisions, numbered (see OwedRelease.after)."""
     state = evolve(state, routes_planned=state.routes_planned + 1)
     selected = {f: state.selected(f) for f in state.config.families}
-    plan = plan_network(state.config, state.interfaces, selected)
+    plan = plan_network(state.config, state.interfaces, selected, lan_routed(state))
     # Fast path: a new selection is one replace, sent before the verifying dumps.
     urgent = tuple(
         Change("replace_route", route=route)
@@ -4040,6 +4241,25 @@ def _route_work(state: AgentState) -> tuple[AgentState, RouteWork]:
     )
     indexes = {name: iface.index for name, iface in state.interfaces.items()}
     return state, RouteWork(state.config, plan, urgent, state.managed_tables, indexes, state.routes_planned)
+
+
+def lan_routed(state: AgentState) -> frozenset[str]:
+    """The uplinks whose LAN prefixes leave through them now: all with lan_prefix_failover
+    "none"; with "nat66" those usable for IPv6 (not down, routable, not drained). The others'
+    prefixes take the IPv6 selection and are masqueraded there (see _render_nat)."""
+    routed = set()
+    for uplink in state.config.uplinks:
+        if not uplink.lan_prefixes6:
+            continue
+        health = state.healths_for(6).get(uplink.name)
+        if uplink.lan_prefix_failover == "none" or (
+            health is not None
+            and health.state is not State.DOWN
+            and routable(uplink, state.interfaces.get(uplink.interface), 6)
+            and uplink.name not in state.drained
+        ):
+            routed.add(uplink.name)
+    return frozenset(routed)
 
 
 def _steering_wanted(state: AgentState) -> SteeringWanted:
@@ -4057,12 +4277,14 @@ def _decide(state: AgentState, now: float) -> tuple[AgentState, tuple[Event, ...
     wakes: list[float] = []
     unavailable = {name: "is drained by the operator" for name in state.drained}
     for family in config.families:
+        # Each family judges by its own healths: a dead IPv6 moves IPv6 only.
+        healths = state.healths_for(family)
         candidates = _candidates(state, family)
         previous = decisions.get(family, Decision(None, "starting"))
-        decision = select(state.healths, candidates, previous.selected, hysteresis_s, now, unavailable)
-        events += _selection_events(family, previous, decision, state.healths, now)
+        decision = select(healths, candidates, previous.selected, hysteresis_s, now, unavailable)
+        events += _selection_events(family, previous, decision, healths, now)
         decisions[family] = decision
-        group = balance_group(state.healths, candidates, decision.selected, hysteresis_s, now)
+        group = balance_group(healths, candidates, decision.selected, hysteresis_s, now)
         balance[family] = group.members
         wakes += [w for w in (decision.wake_at, group.wake_at) if w is not None]
         for policy in config.policies:
@@ -4071,9 +4293,7 @@ def _decide(state: AgentState, now: float) -> tuple[AgentState, tuple[Event, ...
             chosen = policy_decisions.setdefault(policy.name, {})
             before = chosen.get(family)
             current = before.selected if before is not None else None
-            placed = select_for_policy(
-                policy, state.healths, candidates, current, hysteresis_s, now, unavailable
-            )
+            placed = select_for_policy(policy, healths, candidates, current, hysteresis_s, now, unavailable)
             if before is None or before.selected != placed.selected:
                 events.append(
                     PolicyChanged(
@@ -4094,13 +4314,13 @@ def _decide(state: AgentState, now: float) -> tuple[AgentState, tuple[Event, ...
         balance,
         {name: {f: d.selected for f, d in chosen.items()} for name, chosen in policy_decisions.items()},
     )
-    events += _balance_events(config, state.healths, state.steering, steering, now)
+    events += _balance_events(config, state, state.steering, steering, now)
     carrying = {(d.selected, f) for f, d in decisions.items() if d.selected is not None}
     carrying |= {(n, f) for f, members in steering.balance.items() for n, _ in members}
     carrying |= {(n, f) for chosen in steering.policies.values() for f, n in chosen.items() if n is not None}
     owed = dict(state.owed_releases)
     for name, family in sorted(state.carrying - carrying):
-        uplink, health = _uplink(config, name), state.healths.get(name)
+        uplink, health = _uplink(config, name), state.healths_for(family).get(name)
         if (
             uplink is not None
             and health is not None
@@ -4157,10 +4377,11 @@ def _selection_events(
 
 
 def _balance_events(
-    config: Config, healths: Mapping[str, Health], before: Steering, after: Steering, now: float
+    config: Config, state: AgentState, before: Steering, after: Steering, now: float
 ) -> list[Event]:
     events: list[Event] = []
     for family in config.families:
+        healths = state.healths_for(family)
         old, new = (dict(s.balance.get(family, ())) for s in (before, after))
         old, new = (members if len(members) > 1 else {} for members in (old, new))
         if old == new:
@@ -4181,11 +4402,18 @@ def _owe_on_transitions(state: AgentState, transitions: Iterable[Transition], no
         uplink = _uplink(state.config, t.uplink)
         if uplink is None:
             continue
+        # A family of an uplink that carries several owes (or is let off) its own flows only.
+        which = frozenset(uplink.families) if t.family is None else frozenset({t.family})
+        was = owed.get(t.uplink)
         if t.new is State.DOWN and "on_down" in uplink.release_flows:
-            families = frozenset(uplink.families)
+            families = which | (was.families if was is not None and was.kind == "down" else frozenset())
             owed[t.uplink] = OwedRelease("it went down", "down", families, state.routes_planned + 1, now)
-        elif t.new is State.UP:
-            owed.pop(t.uplink, None)  # back before its flows were released
+        elif t.new is State.UP and was is not None:
+            # Back before its flows were released.
+            if was.families - which and was.kind == "down":
+                owed[t.uplink] = evolve(was, families=was.families - which)
+            else:
+                owed.pop(t.uplink, None)
     return evolve(state, owed_releases=owed)
 
 
@@ -4221,11 +4449,14 @@ def _count_unjudged(
 
 
 def _release_still_wanted(state: AgentState, name: str, running: RunningRelease) -> bool:
-    health = state.healths.get(name)
     if running.kind == "drain":
         return name in state.drained
     if running.kind == "down":
-        return health is None or health.state is not State.UP
+        healths = state.uplink_healths(name)
+        return not healths or any(
+            f not in healths or healths[f].state is not State.UP
+            for f in (running.families if len(healths) > 1 else healths)
+        )
     return not any((name, f) in state.carrying for f in running.families)
 
 
@@ -5422,7 +5653,7 @@ def nl_rules(ipr: Any, families: Sequence[int] = FAMILIES) -> list[RuleEntry]:
                     protocol=int(msg.get_attr("FRA_PROTOCOL") or 0),
                     fwmark=msg.get_attr("FRA_FWMARK"),
                     fwmask=msg.get_attr("FRA_FWMASK") if msg.get_attr("FRA_FWMARK") is not None else None,
-                    source=msg.get_attr("FRA_SRC") if msg["src_len"] else None,
+                    source=_rule_source(msg.get_attr("FRA_SRC"), msg["src_len"], family),
                     oifname=msg.get_attr("FRA_OIFNAME"),
                     # 0xFFFFFFFF is the kernel's "not set".
                     suppress_prefixlength=None if suppress in (None, 0xFFFFFFFF) else int(suppress),
@@ -5526,6 +5757,13 @@ def _delete_default(ipr: Any, table: int, family: int, protocol: int, unreachabl
     )
 
 
+def _rule_source(address: str | None, length: int, family: int) -> str | None:
+    """A rule's source as RuleSpec spells it: an address, or a network ("2001:db8:10::/56")."""
+    if not length or address is None:
+        return None
+    return address if length == HOST_PREFIX[family] else f"{address}/{length}"
+
+
 def _rule_args(rule: RuleSpec, protocol: int) -> dict[str, Any]:
     args: dict[str, Any] = dict(
         family=ADDRESS_FAMILY[rule.family], priority=rule.priority, table=rule.table, protocol=protocol
@@ -5534,8 +5772,9 @@ def _rule_args(rule: RuleSpec, protocol: int) -> dict[str, Any]:
         args["fwmark"] = rule.fwmark
         args["fwmask"] = rule.fwmask if rule.fwmask is not None else 0xFFFFFFFF
     if rule.source is not None:
-        args["src"] = rule.source
-        args["src_len"] = HOST_PREFIX[rule.family]
+        address, _, length = rule.source.partition("/")
+        args["src"] = address
+        args["src_len"] = int(length) if length else HOST_PREFIX[rule.family]
     if rule.oifname is not None:
         args["oifname"] = rule.oifname
     if rule.suppress_prefixlength is not None:
@@ -6284,6 +6523,13 @@ def render_nft(config: Config, steering: Steering | None = None, labels: bool = 
         f"\t\tct state new ct mark and {mask} == 0 iifname vmap {{ {by_iif} }}",
         "\t}",
         "\tchain steer {",
+        # A LAN prefix leaves by its own uplink (a rule), or by the selection: never balanced
+        # or placed, which would send it to an ISP that drops it (BCP38).
+        *(
+            f"\t\tip6 saddr {{ {', '.join(prefixes)} }} return"
+            for prefixes in [_lan_prefixes(config)]
+            if prefixes
+        ),
         *(f"\t\t{_policy_match(policy, f)} jump policy_{policy.name}" for policy, f in _policy_rows(config)),
         "\t\tjump balance",
         "\t}",
@@ -6324,6 +6570,10 @@ def render_nft(config: Config, steering: Steering | None = None, labels: bool = 
         "\t}",
     ]
     return "\n".join(out) + "\n" + _render_nat(config) + "}\n"
+
+
+def _lan_prefixes(config: Config) -> list[str]:
+    return [p for u in config.uplinks for p in u.lan_prefixes6]
 
 
 def _uplink_interfaces(config: Config) -> str:
@@ -6423,8 +6673,15 @@ def _balance_rules(config: Config, steering: Steering) -> list[str]:
 
 
 def _render_nat(config: Config) -> str:
-    """Masquerade on the uplinks with `nat = true`, but not towards their `nat_exclude`."""
+    """Masquerade on the uplinks with `nat = true`, but not towards their `nat_exclude`; and
+    the LAN prefixes of uplinks with lan_prefix_failover = "nat66" wherever else they leave."""
     rules: list[str] = []
+    for uplink in config.uplinks:
+        others = [f'"{u.interface}"' for u in config.uplinks if u is not uplink and 6 in u.families]
+        if uplink.lan_prefix_failover == "nat66" and others:
+            # masquerade, not NPTv6: the other uplink's address is all its ISP lets out.
+            prefixes = ", ".join(uplink.lan_prefixes6)
+            rules.append(f"oifname {{ {', '.join(others)} }} ip6 saddr {{ {prefixes} }} masquerade")
     for uplink in config.uplinks:
         if not uplink.nat:
             continue
@@ -6727,6 +6984,7 @@ def status_document(
     primary = primary_family(config)
     hysteresis = agent_hysteresis(config.agent)
     balancing = {f: _balancing(state, f) for f in config.families}
+    routed_prefixes = lan_routed(state)
     uplinks: dict[str, Any] = {}
     for uplink in config.uplinks:
         health = state.healths[uplink.name]
@@ -6791,6 +7049,15 @@ def status_document(
             # passive health from its forwarded connections (null: off); the last suspicion
             "passive": _passive_status(state.passive.get(uplink.name)),
             "suspicion": health.suspicion,
+            # IPv6 prefixes of the LAN its ISP delegated, and whether they leave through it now
+            # (else, with lan_prefix_failover = "nat66", masqueraded by the IPv6 selection)
+            "lan_prefixes6": list(uplink.lan_prefixes6),
+            "lan_prefixes_here": bool(uplink.lan_prefixes6) and uplink.name in routed_prefixes,
+            # per family it carries, that family's own health (`state` above is the best of them)
+            "health": {
+                FAMILY_NAME[f]: _family_status(state, uplink, f, h, mono_now, wall_now)
+                for f, h in state.uplink_healths(uplink.name).items()
+            },
         }
     primary_decision = state.decisions.get(primary, Decision(None, "starting"))
     return {
@@ -6845,6 +7112,33 @@ def status_document(
     }
 
 
+def _family_status(
+    state: AgentState, uplink: UplinkConfig, family: int, health: Health, mono_now: float, wall_now: float
+) -> dict[str, Any]:
+    """One family's health of an uplink, for status."""
+    quality = health.quality
+    interface = state.interfaces.get(uplink.interface)
+    return {
+        "state": health.state.value,
+        "since": round(wall_now - (mono_now - health.since), 3),
+        "since_monotonic": round(health.since, 6),
+        "reason": health.reason,
+        "selected": state.selected(family) == uplink.name,
+        "ready": health.link_usable,
+        "ready_reason": None
+        if health.link_usable
+        else link_observation(uplink, interface, family if len(uplink.families) > 1 else None).reason,
+        "failure": health.failure if health.state is State.DOWN else None,
+        "rtt_ms": None if health.rtt_ms is None else round(health.rtt_ms, 3),
+        "loss_pct": None if quality is None else round(quality.loss_pct, 1),
+        "window_rounds": 0 if quality is None else quality.rounds,
+        "good_rounds": health.good_rounds,
+        "bad_rounds": health.bad_rounds,
+        "recovered": health.recovered,
+        "has_failed": health.has_failed,
+    }
+
+
 def _passive_status(view: PassiveView | None) -> dict[str, Any] | None:
     if view is None:
         return None
@@ -6883,13 +7177,26 @@ def _balancing(state: AgentState, family: int) -> dict[str, int]:
 def status_summary(state: AgentState) -> str:
     """One line for sd_notify's STATUS=."""
     config = state.config
-    states = ", ".join(f"{n} {h.state.value}" for n, h in state.healths.items())
+    states = ", ".join(f"{n} {h.state.value}{_family_note(state, n)}" for n, h in state.healths.items())
     selected = " ".join(
         f"selected{'' if f == primary_family(config) else '6'}={state.selected(f) or 'none'}"
         for f in config.families
     )
     stranded = any(d.stranded for d in state.decisions.values())
     return f"{selected}; {states}" + ("; NO UPLINK UP" if stranded else "")
+
+
+def _family_note(state: AgentState, name: str) -> str:
+    """' (ipv6 down)' for an uplink whose families' states differ; '' otherwise."""
+    healths = state.uplink_healths(name)
+    if len({h.state for h in healths.values()}) < 2:
+        return ""
+    whole = state.healths[name].state
+    return (
+        " ("
+        + ", ".join(f"{FAMILY_NAME[f]} {h.state.value}" for f, h in healths.items() if h.state is not whole)
+        + ")"
+    )
 
 
 def write_json_atomically(path: Path, document: Mapping[str, Any]) -> None:
@@ -7217,13 +7524,16 @@ def event_record(event: Event, wall_now: float, mono_now: float) -> dict[str, An
         "monotonic": round(event.at, 6),
     }
     match event:
-        case Transition(uplink, old, new, reason, _at):
+        case Transition(uplink, old, new, reason, _at, family):
             record |= {
                 "event": f"uplink_{new.value}",
                 "uplink": uplink,
                 "state": new.value,
                 "previous": old.value,
             }
+            if family is not None:
+                # An uplink that carries several families changes state per family.
+                record["family"] = FAMILY_NAME[family]
             record["reason"] = reason
         case SelectionChanged(family, old, new, reason, _at, _evidence):
             record |= {"event": "switch", "family": FAMILY_NAME[family], "selected": new, "previous": old}
@@ -8019,6 +8329,14 @@ class Metrics:
                     (("uplink", u.name), ("family", FAMILY_NAME[f])),
                     int(state.selected(f) == u.name),
                 )
+        family("multiwan_uplink_family_up", "gauge", "1 while the uplink is up for the family.")
+        for u in config.uplinks:
+            for f, h in state.uplink_healths(u.name).items():
+                sample(
+                    "multiwan_uplink_family_up",
+                    (("uplink", u.name), ("family", FAMILY_NAME[f])),
+                    int(h.state is State.UP),
+                )
         family("multiwan_uplink_drained", "gauge", "1 while an operator has drained the uplink.")
         for u in config.uplinks:
             sample("multiwan_uplink_drained", (("uplink", u.name),), int(u.name in state.drained))
@@ -8349,6 +8667,8 @@ class LateReplyObserved:
     uplink: str
     seq: int
     rtt_ms: float
+    #: Its target's family (each family has its own quality window).
+    family: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -8479,7 +8799,7 @@ class ProberSet:
         #: The probers running now (a restarted task makes a new one).
         self.probers: dict[str, UplinkProber] = {}
         #: Where late replies go: (uplink, seq, rtt_ms); set by the daemon.
-        self.late: Callable[[str, int, float], None] | None = None
+        self.late: Callable[[str, int, float, int], None] | None = None
 
     def suspect(self, name: str, trigger: str) -> None:
         prober = self.probers.get(name)
@@ -8514,9 +8834,9 @@ class ProberSet:
         # It probes as `uplink` says; the source (address, gateways) comes from the state.
         late = self.late
 
-        def deliver_late(_target: str, seq: int, rtt_ms: float) -> None:
+        def deliver_late(target: str, seq: int, rtt_ms: float) -> None:
             if late is not None:
-                late(uplink.name, seq, rtt_ms)
+                late(uplink.name, seq, rtt_ms, family_of(target))
 
         prober = UplinkProber(
             uplink,
@@ -8694,8 +9014,8 @@ class Pump:
                 state, intent = on_nft(state, report, now)
             case TaskDied(task, error):
                 state, intent = on_task_died(state, task, error, now)
-            case LateReplyObserved(uplink, seq, rtt_ms):
-                state, intent = on_late(state, uplink, seq, rtt_ms, now)
+            case LateReplyObserved(uplink, seq, rtt_ms, family):
+                state, intent = on_late(state, uplink, seq, rtt_ms, now, family)
             case SuspicionObserved(suspicion):
                 state, intent = on_suspect(state, suspicion, now)
             case PassiveObserved(views):
@@ -8984,11 +9304,12 @@ async def feed_watchdog(
 def log_event(event: Event) -> None:
     """One log line per decision, with its reason."""
     match event:
-        case Transition(uplink, _old, new, reason, _at):
+        case Transition(uplink, _old, new, reason, _at, family):
             log.log(
                 logging.WARNING if new is State.DOWN else logging.INFO,
-                "uplink=%s %s: %s",
+                "uplink=%s %s%s: %s",
                 uplink,
+                "" if family is None else f"family={FAMILY_NAME[family]} ",
                 new.value,
                 reason,
             )
@@ -9238,7 +9559,9 @@ async def run_daemon(
             lambda result: pump.post(RoundObserved(result)),
             options.verbose,
         )
-        probers.late = lambda name, seq, rtt_ms: pump.post(LateReplyObserved(name, seq, rtt_ms))
+        probers.late = lambda name, seq, rtt_ms, family: pump.post(
+            LateReplyObserved(name, seq, rtt_ms, family)
+        )
         passive = PassiveEdge(lambda: pump.state.config, lambda o: pump.post(o))
         pump = Pump(
             state,
@@ -9536,6 +9859,8 @@ def describe_plan(config: Config) -> str:
             f"up after {check.rise} good rounds, round ok with {check.reliability} answer(s); "
             f"bound to {uplink.interface}"
         )
+    if 6 in config.families:
+        lines += ["", *describe_ipv6_plan(config, agent.rule_priority + RULE_PREFIX_OFFSET)]
     for family in config.families:
         lines += [
             "",
@@ -9582,6 +9907,34 @@ def describe_plan(config: Config) -> str:
     lines += ["", f"nft table {NFT_TABLE} (one transaction; shown with every uplink up):"]
     lines += ["  " + line for line in render_nft(config, steering_when_all_up(config)).splitlines()]
     return "\n".join(lines)
+
+
+def describe_ipv6_plan(config: Config, prefix_priority: int) -> list[str]:
+    """`check`: what IPv6 does, per uplink: its own health, the selection, the LAN prefixes."""
+    carrying = [u for u in config.uplinks if 6 in u.families]
+    lines = ["ipv6 plan:"]
+    for uplink in carrying:
+        others = "; its IPv4 is judged apart" if 4 in uplink.families else ""
+        targets = ", ".join(t for t in uplink.check.targets if family_of(t) == 6)
+        lines.append(f"  {uplink.name}: IPv6 health from {targets}{others}")
+    lines.append(
+        f"  new IPv6 traffic (the router's own too) takes the IPv6 selection among "
+        f"{', '.join(u.name for u in carrying)}; a connection keeps its uplink"
+    )
+    for uplink in carrying:
+        for prefix in uplink.lan_prefixes6:
+            when_down = (
+                "masqueraded (nat66) out of the uplink the IPv6 selection picks"
+                if uplink.lan_prefix_failover == "nat66"
+                else "kept on it (lan_prefix_failover = none: hosts must use another prefix)"
+            )
+            lines.append(
+                f"  LAN prefix {prefix}: leaves by {uplink.name} (rule {prefix_priority}: from {prefix} "
+                f"lookup {uplink.table}) while it carries IPv6; else {when_down}; never balanced"
+            )
+    if not any(u.lan_prefixes6 for u in carrying):
+        lines.append("  no lan_prefixes6: LAN sources are routed by the selection like any other")
+    return lines
 
 
 def steering_when_all_up(config: Config) -> Steering:

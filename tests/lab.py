@@ -112,6 +112,8 @@ PORTAL_URL: Final = "http://portal.example/"
 #: subscribed (it prints nothing when ready). Table id chosen to be far from
 #: anything an agent would own; its events are filtered out of the record.
 MONITOR_MARKER_DST: Final = "198.18.255.254"
+#: Its twin for a monitor of IPv6 events only.
+MONITOR_MARKER_DST6: Final = "2001:db8:ffff:ffff::fe"
 MONITOR_MARKER_TABLE: Final = "3999999"
 
 #: Upper bounds for polling loops; everything waits on a condition, never a
@@ -352,13 +354,15 @@ class RouteMonitor:
     in the kernel's order.
     """
 
-    def __init__(self, lab: Lab, role: str, *, rules: bool = False) -> None:
+    def __init__(self, lab: Lab, role: str, *, rules: bool = False, family: int | None = None) -> None:
         self._lab = lab
         self._role = role
         self._events: list[RouteEvent] = []
         self._cond = threading.Condition()
+        only = [f"-{_check_family(family)}"] if family is not None else []
+        self._marker = MONITOR_MARKER_DST6 if family == 6 else MONITOR_MARKER_DST
         self._proc: subprocess.Popen[str] = lab._popen_raw(
-            ["ip", "-n", lab.name(role), "monitor", "route", *(["rule"] if rules else [])],
+            ["ip", *only, "-n", lab.name(role), "monitor", "route", *(["rule"] if rules else [])],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -380,12 +384,13 @@ class RouteMonitor:
         # before that is simply never seen. So toggle a marker route (add, del,
         # add, ...) until one of its events shows up: from then on nothing can
         # be missed.
-        marker = ["blackhole", f"{MONITOR_MARKER_DST}/32", "table", MONITOR_MARKER_TABLE]
+        length = 128 if ":" in self._marker else 32
+        marker = ["blackhole", f"{self._marker}/{length}", "table", MONITOR_MARKER_TABLE]
         deadline = time.monotonic() + READY_TIMEOUT_S
         present = False
         try:
             with self._cond:
-                while not any(MONITOR_MARKER_DST in e.line for e in self._events):
+                while not any(self._marker in e.line for e in self._events):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or self._proc.poll() is not None:
                         raise LabError(f"ip monitor route in {self._role} did not start")
@@ -399,7 +404,7 @@ class RouteMonitor:
     def events(self) -> list[RouteEvent]:
         """Events so far, without the readiness marker's."""
         with self._cond:
-            return [e for e in self._events if MONITOR_MARKER_DST not in e.line]
+            return [e for e in self._events if self._marker not in e.line]
 
     def stop(self) -> list[RouteEvent]:
         """Stop recording; returns every (monotonic_t, line) seen."""
@@ -864,21 +869,23 @@ class Lab:
             script += f"table {family_table} {{\n{body}}}\n"
         self.nft(role, script)
 
-    def silent_drop(self, isp_role: str, on: bool) -> None:
-        """The ISP drops everything it forwards, IPv4 and IPv6.
+    def silent_drop(self, isp_role: str, on: bool, family: int | None = None) -> None:
+        """The ISP drops everything it forwards, IPv4 and IPv6 (or only `family`).
 
         Its gateway still answers ARP, neighbour solicitations and pings (to
         203.0.113.x, fe80::1 and 2001:db8:N::1): neighbour discovery and
-        pings to the gateway never cross the forward hook.
+        pings to the gateway never cross the forward hook. Each family's
+        fault is a table of its own, so the two are switched independently.
         """
         self._isp(isp_role)
+        match = "" if family is None else f"meta nfproto ipv{_check_family(family)} "
         body = (
             "  chain forward {\n"
             "    type filter hook forward priority -10; policy accept;\n"
-            "    counter drop\n"
+            f"    {match}counter drop\n"
             "  }\n"
         )
-        self._replace_table(isp_role, "inet fault", body if on else None)
+        self._replace_table(isp_role, f"inet fault{family or ''}", body if on else None)
 
     def gateway_dead(self, isp_role: str, on: bool, *, arp: bool = False) -> None:
         """The gateway neither answers (input) nor forwards, with the link up.
@@ -959,9 +966,12 @@ class Lab:
 
     # Observers and traffic ---------------------------------------------------
 
-    def monitor_routes(self, role: str = "router", *, rules: bool = False) -> RouteMonitor:
-        """Start recording route (and with `rules`, rule) events; returns once subscribed."""
-        monitor = RouteMonitor(self, role, rules=rules)
+    def monitor_routes(
+        self, role: str = "router", *, rules: bool = False, family: int | None = None
+    ) -> RouteMonitor:
+        """Start recording route (and with `rules`, rule) events, of `family` only if given
+        (`ip -4`/`-6 monitor`); returns once subscribed."""
+        monitor = RouteMonitor(self, role, rules=rules, family=family)
         self._stoppables.append(monitor)
         return monitor
 
@@ -1058,6 +1068,51 @@ class Lab:
     def start_lan_server(self, port: int) -> None:
         """The echo server on the LAN host (LAN_HOST:port), e.g. behind a port forward."""
         self._start_echo_server("lan", (LAN_HOST,), port)
+
+    def delegate_prefixes6(self) -> dict[str, tuple[str, str]]:
+        """Each ISP delegates the router a /56 (DHCPv6-PD, as it would be left in place): the
+        LAN gets a /64 of each, the LAN host an address in each, and per ISP role this
+        returns (prefix, the host's address in it).
+
+        isp1 delegates 2001:db8:10::/56, isp2 2001:db8:20::/56: each routes its prefix to
+        the router's address on its customer link, inet routes it to that ISP, and its IPv6
+        BCP38 accepts the customer /64 and the prefix (so a packet from one ISP's prefix
+        leaving through the other is counted as spoofed_6 and dropped). The lab's own NAT66
+        (table ip6 labnat6) goes: the router does not translate these sources by itself.
+        """
+        delegated = {"isp1": "2001:db8:10::/56", "isp2": "2001:db8:20::/56"}
+        hosts: dict[str, tuple[str, str]] = {}
+        for role, prefix in delegated.items():
+            isp = ISPS[role]
+            network = ipaddress.IPv6Network(prefix)
+            gateway, host = network[1], network[0x10]
+            self._ip_batch("router", [f"addr add {gateway}/64 dev lan0 nodad"])
+            self._ip_batch("lan", [f"addr add {host}/64 dev eth0 nodad"])
+            self._ip_batch(role, [f"route add {prefix} via {isp.router_ip6} dev cpe"])
+            self._ip_batch("inet", [f"route add {prefix} via {isp.isp_transit_ip6}"])
+            self._set_bcp38_nets6(role, [isp.customer_net6, prefix])
+            hosts[role] = (prefix, str(host))
+        self.run("router", "nft", "delete", "table", "ip6", "labnat6")
+        return hosts
+
+    def _set_bcp38_nets6(self, isp_role: str, nets: Sequence[str]) -> None:
+        """_set_bcp38_nets for IPv6: the rule counting spoofed_6 matches set customer6."""
+        listing = self.run(isp_role, "nft", "-j", "-a", "list", "chain", "inet", "isp", "forward").stdout
+        handles = [
+            item["rule"]["handle"]
+            for item in json.loads(listing)["nftables"]
+            if "rule" in item and {"counter": "spoofed_6"} in item["rule"]["expr"]
+        ]
+        if len(handles) != 1:
+            raise LabError(f"expected one IPv6 BCP38 rule in {isp_role}, found {len(handles)}")
+        self.nft(
+            isp_role,
+            "add set inet isp customer6 { type ipv6_addr; flags interval; }\n"
+            "flush set inet isp customer6\n"
+            f"add element inet isp customer6 {{ {', '.join(nets)} }}\n"
+            f"replace rule inet isp forward handle {handles[0]} "
+            'iifname "cpe" ip6 saddr != @customer6 counter name spoofed_6 drop\n',
+        )
 
     def add_second_lan(self) -> str:
         """A second LAN behind the router, reached through main's connected route only.

@@ -26,8 +26,18 @@ def config(extra_fibre: str = "", extra_lte: str = "", agent: str = "", tail: st
     )
 
 
-def round_(name: str, ok: bool, at: float, seq: int = 1) -> mwa.RoundResult:
-    probes = tuple(mwa.ProbeResult(t, ok, 1.0 if ok else None, "ok" if ok else "timeout") for t in TARGETS)
+def round_(
+    name: str, ok: bool | tuple[bool, bool], at: float, seq: int = 1, targets: tuple[str, ...] = TARGETS
+) -> mwa.RoundResult:
+    """A round of `targets`; ok=(ipv4, ipv6) answers each family's targets differently."""
+
+    def answered(target: str) -> bool:
+        return ok if isinstance(ok, bool) else ok[mwa.family_of(target) == 6]
+
+    probes = tuple(
+        mwa.ProbeResult(t, answered(t), 1.0 if answered(t) else None, "ok" if answered(t) else "timeout")
+        for t in targets
+    )
     return mwa.RoundResult(name, seq, at, probes)
 
 
@@ -38,6 +48,8 @@ class Clock:
         self, cfg: mwa.Config, previous: mwa.PreviousRun | None = None, routes=(), boot="b1"
     ) -> None:
         self.now = 100.0
+        #: Per uplink, the targets its rounds probe (default: TARGETS).
+        self.targets: dict[str, tuple[str, ...]] = {}
         self.state, intent = mwa.start_agent(cfg, INTERFACES, list(routes), previous, boot, self.now)
         self.intents = [intent]
         self.work: mwa.RouteWork | None = intent.routes
@@ -50,21 +62,26 @@ class Clock:
             self.work = intent.routes  # the routes edge keeps only the newest
         return intent
 
-    def rounds(self, name: str, ok: bool, count: int) -> list[mwa.Intent]:
+    def round(self, name: str, ok: bool | tuple[bool, bool]) -> mwa.RoundResult:
+        return round_(name, ok, self.now, targets=self.targets.get(name, TARGETS))
+
+    def rounds(self, name: str, ok: bool | tuple[bool, bool], count: int) -> list[mwa.Intent]:
         out = []
         for _ in range(count):
             self.now += 1.0
-            out.append(self.apply(mwa.on_round(self.state, round_(name, ok, self.now), self.now)))
+            out.append(self.apply(mwa.on_round(self.state, self.round(name, ok), self.now)))
             if out[-1].routes is not None:
                 out.append(self.reconcile())
         return out
 
-    def both(self, fibre: bool, lte: bool, count: int) -> list[mwa.Intent]:
+    def both(
+        self, fibre: bool | tuple[bool, bool], lte: bool | tuple[bool, bool], count: int
+    ) -> list[mwa.Intent]:
         out = []
         for _ in range(count):
             self.now += 1.0
             for name, ok in (("fibre", fibre), ("lte", lte)):
-                out.append(self.apply(mwa.on_round(self.state, round_(name, ok, self.now), self.now)))
+                out.append(self.apply(mwa.on_round(self.state, self.round(name, ok), self.now)))
                 if out[-1].routes is not None:
                     out.append(self.reconcile())
         return out
@@ -172,6 +189,8 @@ def test_a_family_the_uplink_still_carries_keeps_its_flows_until_it_does_not() -
     )
     fibre6 = dataclasses.replace(FIBRE_IF, address6="2001:db8:1::2", ra_gateway="fe80::1")
     clock = Clock(cfg)
+    # Each family has a health of its own: fibre's rounds probe both (its IPv6 is judged too).
+    clock.targets["fibre"] = ("198.18.1.1", "2001:db8:ffff::1")
     clock.apply(mwa.on_links(clock.state, {"wan0": fibre6, "wan1": LTE_IF}, clock.now))
     clock.reconcile()
     clock.both(True, True, 3)
@@ -653,3 +672,159 @@ def test_a_reload_that_removes_the_selected_uplink_while_nothing_else_is_up_sele
     assert decision.selected is None and decision.stranded
     assert decision.reason == "no uplink is up; lte is no longer configured"
     assert clock.state.carrying == frozenset()
+
+
+# health per family ---------------------------------------------------------------
+
+DUAL = ("198.18.1.1", "198.18.1.2", "2001:db8:ffff::1", "2001:db8:ffff::2")
+DUAL_INTERFACES = {
+    "wan0": dataclasses.replace(FIBRE_IF, address6="2001:db8:1::2", ra_gateway="fe80::1"),
+    "wan1": dataclasses.replace(LTE_IF, address6="2001:db8:2::2", ra_gateway="fe80::1"),
+}
+
+
+def dual_stack() -> Clock:
+    """fibre (priority 1) and lte, both probing two targets in each family, both up."""
+    cfg = mwa.parse_config(
+        '[agent]\nhysteresis = "5s"\n'
+        f"[check]\ntargets = {json.dumps(DUAL)}\nfall = 3\nrise = 3\n"
+        '[[uplink]]\nname = "fibre"\ninterface = "wan0"\npriority = 1\n'
+        '[[uplink]]\nname = "lte"\ninterface = "wan1"\npriority = 2\n',
+        "agent.toml",
+    )
+    clock = Clock(cfg)
+    clock.targets = {"fibre": DUAL, "lte": DUAL}
+    clock.apply(mwa.on_links(clock.state, DUAL_INTERFACES, clock.now))
+    clock.reconcile()
+    clock.both(True, True, 3)
+    assert (clock.state.selected(4), clock.state.selected(6)) == ("fibre", "fibre")
+    return clock
+
+
+def urgent_families(clock: Clock, since: int) -> set[int]:
+    """The families whose selected default was replaced in the intents after `since`."""
+    return {
+        c.route.family
+        for i in clock.intents[since:]
+        if i.routes is not None
+        for c in i.routes.urgent
+        if c.route is not None
+    }
+
+
+@pytest.mark.parametrize(("dead", "alive"), [(6, 4), (4, 6)])
+def test_one_family_failing_moves_that_family_only(dead: int, alive: int) -> None:
+    clock = dual_stack()
+    mark = len(clock.intents)
+    clock.rounds("fibre", (dead != 4, dead != 6), 3)
+    assert clock.state.selected(dead) == "lte" and clock.state.selected(alive) == "fibre"
+    assert urgent_families(clock, mark) == {dead}  # the other family's route is not touched
+    healths = clock.state.uplink_healths("fibre")
+    assert healths[dead].state is mwa.State.DOWN and healths[alive].state is mwa.State.UP
+    assert "3 consecutive failed rounds" in healths[dead].reason
+    assert clock.state.healths["fibre"].state is mwa.State.UP  # the best family speaks for it
+    (transition,) = [t for t in clock.events(mwa.Transition) if t.new is mwa.State.DOWN]
+    assert (transition.uplink, transition.family) == ("fibre", dead)
+    record = mwa.event_record(transition, 1000.0, clock.now)
+    assert record["event"] == "uplink_down" and record["family"] == mwa.FAMILY_NAME[dead]
+    (switch,) = [e for i in clock.intents[mark:] for e in i.events if isinstance(e, mwa.SelectionChanged)]
+    assert switch.family == dead and switch.evidence_at is not None
+    doc = mwa.status_document(
+        clock.state, running=True, dry_run=False, boot_id=None, mono_now=clock.now, wall_now=1000.0
+    )
+    fibre = doc["uplinks"]["fibre"]
+    assert fibre["state"] == "up"
+    assert fibre["health"][mwa.FAMILY_NAME[dead]]["state"] == "down"
+    assert (
+        fibre["health"][mwa.FAMILY_NAME[alive]] | {"state": "up", "selected": True}
+        == fibre["health"][mwa.FAMILY_NAME[alive]]
+    )
+    assert f"fibre up ({mwa.FAMILY_NAME[dead]} down)" in mwa.status_summary(clock.state)
+    metrics = mwa.Metrics().render(clock.state, 0, clock.now)
+    assert f'multiwan_uplink_family_up{{uplink="fibre",family="{mwa.FAMILY_NAME[dead]}"}} 0' in metrics
+    # It comes back, per family: rise good rounds, then the hysteresis, then the failback.
+    clock.rounds("fibre", True, 3)
+    assert clock.state.uplink_healths("fibre")[dead].state is mwa.State.UP
+    assert clock.state.selected(dead) == "lte"  # proving itself
+    clock.tick(clock.now + 5.0)
+    assert clock.state.selected(dead) == "fibre"
+
+
+def test_both_families_failing_move_both() -> None:
+    clock = dual_stack()
+    clock.rounds("fibre", False, 3)
+    assert (clock.state.selected(4), clock.state.selected(6)) == ("lte", "lte")
+    assert clock.state.healths["fibre"].state is mwa.State.DOWN
+    assert {t.family for t in clock.events(mwa.Transition) if t.new is mwa.State.DOWN} == {4, 6}
+
+
+def test_carrier_loss_takes_every_family_down_at_once() -> None:
+    clock = dual_stack()
+    no_carrier = {**DUAL_INTERFACES, "wan0": dataclasses.replace(DUAL_INTERFACES["wan0"], carrier=False)}
+    intent = clock.apply(mwa.on_links(clock.state, no_carrier, clock.now))
+    assert {(t.family, t.new) for t in intent.events if isinstance(t, mwa.Transition)} == {
+        (4, mwa.State.DOWN),
+        (6, mwa.State.DOWN),
+    }
+    assert intent.routes is not None and {c.route.family for c in intent.routes.urgent if c.route} == {4, 6}
+    assert (clock.state.selected(4), clock.state.selected(6)) == ("lte", "lte")
+
+
+def test_a_lost_ipv6_gateway_takes_ipv6_down_only() -> None:
+    """The RA client's default went away (a broken RA): IPv6 moves, IPv4 stays."""
+    clock = dual_stack()
+    no_ra = {**DUAL_INTERFACES, "wan0": dataclasses.replace(DUAL_INTERFACES["wan0"], ra_gateway=None)}
+    clock.apply(mwa.on_links(clock.state, no_ra, clock.now))
+    assert (clock.state.selected(4), clock.state.selected(6)) == ("fibre", "lte")
+    six = clock.state.uplink_healths("fibre")[6]
+    assert six.state is mwa.State.DOWN and six.reason == "no default route from RA on wan0 yet"
+
+
+def test_a_late_reply_counts_in_its_own_familys_window() -> None:
+    clock = dual_stack()
+    clock.now += 1.0
+    half = round_("fibre", (True, False), clock.now, seq=9, targets=DUAL)
+    clock.apply(mwa.on_round(clock.state, half, clock.now))
+    clock.apply(mwa.on_late(clock.state, "fibre", 9, 300.0, clock.now, 6))
+    healths = clock.state.uplink_healths("fibre")
+    assert healths[6].samples[-1].late == 1 and healths[4].samples[-1].late == 0
+
+
+def test_an_ipv4_only_uplink_reports_as_before() -> None:
+    """No family in its transitions, log lines or records: nothing changes for IPv4-only configs."""
+    clock = up_and_running(config())
+    clock.rounds("fibre", False, 3)
+    (transition,) = [t for t in clock.events(mwa.Transition) if t.new is mwa.State.DOWN]
+    assert transition.family is None
+    assert "family" not in mwa.event_record(transition, 1000.0, clock.now)
+    assert clock.state.uplink_healths("fibre") == {4: clock.state.healths["fibre"]}
+
+
+def test_a_lan_prefix_leaves_by_its_uplink_only_while_it_carries_ipv6() -> None:
+    cfg = mwa.parse_config(
+        '[agent]\nhysteresis = "5s"\n'
+        f"[check]\ntargets = {json.dumps(DUAL)}\nfall = 3\nrise = 3\n"
+        '[[uplink]]\nname = "fibre"\ninterface = "wan0"\npriority = 1\n'
+        'lan_prefixes6 = ["2001:db8:10::/56"]\nlan_prefix_failover = "nat66"\n'
+        '[[uplink]]\nname = "lte"\ninterface = "wan1"\npriority = 2\nlan_prefixes6 = ["2001:db8:20::/56"]\n',
+        "agent.toml",
+    )
+    clock = Clock(cfg)
+    clock.targets = {"fibre": DUAL, "lte": DUAL}
+    clock.apply(mwa.on_links(clock.state, DUAL_INTERFACES, clock.now))
+    clock.reconcile()
+    clock.both(True, True, 3)
+    assert mwa.lan_routed(clock.state) == {"fibre", "lte"}
+    intents = clock.rounds("fibre", (True, False), 3)
+    # fibre's IPv6 died: its prefix now takes the IPv6 selection (lte, masqueraded there);
+    # lte's ("none") always stays on lte; IPv4 is not concerned
+    assert mwa.lan_routed(clock.state) == {"lte"}
+    work = next(i.routes for i in intents if i.routes is not None)
+    assert [r.source for r in work.plan.rules if r.priority == 6000] == ["2001:db8:20::/56"]
+    doc = mwa.status_document(
+        clock.state, running=True, dry_run=False, boot_id=None, mono_now=clock.now, wall_now=1000.0
+    )
+    assert doc["uplinks"]["fibre"]["lan_prefixes_here"] is False
+    assert doc["uplinks"]["lte"]["lan_prefixes6"] == ["2001:db8:20::/56"]
+    clock.rounds("fibre", True, 3)
+    assert mwa.lan_routed(clock.state) == {"fibre", "lte"}  # back as soon as it is up again

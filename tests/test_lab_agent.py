@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from agent_proc import AGENT, AgentProcess, lab_config, ruleset_snapshot
@@ -196,15 +197,22 @@ def test_no_moment_without_a_default_route(lab: Lab, tmp_path: Path) -> None:
     agent.wait_for(lambda s: s["families"].get("ipv6", {}).get("selected") == "fibre", 10, "ipv6 fibre")
     monitor = lab.monitor_routes("router")
     connector = lab.start_connector(duration_s=20, period_ms=10, timeout_ms=200)
+
+    def both_on(name: str) -> dict[str, Any]:
+        # Each family has its own health and moves on its own: wait for both.
+        return agent.wait_for(
+            lambda s: all(f["selected"] == name for f in s["families"].values()), 5, f"both on {name}"
+        )
+
     for _ in range(2):
         lab.silent_drop("isp1", True)
-        agent.wait_selected("lte", timeout=5)
+        both_on("lte")
         lab.silent_drop("isp1", False)
-        agent.wait_selected("fibre", timeout=5)
+        both_on("fibre")
     lab.carrier("isp1", False)
-    agent.wait_selected("lte", timeout=5)
+    both_on("lte")
     lab.carrier("isp1", True)
-    back = agent.wait_selected("fibre", timeout=5)
+    back = both_on("fibre")
     time.sleep(0.3)
     events = monitor.stop()
     samples = connector.stop()

@@ -541,3 +541,71 @@ def test_steering_update_is_one_transaction_that_keeps_placements() -> None:
     ] == []
     plain = mwa.render_nft(CONFIG)
     assert "set source" not in plain and "chain new4_" not in plain  # sticky per connection: no host sets
+
+
+LAN_PREFIXES = mwa.parse_config(
+    """
+[check]
+targets = ["198.18.1.1", "2001:db8:ffff::1"]
+[[uplink]]
+name = "fibre"
+interface = "wan0"
+lan_prefixes6 = ["2001:db8:10::/56", "2001:db8:11::/56"]
+lan_prefix_failover = "nat66"
+[[uplink]]
+name = "lte"
+interface = "wan1"
+priority = 2
+lan_prefixes6 = ["2001:db8:20::/56"]
+""",
+    "prefixes.toml",
+)
+
+
+def test_lan_prefixes_leave_by_their_uplink_after_the_marks() -> None:
+    fibre, lte = LAN_PREFIXES.uplinks
+    assert fibre.lan_prefix_failover == "nat66" and lte.lan_prefix_failover == "none"
+    plan = mwa.plan_network(LAN_PREFIXES, DUAL_IFACES, {4: "fibre", 6: "fibre"})
+    v6_rules = [r.describe() for r in plan.rules if r.family == 6]
+    assert v6_rules[-4:] == [
+        "6000: from 2001:db8:10::/56 lookup 201",
+        "6000: from 2001:db8:11::/56 lookup 201",
+        "6000: from 2001:db8:20::/56 lookup 202",
+        "6023: from all lookup 200",
+    ]
+    assert v6_rules[-5].startswith("5613: from all fwmark")  # a mark (stickiness) wins
+    assert not any("2001:db8:1" in r.describe() for r in plan.rules if r.family == 4)
+    # fibre cannot carry IPv6: its prefixes take the selection (lte's go on through lte)
+    down = mwa.plan_network(LAN_PREFIXES, DUAL_IFACES, {4: "fibre", 6: "lte"}, frozenset({"lte"}))
+    assert [r.source for r in down.rules if r.priority == 6000] == ["2001:db8:20::/56"]
+    # the kernel's answer reads back as the spec: a network source keeps its length
+    assert mwa._rule_source("2001:db8:10::", 56, 6) == "2001:db8:10::/56"
+    assert mwa._rule_source("2001:db8:1::2", 128, 6) == "2001:db8:1::2"
+    (prefix_rule,) = [r for r in down.rules if r.priority == 6000]
+    args = mwa._rule_args(prefix_rule, 240)
+    assert (args["src"], args["src_len"]) == ("2001:db8:20::", 56)
+
+
+def test_lan_prefixes_are_never_balanced_and_nat66_masquerades_them_elsewhere() -> None:
+    table = mwa.render_nft(LAN_PREFIXES)
+    steer = table[table.index("chain steer {") :]
+    assert steer.splitlines()[1].strip() == (
+        "ip6 saddr { 2001:db8:10::/56, 2001:db8:11::/56, 2001:db8:20::/56 } return"
+    )
+    nat = table[table.index("chain nat {") :]
+    # fibre's prefixes are masqueraded wherever else they leave; lte's ("none") never
+    assert 'oifname { "wan1" } ip6 saddr { 2001:db8:10::/56, 2001:db8:11::/56 } masquerade' in nat
+    assert "2001:db8:20::/56 } masquerade" not in nat
+
+
+def test_check_prints_the_ipv6_plan() -> None:
+    text = mwa.describe_plan(LAN_PREFIXES)
+    plan = text[text.index("ipv6 plan:") : text.index("ipv4 rules")]
+    assert "  fibre: IPv6 health from 2001:db8:ffff::1; its IPv4 is judged apart" in plan
+    assert (
+        "  LAN prefix 2001:db8:10::/56: leaves by fibre (rule 6000: from 2001:db8:10::/56 lookup 201) "
+        "while it carries IPv6; else masqueraded (nat66)" in plan
+    )
+    assert "LAN prefix 2001:db8:20::/56: leaves by lte" in plan and "lan_prefix_failover = none" in plan
+    assert "6000: from 2001:db8:10::/56 lookup 201" in text[text.index("ipv6 rules") :]
+    assert "ipv6 plan" not in mwa.describe_plan(CONFIG)  # IPv4 only: as before

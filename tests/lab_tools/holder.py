@@ -22,6 +22,7 @@ def main() -> int:
     parser.add_argument("--period-ms", type=float, default=100.0)
     parser.add_argument("--timeout-ms", type=float, default=1000.0)
     parser.add_argument("--duration-s", type=float, required=True)
+    parser.add_argument("--source", default=None, help="bind to this address of the host first")
     args = parser.parse_args()
     duration = min(max(args.duration_s, 0.1), 300.0)
     stop = False
@@ -32,7 +33,10 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.create_connection((args.host, args.port), timeout=args.timeout_ms / 1000)
+    bind = (args.source, 0) if args.source else None
+    sock = socket.create_connection(
+        (args.host, args.port), timeout=args.timeout_ms / 1000, source_address=bind
+    )
     del family
     reader = sock.makefile("r", encoding="ascii", newline="\n")
     print(f"# source {reader.readline().strip()}", flush=True)
