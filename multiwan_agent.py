@@ -213,12 +213,22 @@ STATUS_METRICS_PERIOD_S: Final = 1.0
 STATUS_METRICS_CPU_SHARE: Final = 0.002
 #: How often status counts the tracked connections marked for each uplink (a conntrack dump).
 CONNTRACK_PERIOD_S: Final = 2.0
+#: Up to this many uplinks, a dump per mark the kernel filters; past it, one dump for all.
+CONNTRACK_FILTERED_MARKS_MAX: Final = 4
+#: ... and the counts are spaced to take at most this share of a core (status only shows
+#: them: a huge table, or the kernel's walk of its hash table, must not cost more).
+CONNTRACK_COUNT_CPU_SHARE: Final = 0.005
 #: How long a count of tracked connections waits for a reconcile to end (then goes on anyway).
 CONNTRACK_PAUSE_MAX_S: Final = 2.0
 #: How soon a thread that wants the GIL gets it (Python's default is 5 ms): see run_agent.
 GIL_SWITCH_INTERVAL_S: Final = 0.0005
 #: A full netlink reconcile also runs this often, to repair what events missed.
 RESYNC_PERIOD_S: Final = 30.0
+#: ... with up to this many uplinks; with more it is spaced in proportion (a resync dumps
+#: every link, address, rule and route: at 64 uplinks a 30 s period was ~1 % of a core,
+#: and its decode held the probes' sendto calls), at most RESYNC_PERIOD_MAX_S apart.
+RESYNC_UPLINKS: Final = 16
+RESYNC_PERIOD_MAX_S: Final = 600.0
 #: Flap damping remembers this many of an uplink's newest failures: past the 20 that reach
 #: the default flap_max_hysteresis, more would change nothing but the memory they take.
 FLAP_MEMORY: Final = 32
@@ -3793,7 +3803,7 @@ def start_agent(
         decisions={f: Decision(adopted.get(f), "starting") for f in config.families},
         applied_defaults=applied,
         managed_tables=config.tables,
-        resync_at=now + RESYNC_PERIOD_S,
+        resync_at=now + resync_period_s(config),
         drained={n: d for n, d in (drained or {}).items() if _uplink(config, n) is not None},
         family_healths=family_healths,
     )
@@ -3960,6 +3970,12 @@ def on_routes(
     return _finish(state, Intent(tuple(events), releases=releases, status=status))
 
 
+def resync_period_s(config: Config) -> float:
+    """How often the full repair runs: its cost grows with the uplinks, its rate must not."""
+    scaled = RESYNC_PERIOD_S * max(1.0, len(config.uplinks) / RESYNC_UPLINKS)
+    return min(scaled, RESYNC_PERIOD_MAX_S)
+
+
 def on_tick(state: AgentState, now: float) -> tuple[AgentState, Intent]:
     """Time passed: a hysteresis ended, a retry or the periodic repair is due."""
     intent = Intent()
@@ -3973,7 +3989,7 @@ def on_tick(state: AgentState, now: float) -> tuple[AgentState, Intent]:
         state = evolve(state, retry_at=None)
         intent = evolve(intent, refresh_links=True)
     if now >= state.resync_at:
-        state = evolve(state, resync_at=now + RESYNC_PERIOD_S)
+        state = evolve(state, resync_at=now + resync_period_s(state.config))
         intent = evolve(intent, refresh_links=True)
     state, releases = _start_releases(state, now)  # a release's wait for the steering may be over
     return _finish(state, evolve(intent, releases=intent.releases + releases))
@@ -5965,11 +5981,33 @@ def conntrack_counts(
     """
     counts = dict.fromkeys(marks, 0)
     with _ctnetlink_socket() as sock:
-        for name, mark in marks.items():
-            for family in FAMILIES:
-                request = _ct_message(CT_GET, NLM_F_DUMP, family, _mark_filter(mark, mask), next(_sequence))
-                counts[name] += sum(1 for _ in _ct_answers(sock, request, quiet, beat))
+        if len(marks) <= CONNTRACK_FILTERED_MARKS_MAX:
+            for name, mark in marks.items():
+                for family in FAMILIES:
+                    attrs = _mark_filter(mark, mask)
+                    request = _ct_message(CT_GET, NLM_F_DUMP, family, attrs, next(_sequence))
+                    counts[name] += sum(1 for _ in _ct_answers(sock, request, quiet, beat))
+            return counts
+        # Every dump walks the kernel's whole hash table (262,144 buckets: 12 ms even when
+        # empty), so many marks are counted from one unfiltered dump per family instead,
+        # each entry's mark read here: at 64 uplinks 2 walks, not 128.
+        name_of = {mark & mask: name for name, mark in marks.items()}
+        for family in FAMILIES:
+            request = _ct_message(CT_GET, NLM_F_DUMP, family, b"", next(_sequence))
+            for payload in _ct_answers(sock, request, quiet, beat):
+                entry_mark = _ct_mark(payload)
+                owner = name_of.get(entry_mark & mask) if entry_mark is not None else None
+                if owner is not None:
+                    counts[owner] += 1
     return counts
+
+
+def _ct_mark(payload: bytes) -> int | None:
+    """A conntrack entry's CTA_MARK (the payload after nfgenmsg), if it has one."""
+    for kind, start, _end in _nla_walk(payload, 0, len(payload)):
+        if kind == CTA_MARK:
+            return int(struct.unpack_from("!I", payload, start)[0])
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -6264,9 +6302,9 @@ class ConntrackEdge:
             if loop.time() >= next_count:
                 counts, cpu_s = await self._count()
                 self._post(ConnectionsCounted(counts))
-                # A huge table makes the count dearer: keep it under 1 % of a core (its
-                # CPU time, not its wall time, which includes the pauses for reconciles).
-                next_count = loop.time() + max(CONNTRACK_PERIOD_S, 100 * cpu_s)
+                # A huge table makes the count dearer: keep it to CONNTRACK_COUNT_CPU_SHARE
+                # (its CPU time, not its wall time, which includes the pauses for reconciles).
+                next_count = loop.time() + max(CONNTRACK_PERIOD_S, cpu_s / CONNTRACK_COUNT_CPU_SHARE)
 
     def _beat(self) -> None:
         self._progress_at = time.monotonic()

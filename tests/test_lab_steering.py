@@ -360,6 +360,9 @@ for port in range(20000, 22000):
     s.sendto(b"x", ("127.0.0.1", port))
 marks = {{"fibre": 0x100, "lte": 0x200}}
 print(m.conntrack_counts(marks, 0xff00))
+# more uplinks than CONNTRACK_FILTERED_MARKS_MAX: one unfiltered dump, the same counts
+many = {{**marks, **{{f"u{{i}}": (i + 3) << 8 for i in range(m.CONNTRACK_FILTERED_MARKS_MAX)}}}}
+print({{k: v for k, v in m.conntrack_counts(many, 0xff00).items() if v}})
 with m._ctnetlink_socket() as sock:  # an entry without a tuple is never sent: it would be a flush
     print(m._ct_delete(sock, 4, [m.TrackedEntry(0, 0x100, None, False, b"", m._nla(m.CTA_ID, bytes(4)))]))
 print(m.conntrack_release(0x100, 0xff00, frozenset()))
@@ -367,6 +370,7 @@ print(m.conntrack_counts(marks, 0xff00))
 """
     out = lab.run("router", sys.executable, "-c", code).stdout.splitlines()
     assert out == [
+        "{'fibre': 1000, 'lte': 1000}",
         "{'fibre': 1000, 'lte': 1000}",
         "(0, [])",
         "Released(deleted=900, inbound_kept=100, failed=0, error=None, cancelled=False)",
