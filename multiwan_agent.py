@@ -3830,8 +3830,13 @@ def on_round(state: AgentState, result: RoundResult, now: float) -> tuple[AgentS
     hysteresis = agent_hysteresis(state.config.agent)
     families = health_families(uplink)
     if len(families) == 1:
+        # with_healths, unrolled for the common case (every round of every uplink): one
+        # family's health is the uplink's health as a whole.
         updated, transitions = observe_round(health, result, uplink.check, now, hysteresis)
-        state = with_healths(state, result.uplink, {families[0]: updated})
+        family_healths = dict(state.family_healths)
+        family_healths[families[0]] = {**family_healths.get(families[0], {}), result.uplink: updated}
+        whole = {**state.healths, result.uplink: updated}
+        state = evolve(state, healths=whole, family_healths=family_healths)
     else:
         # Each family is judged on its own targets: its own fall/rise, window and reasons.
         healths = state.uplink_healths(result.uplink)
