@@ -7,8 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -157,6 +159,30 @@ class AgentProcess:
         code = self.proc.wait(timeout=timeout)
         self._log.close()
         return code
+
+
+@contextmanager
+def hup_storm(
+    agent: AgentProcess, configs: Sequence[str], count: int, period_s: float = 0.1
+) -> Iterator[None]:
+    """While the block runs: `count` SIGHUPs, `period_s` apart, each after writing the next
+    of `configs` (in turn) as the agent's config; the storm ends with the block."""
+    stop = threading.Event()
+
+    def storm() -> None:
+        for i in range(count):  # bounded: count x period_s
+            if stop.wait(period_s):
+                return
+            agent.config_path.write_text(configs[i % len(configs)])
+            agent.signal(signal.SIGHUP)
+
+    sender = threading.Thread(target=storm, daemon=True)
+    sender.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sender.join(timeout=10)
 
 
 def status_command(lab: Lab, state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -683,13 +683,13 @@ DUAL_INTERFACES = {
 }
 
 
-def dual_stack() -> Clock:
+def dual_stack(extra_fibre: str = "", extra_lte: str = "") -> Clock:
     """fibre (priority 1) and lte, both probing two targets in each family, both up."""
     cfg = mwa.parse_config(
         '[agent]\nhysteresis = "5s"\n'
         f"[check]\ntargets = {json.dumps(DUAL)}\nfall = 3\nrise = 3\n"
-        '[[uplink]]\nname = "fibre"\ninterface = "wan0"\npriority = 1\n'
-        '[[uplink]]\nname = "lte"\ninterface = "wan1"\npriority = 2\n',
+        f'[[uplink]]\nname = "fibre"\ninterface = "wan0"\npriority = 1\n{extra_fibre}'
+        f'[[uplink]]\nname = "lte"\ninterface = "wan1"\npriority = 2\n{extra_lte}',
         "agent.toml",
     )
     clock = Clock(cfg)
@@ -801,19 +801,10 @@ def test_an_ipv4_only_uplink_reports_as_before() -> None:
 
 
 def test_a_lan_prefix_leaves_by_its_uplink_only_while_it_carries_ipv6() -> None:
-    cfg = mwa.parse_config(
-        '[agent]\nhysteresis = "5s"\n'
-        f"[check]\ntargets = {json.dumps(DUAL)}\nfall = 3\nrise = 3\n"
-        '[[uplink]]\nname = "fibre"\ninterface = "wan0"\npriority = 1\n'
-        'lan_prefixes6 = ["2001:db8:10::/56"]\nlan_prefix_failover = "nat66"\n'
-        '[[uplink]]\nname = "lte"\ninterface = "wan1"\npriority = 2\nlan_prefixes6 = ["2001:db8:20::/56"]\n',
-        "agent.toml",
+    clock = dual_stack(
+        'lan_prefixes6 = ["2001:db8:10::/56"]\nlan_prefix_failover = "nat66"\n',
+        'lan_prefixes6 = ["2001:db8:20::/56"]\n',
     )
-    clock = Clock(cfg)
-    clock.targets = {"fibre": DUAL, "lte": DUAL}
-    clock.apply(mwa.on_links(clock.state, DUAL_INTERFACES, clock.now))
-    clock.reconcile()
-    clock.both(True, True, 3)
     assert mwa.lan_routed(clock.state) == {"fibre", "lte"}
     intents = clock.rounds("fibre", (True, False), 3)
     # fibre's IPv6 died: its prefix now takes the IPv6 selection (lte, masqueraded there);

@@ -7,12 +7,19 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from agent_proc import AGENT, AgentProcess, fake_tool_dir, lab_config, ruleset_snapshot, status_command
+from agent_proc import (
+    AGENT,
+    AgentProcess,
+    fake_tool_dir,
+    hup_storm,
+    lab_config,
+    ruleset_snapshot,
+    status_command,
+)
 from lab import Lab
 
 pytestmark = pytest.mark.lab
@@ -226,25 +233,11 @@ def test_a_sighup_storm_during_a_failure_delays_its_detection_by_at_most_one_rou
     )
     agent = AgentProcess(lab, tmp_path, config)
     agent.wait_both_up()
-    stop = threading.Event()
-
-    def storm() -> None:
-        for i in range(50):  # 50 SIGHUPs in 5 s
-            if stop.wait(0.1):
-                return
-            agent.config_path.write_text(other if i % 2 else config)
-            agent.signal(signal.SIGHUP)
-
-    sender = threading.Thread(target=storm, daemon=True)
-    sender.start()
-    try:
+    with hup_storm(agent, (config, other), 50):  # 50 SIGHUPs in 5 s
         time.sleep(1.0)  # into the storm
         fault = time.monotonic()
         lab.silent_drop("isp1", True)
         moved = agent.wait_selected("lte", timeout=10)
-    finally:
-        stop.set()
-        sender.join(timeout=10)
     detected = moved["uplinks"]["fibre"]["since_monotonic"] - fault
     assert detected <= silent_failure_bound(interval, interval) + interval, detected
     log = agent.log()

@@ -50,6 +50,22 @@ def start_dual(lab: Lab, tmp_path: Path) -> AgentProcess:
     return agent
 
 
+def assert_held_after(holder: subprocess.Popen[str], back_at: float, deadline: float) -> None:
+    """The held connection (lab_tools/holder.py) kept talking: every exchange ok, and 5
+    after `back_at` (read as they come, bounded by the holder's 10 s and `deadline`)."""
+    assert holder.stdout is not None
+    exchanges: list[list[str]] = []
+    while time.monotonic() < deadline and sum(float(w[0]) > back_at for w in exchanges) < 5:
+        line = holder.stdout.readline()
+        if not line:
+            break
+        exchanges.append(line.split())
+    holder.terminate()
+    holder.wait(timeout=5)
+    assert sum(float(w[0]) > back_at for w in exchanges) >= 5, exchanges
+    assert all(w[1] == "ok" for w in exchanges), exchanges
+
+
 def switched_at(events: list[RouteEvent], family: int) -> float:
     """When the selection table (200) got its new default of this family."""
     times = [
@@ -118,19 +134,9 @@ def test_the_routers_own_ipv6_follows_the_ipv6_selection_and_sticks(lab: Lab, tm
     agent.wait_for(lambda s: selected(s, 6) == "fibre", 5, "ipv6 back on fibre")
     back_at = time.monotonic()
     assert lab.connect_once(role="router", family=6) == SOURCE[("fibre", 6)]
-    # The held connection keeps talking after the failback: every exchange ok, up to
-    # 5 after it (read as they come, bounded by the holder's 10 s and a deadline).
+    # The held connection keeps talking after the failback.
     deadline = back_at + 5
-    exchanges: list[list[str]] = []
-    while time.monotonic() < deadline and sum(float(w[0]) > back_at for w in exchanges) < 5:
-        line = holder.stdout.readline()
-        if not line:
-            break
-        exchanges.append(line.split())
-    holder.terminate()
-    holder.wait(timeout=5)
-    assert sum(float(w[0]) > back_at for w in exchanges) >= 5, exchanges
-    assert all(w[1] == "ok" for w in exchanges), exchanges
+    assert_held_after(holder, back_at, deadline)
 
 
 def prefix_rules(lab: Lab) -> list[str]:
@@ -198,16 +204,7 @@ def test_lan_prefixes_leave_by_their_uplink_and_fail_over_with_nat66(lab: Lab, t
         time.sleep(0.02)
     assert lab.connect_many(3, family=6, source=host1) == [host1] * 3  # its own path again
     # The connection masqueraded by lte keeps lte (its mark beats the prefix rule).
-    exchanges: list[list[str]] = []
-    while time.monotonic() < deadline and sum(float(w[0]) > back_at for w in exchanges) < 5:
-        line = holder.stdout.readline()
-        if not line:
-            break
-        exchanges.append(line.split())
-    holder.terminate()
-    holder.wait(timeout=5)
-    assert sum(float(w[0]) > back_at for w in exchanges) >= 5, exchanges
-    assert all(w[1] == "ok" for w in exchanges), exchanges
+    assert_held_after(holder, back_at, deadline)
     assert [lab.counter(isp, "spoofed_6") for isp in ("isp1", "isp2")] == spoofed  # none since
 
 

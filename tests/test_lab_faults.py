@@ -15,13 +15,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_proc import AgentProcess, lab_config
+from agent_proc import AgentProcess, hup_storm, lab_config
 from lab import SERVER_IP, Lab, RouteMonitor
 
 pytestmark = pytest.mark.lab
@@ -185,25 +184,11 @@ def test_a_sighup_storm_of_good_and_bad_configs_during_a_failover(lab: Lab, tmp_
     agent = AgentProcess(lab, tmp_path, good)
     agent.wait_both_up()
     monitor = lab.monitor_routes("router")
-    stop = threading.Event()
-
-    def storm() -> None:
-        for i in range(40):  # 40 SIGHUPs in 4 s, every other one a config that does not parse
-            if stop.wait(0.1):
-                return
-            agent.config_path.write_text(bad if i % 2 else good)
-            agent.signal(signal.SIGHUP)
-
-    sender = threading.Thread(target=storm, daemon=True)
-    sender.start()
-    try:
+    with hup_storm(agent, (good, bad), 40):  # 40 SIGHUPs in 4 s, every other config does not parse
         time.sleep(0.8)
         fault = time.monotonic()
         lab.silent_drop("isp1", True)
         moved = agent.wait_selected("lte", timeout=10)
-    finally:
-        stop.set()
-        sender.join(timeout=10)
     # fall x interval + timeout, one more round for a reload, and slack for a loaded machine
     assert moved["uplinks"]["fibre"]["since_monotonic"] - fault <= 3 * 0.2 + 0.2 + 0.2 + 1.0
     agent.config_path.write_text(good)

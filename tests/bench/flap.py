@@ -23,6 +23,7 @@ agent is restarted clean). Needs root; never touches the root namespace.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -128,7 +129,7 @@ def main() -> int:
                 f"{row['owed_s']:.1f}s of hysteresis at the storm's end; "
                 + (
                     f"selected again {row['back_s']:.1f}s after it"
-                    if row["back_s"] == row["back_s"]  # not NaN
+                    if not math.isnan(row["back_s"])
                     else f"not selected again within --settle {args.settle:g}s"
                 ),
                 flush=True,
